@@ -1,0 +1,11 @@
+"""Packaging for sage-fast.
+
+`kernels/` lives at the top level of the repository (so the Triton code is easy to find) but is
+installed as `sage_fast.kernels`, never as a top-level `kernels` module.
+"""
+from setuptools import setup
+
+setup(
+    packages=["sage_fast", "sage_fast.kernels"],
+    package_dir={"sage_fast": "sage_fast", "sage_fast.kernels": "kernels"},
+)
