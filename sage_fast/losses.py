@@ -34,8 +34,14 @@ def _check_logits(name: str, logits: torch.Tensor, num_classes: int) -> None:
     check_finite(name, logits)
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 to fp32 for the loss math; fp32 and fp64 stay as they are (gradcheck runs in fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _adjusted_ce(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    adjusted = logits.float() + log_prior.to(device=logits.device, dtype=torch.float32)
+    logits = _upcast(logits)
+    adjusted = logits + log_prior.to(device=logits.device, dtype=logits.dtype)
     return F.cross_entropy(adjusted, target.long(), ignore_index=ignore_index)
 
 
@@ -125,7 +131,7 @@ class FITLoss(nn.Module):
             raise ValueError(f"z, zv, zt must have the same shape, got {tuple(z.shape)}, {tuple(zv.shape)}, {tuple(zt.shape)}")
         check_labels(target, self.num_classes, z.shape[0], self.ignore_index)
         check_same_device(z=z, zv=zv, zt=zt, target=target)
-        z_hat = self.combine(z.float(), zv.float(), zt.float())
+        z_hat = self.combine(_upcast(z), _upcast(zv), _upcast(zt))
         l1, l2, l3 = self.lambdas
         ce = lambda t: _adjusted_ce(t, target, self.log_prior, self.ignore_index)  # noqa: E731
         loss = ce(z) + l1 * ce(zv) + l2 * ce(zt) + l3 * ce(z_hat)

@@ -1,0 +1,180 @@
+"""The Sage model on a small random-init open_clip config (registered by the tests)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sage_fast.model import (
+    SageModel, build_sage, frozen_self_attention, load_clip, register_tiny_clip_config, text_classifier,
+)
+from sage_fast.templates import TEMPLATES, prompts_for
+
+NAMES = ["golden_retriever", "red fox", "tabby cat", "school bus"]
+COUNTS = [150, 60, 12, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return register_tiny_clip_config()
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    torch.manual_seed(0)
+    return build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, adapter_impl="reference",
+                      loss_backend="torch", progress=False)
+
+
+def randomise_adapters(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in model.adapters:
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_fresh_model_is_zero_shot_clip(model):
+    images = torch.randn(3, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        want = model.clip.encode_image(images)
+        for backend in ("sdpa", "open_clip"):
+            model.attention = backend
+            for adapters in (True, False):
+                feats = model.visual_features(images, adapters=adapters)
+                torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
+    model.attention = "auto"
+
+
+def test_attention_backend_matches_open_clip(model):
+    torch.manual_seed(1)
+    block = model.clip.visual.transformer.resblocks[0]
+    x = torch.randn(2, 17, model.dim)
+    want = block.attn(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(frozen_self_attention(block.attn, x, "sdpa"), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers runs on CUDA only")
+def test_xformers_attention_matches_open_clip(model):
+    pytest.importorskip("xformers")
+    block = model.clip.visual.transformer.resblocks[0].cuda()
+    x = torch.randn(2, 197, model.dim, device="cuda")
+    want = block.attn(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(frozen_self_attention(block.attn, x, "xformers"), want, rtol=1e-4, atol=1e-4)
+    block.cpu()
+
+
+def test_only_intended_parameters_train(model):
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "block_scales" in names and "classifier" in names
+    assert {"criterion.s1", "criterion.s2"} <= names
+    assert all(n.startswith(("adapters.", "block_scales", "classifier", "criterion.")) for n in names)
+    assert not any(p.requires_grad for p in model.clip.parameters())
+    d, r, L, C = model.dim, model.bottleneck, model.num_layers, model.num_classes
+    per_block = (5 * r + d + 4) * d + 3 * r + 2       # SAGE.md: adapter + s_vt + the block's s
+    assert model.num_trainable_parameters() == L * per_block + C * d + 2
+
+
+def test_classifier_init_from_templates(model, tiny):
+    import open_clip
+
+    assert len(TEMPLATES) == 60 and prompts_for("red_fox")[0] == "a photo of a red fox."
+    tok = open_clip.get_tokenizer(tiny)
+    with torch.no_grad():
+        emb = F.normalize(model.clip.encode_text(tok(prompts_for(NAMES[2]))), dim=-1).mean(0)
+        want = F.normalize(F.normalize(emb, dim=-1) @ model.clip.visual.proj.t(), dim=-1)
+    torch.testing.assert_close(model.classifier[2], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.zs_classifier, model.classifier.detach())
+    assert not model.zs_classifier.requires_grad
+    torch.testing.assert_close(model.guidance(), F.normalize(model.classifier, dim=-1).mean(0))
+
+
+def test_outputs_and_fit_logits(model):
+    images = torch.randn(5, 3, model.image_size, model.image_size)
+    out = model(images)
+    for t in out:
+        assert t.shape == (5, len(NAMES)) and t.dtype == torch.float32
+    with torch.no_grad():
+        f = model.visual_features(images)
+        f_zs = model.visual_features(images, adapters=False)
+    cos = lambda w, x: 25.0 * F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).t()  # noqa: E731
+    torch.testing.assert_close(out.z, cos(model.classifier, f))
+    torch.testing.assert_close(out.zv, cos(model.classifier, f_zs))
+    torch.testing.assert_close(out.zt, cos(model.zs_classifier, f))
+    torch.testing.assert_close(model.predict(images), out.z_hat.detach())
+
+
+def test_frozen_backbone_stays_in_eval_mode(model):
+    model.train()
+    assert model.adapters.training and not model.clip.training
+    model.eval()
+
+
+def test_build_from_local_checkpoint(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    clip = load_clip(tiny, pretrained=None)
+    state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    pt_path, st_path = tmp_path / "clip.pt", tmp_path / "clip.safetensors"
+    torch.save(state, pt_path)
+    save_file(state, str(st_path))
+    for path in (pt_path, st_path):
+        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=str(path), loss_backend="torch", progress=False)
+        for k, v in m.clip.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    with pytest.raises(FileNotFoundError):
+        build_sage(NAMES, COUNTS, model_name=tiny, pretrained=str(tmp_path / "missing.pt"), progress=False)
+
+
+def test_bad_arguments(tiny):
+    with pytest.raises(ValueError, match="class names"):
+        build_sage(NAMES, COUNTS[:2], model_name=tiny, pretrained=None, progress=False)
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        build_sage(NAMES, COUNTS, model_name="no-such-model", pretrained=None, progress=False)
+    with pytest.raises(ValueError, match="adapter_impl"):
+        build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, adapter_impl="cuda", progress=False)
+    with pytest.raises(ValueError, match="attention"):
+        build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, attention="flash", progress=False)
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_training_steps_lower_the_loss(tiny, fit):
+    torch.manual_seed(2)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, fit=fit, loss_backend="torch", progress=False)
+    images = torch.randn(8, 3, m.image_size, m.image_size)
+    target = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    optim = torch.optim.SGD(m.trainable_parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        loss, _ = m.loss(m(images), target)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny):
+    torch.manual_seed(3)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    randomise_adapters(m)
+    with torch.no_grad():
+        m.criterion.s1.fill_(0.2)
+        m.criterion.s2.fill_(0.1)
+    images = torch.randn(4, 3, m.image_size, m.image_size)
+    loss, _ = m.loss(m(images), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_trainable_state_dict_round_trip(model, tiny):
+    other = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    randomise_adapters(model, seed=9)
+    other.load_trainable_state_dict(model.trainable_state_dict())
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(dict(other.named_parameters())[k], v)
+    with pytest.raises(KeyError):
+        other.load_trainable_state_dict({"classifier": model.classifier.detach()})
+    assert isinstance(other, SageModel)
