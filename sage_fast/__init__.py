@@ -1,5 +1,6 @@
 """sage-fast: Sage (semantic-guided fine-tuning of CLIP for long-tailed recognition), fast and faithful."""
 from .adapter import SGAdapter, lift_bottleneck
+from .fused_loss import fused_fit_loss, fused_la_loss
 from .losses import CompensatedLALoss, FITLoss, compensated_la_loss, compensated_log_prior
 
 __version__ = "0.1.0"
@@ -11,4 +12,6 @@ __all__ = [
     "FITLoss",
     "compensated_la_loss",
     "compensated_log_prior",
+    "fused_fit_loss",
+    "fused_la_loss",
 ]

@@ -1,6 +1,8 @@
 """Compensated logit-adjusted cross-entropy (Eq. 22) and FIT's four-term loss (Eq. 23, 24).
 
-Plain PyTorch: the reference the fused Triton loss is tested against. See SAGE.md section 2.
+Plain PyTorch: the reference the fused Triton loss (`sage_fast.fused_loss`) is tested against.
+The modules take `backend` = "auto" | "triton" | "torch" and dispatch to the fused kernel; the
+functions here are always the PyTorch reference. See SAGE.md section 2.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_class_counts, check_finite, check_float, check_labels, check_same_device
+from .fused_loss import check_backend, fused_fit_loss, fused_la_loss, resolve_backend
 
 
 def compensated_log_prior(class_counts, mu: float = 0.5, gamma: float = 0.05) -> torch.Tensor:
@@ -65,11 +68,19 @@ def compensated_la_loss(
 
 
 class CompensatedLALoss(nn.Module):
-    """`compensated_la_loss` as a module; the log-prior is computed once and kept as a buffer."""
+    """`compensated_la_loss` as a module; the log-prior is computed once and kept as a buffer.
 
-    def __init__(self, class_counts, mu: float = 0.5, gamma: float = 0.05, ignore_index: int = -100):
+    backend: "auto" (the fused Triton kernel on CUDA or under TRITON_INTERPRET=1, PyTorch
+    otherwise and for fp64 logits), "triton" (a RuntimeError at forward where Triton cannot run)
+    or "torch" (this reference). See `sage_fast.fused_loss` for the fused path's limits.
+    """
+
+    def __init__(
+        self, class_counts, mu: float = 0.5, gamma: float = 0.05, ignore_index: int = -100, backend: str = "auto"
+    ):
         super().__init__()
         self.mu, self.gamma, self.ignore_index = float(mu), float(gamma), int(ignore_index)
+        self.backend = check_backend(backend)
         self.register_buffer("log_prior", compensated_log_prior(class_counts, mu, gamma), persistent=False)
 
     @property
@@ -77,9 +88,11 @@ class CompensatedLALoss(nn.Module):
         return self.log_prior.numel()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}"
+        return f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, backend={self.backend!r}"
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if resolve_backend(self.backend, logits) == "triton":
+            return fused_la_loss(logits, target, self.log_prior, self.ignore_index)
         _check_logits("logits", logits, self.num_classes)
         check_labels(target, self.num_classes, logits.shape[0], self.ignore_index)
         check_same_device(logits=logits, target=target)
@@ -92,6 +105,7 @@ class FITLoss(nn.Module):
     Holds the learnable scalars s1, s2 (both start at 0, so z^ = z at the start) of
     z^ = z + s1 * zv + s2 * zt.   z, zv, zt: (B, C); target: (B,).
     forward returns (total loss, z^); predictions are argmax z^.
+    backend: "auto" | "triton" | "torch", as in `CompensatedLALoss`.
     """
 
     def __init__(
@@ -101,8 +115,10 @@ class FITLoss(nn.Module):
         gamma: float = 0.05,
         lambdas: Sequence[float] = (0.015, 0.015, 0.4),
         ignore_index: int = -100,
+        backend: str = "auto",
     ):
         super().__init__()
+        self.backend = check_backend(backend)
         lambdas = tuple(float(v) for v in lambdas)
         if len(lambdas) != 3:
             raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {lambdas}")
@@ -116,7 +132,10 @@ class FITLoss(nn.Module):
         return self.log_prior.numel()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, lambdas={self.lambdas}"
+        return (
+            f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, lambdas={self.lambdas}, "
+            f"backend={self.backend!r}"
+        )
 
     def combine(self, z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
         """z^ = z + s1 * zv + s2 * zt, in z's dtype."""
@@ -125,6 +144,8 @@ class FITLoss(nn.Module):
     def forward(
         self, z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor, target: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if resolve_backend(self.backend, z, zv, zt) == "triton":
+            return fused_fit_loss(z, zv, zt, target, self.log_prior, self.s1, self.s2, self.lambdas, self.ignore_index)
         for name, t in (("z", z), ("zv", zv), ("zt", zt)):
             _check_logits(name, t, self.num_classes)
         if not (z.shape == zv.shape == zt.shape):

@@ -211,13 +211,10 @@ class SageModel(nn.Module):
         self.block_scales = nn.Parameter(torch.ones(self.num_layers))   # LIFT: learnable, starts at 1
         self.classifier = nn.Parameter(classifier_init.detach().clone().float())
         self.register_buffer("zs_classifier", classifier_init.detach().clone().float())  # W_zs, frozen
-        # TEMP until the fused loss lands: older losses.py has no backend keyword.
-        import inspect
-        extra = {"backend": loss_backend} if "backend" in inspect.signature(FITLoss).parameters else {}
         if self.fit:
-            self.criterion = FITLoss(class_counts, mu, gamma, lambdas, **extra)
+            self.criterion = FITLoss(class_counts, mu, gamma, lambdas, backend=loss_backend)
         else:
-            self.criterion = CompensatedLALoss(class_counts, mu, gamma, **extra)
+            self.criterion = CompensatedLALoss(class_counts, mu, gamma, backend=loss_backend)
         self.clip.requires_grad_(False)
 
     # -- bookkeeping -------------------------------------------------------------------------
