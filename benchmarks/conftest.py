@@ -1,0 +1,181 @@
+"""pytest set-up of the benchmarks: options, session fixtures, and the summary written at the end.
+
+Options (all optional):
+  --sage-results-dir DIR   where records.jsonl, summary.md, chart.png, env.json go
+                           (default benchmarks/results/latest, git-ignored)
+  --sage-append            keep the records already in DIR (run_gpu.sh runs several pytest sessions)
+  --sage-compile / --sage-no-compile
+                           include the torch.compile baseline (default: on with CUDA, off on CPU)
+  --sage-e2e-classes C     classes of the train-step benchmark (default 1000 on GPU, 10 on CPU)
+  --sage-e2e-batch B       batch of the train-step benchmark (default 128 on GPU, 4 on CPU)
+  --sage-cpu-threads N     torch threads on a CPU-only machine (default 1, for repeatable smoke numbers)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import harness, report
+
+_DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("sage-fast benchmarks")
+    group.addoption("--sage-results-dir", default=str(_DEFAULT_RESULTS),
+                    help="folder for records.jsonl, summary.md, chart.png and env.json")
+    group.addoption("--sage-append", action="store_true", default=False,
+                    help="add to the records already in --sage-results-dir instead of starting afresh")
+    group.addoption("--sage-compile", dest="sage_compile", action="store_true", default=None,
+                    help="include torch.compile baselines (default: on with CUDA, off on CPU)")
+    group.addoption("--sage-no-compile", dest="sage_compile", action="store_false",
+                    help="skip torch.compile baselines")
+    group.addoption("--sage-e2e-classes", type=int, default=None,
+                    help="number of classes in the train-step benchmark (default 1000 on GPU, 10 on CPU)")
+    group.addoption("--sage-e2e-batch", type=int, default=None,
+                    help="batch size of the train-step benchmark (default 128 on GPU, 4 on CPU)")
+    group.addoption("--sage-cpu-threads", type=int, default=1,
+                    help="torch CPU threads during the benchmarks on a CPU-only machine (default 1)")
+
+
+class _SageSession:
+    """Per-session state: the recorder is created on first use so that runs that select no benchmark
+    (e.g. `pytest tests/`) leave the results folder alone."""
+
+    def __init__(self, config):
+        self.config = config
+        self.results_dir = Path(config.getoption("--sage-results-dir"))
+        self.append = bool(config.getoption("--sage-append"))
+        self._recorder = None
+        self.ceilings = None
+        self.skips: dict[str, str] = {}
+
+    @property
+    def recorder(self) -> harness.Recorder:
+        if self._recorder is None:
+            self._recorder = harness.Recorder(self.results_dir, append=self.append)
+        return self._recorder
+
+    @property
+    def used(self) -> bool:
+        return self._recorder is not None
+
+
+_STATE_KEY = pytest.StashKey[_SageSession]()
+_ACTIVE: list[_SageSession] = []  # pytest_runtest_logreport gets no config: the session's state lives here
+
+
+def pytest_configure(config):
+    state = _SageSession(config)
+    config.stash[_STATE_KEY] = state
+    _ACTIVE[:] = [state]
+
+
+def _state(config) -> _SageSession:
+    return config.stash[_STATE_KEY]
+
+
+@pytest.fixture(scope="session")
+def sage_session(pytestconfig) -> _SageSession:
+    return _state(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def recorder(sage_session) -> harness.Recorder:
+    return sage_session.recorder
+
+
+@pytest.fixture(scope="session")
+def ceilings(sage_session) -> dict:
+    """Copy bandwidth and matmul throughput of this device, measured once per session."""
+    if sage_session.ceilings is None:
+        sage_session.ceilings = harness.measure_ceilings()
+        rec = sage_session.recorder
+        (rec.results_dir / "ceilings.json").write_text(json.dumps(sage_session.ceilings, indent=2))
+    return sage_session.ceilings
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _cpu_threads(pytestconfig):
+    """One CPU thread on CPU-only machines: on a small shared CI box, intra-op threads that wait for
+    each other turn a 1 ms call into a 100 ms one at random; one thread gives repeatable numbers."""
+    if harness.ON_GPU:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, pytestconfig.getoption("--sage-cpu-threads")))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def compile_enabled(pytestconfig) -> bool:
+    value = pytestconfig.getoption("sage_compile")
+    return harness.ON_GPU if value is None else bool(value)
+
+
+@pytest.fixture(scope="session")
+def e2e_settings(pytestconfig) -> dict:
+    classes = pytestconfig.getoption("--sage-e2e-classes") or (1000 if harness.ON_GPU else 10)
+    batch = pytestconfig.getoption("--sage-e2e-batch") or (128 if harness.ON_GPU else 4)
+    return {"classes": int(classes), "batch": int(batch)}
+
+
+def _is_benchmark_item(nodeid: str) -> bool:
+    return "benchmarks/" in nodeid.replace("\\", "/") or nodeid.startswith("bench_")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _is_benchmark_item(report.nodeid):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if _ACTIVE:
+            _ACTIVE[0].skips[report.nodeid] = reason.removeprefix("Skipped: ")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    state = _state(config)
+    if not state.used:
+        return
+    state.recorder.refresh_ratios()
+    output_json["sage_fast"] = {
+        "env": harness.collect_env(),
+        "ceilings": state.ceilings,
+        "note": "each benchmark's extra_info holds its record: time_s (median), throughput, ratios",
+    }
+
+
+def pytest_sessionfinish(session, exitstatus):
+    state = _state(session.config)
+    if not state.used:
+        return
+    rec = state.recorder
+    rec.refresh_ratios()
+    env = harness.collect_env()
+    env_path = rec.results_dir / "env.json"
+    if state.append and env_path.exists():
+        # run_gpu.sh writes the env of the whole run first; keep it and list this session's command too.
+        previous = json.loads(env_path.read_text())
+        previous.setdefault("sessions", []).append(env["command"])
+        env = previous
+    env_path.write_text(json.dumps(env, indent=2))
+    skips_path = rec.results_dir / "skipped.json"
+    skips = json.loads(skips_path.read_text()) if (state.append and skips_path.exists()) else {}
+    skips.update(state.skips)
+    skips_path.write_text(json.dumps(skips, indent=2, sort_keys=True))
+    report.write_outputs(rec.results_dir)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    state = _state(config)
+    if not state.used:
+        return
+    out = state.recorder.results_dir
+    terminalreporter.write_sep("=", "sage-fast benchmark summary")
+    summary = out / "summary.md"
+    if summary.exists():
+        terminalreporter.write_line(report.headline_text(out))
+    terminalreporter.write_line(f"records: {out / 'records.jsonl'}")
+    terminalreporter.write_line(f"summary: {summary}   chart: {out / 'chart.png'}")

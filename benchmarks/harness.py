@@ -1,0 +1,402 @@
+"""Shared machinery of the sage-fast benchmarks: device, timing, hardware ceilings, records, env info.
+
+Timing: every case runs through `pytest-benchmark`'s pedantic mode with a timer that calls
+``torch.cuda.synchronize()`` before reading ``time.perf_counter()``. One round times
+``iterations`` back-to-back calls between two synchronisations, so the number is the device
+time of the calls (launch overhead included where the host is the bottleneck, as a user sees it)
+without a synchronisation per call. The first call (Triton JIT, torch.compile) and warm-up
+rounds are not timed.
+
+Every measured case becomes a *record*: a flat dict stored in ``benchmark.extra_info`` (so the
+``--benchmark-json`` file carries it) and appended to ``<results dir>/records.jsonl`` (so a run
+cut short by a time limit keeps what it measured). `benchmarks/report.py` turns records into
+the Markdown summary and the PNG chart.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+ON_GPU = DEVICE.type == "cuda"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+CPU_NO_TRITON = "Triton kernels need CUDA; the CPU smoke run never uses the Triton interpreter"
+CPU_NO_COMPILE = (
+    "torch.compile is skipped on CPU (tens of seconds per case on a 2-core CI machine); "
+    "pass --sage-compile to include it"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def synced_perf_counter() -> float:
+    """perf_counter after the device queue has drained: the timer pytest-benchmark uses here."""
+    sync()
+    return time.perf_counter()
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long to measure: `rounds` timed rounds of about `target_round_s` each."""
+
+    warmup_rounds: int
+    rounds: int
+    target_round_s: float
+    max_iterations: int
+
+
+GPU_PLAN = TimingPlan(warmup_rounds=2, rounds=20, target_round_s=5e-3, max_iterations=2000)
+CPU_PLAN = TimingPlan(warmup_rounds=1, rounds=3, target_round_s=2e-3, max_iterations=200)
+# Training steps are long: one step per round.
+GPU_STEP_PLAN = TimingPlan(warmup_rounds=3, rounds=10, target_round_s=0.0, max_iterations=1)
+CPU_STEP_PLAN = TimingPlan(warmup_rounds=1, rounds=3, target_round_s=0.0, max_iterations=1)
+
+
+def default_plan(step: bool = False) -> TimingPlan:
+    if step:
+        return GPU_STEP_PLAN if ON_GPU else CPU_STEP_PLAN
+    return GPU_PLAN if ON_GPU else CPU_PLAN
+
+
+def time_per_call(fn: Callable[[], object], calls: int) -> float:
+    start = synced_perf_counter()
+    for _ in range(calls):
+        fn()
+    return (synced_perf_counter() - start) / calls
+
+
+def choose_iterations(fn: Callable[[], object], plan: TimingPlan) -> int:
+    """Calls per round so that a round lasts about plan.target_round_s (fn already warmed up)."""
+    if plan.max_iterations <= 1 or plan.target_round_s <= 0:
+        return 1
+    estimate = time_per_call(fn, 2)
+    if estimate <= 0:
+        return plan.max_iterations
+    return int(max(1, min(plan.max_iterations, math.ceil(plan.target_round_s / estimate))))
+
+
+@dataclass
+class Timing:
+    median_s: float
+    mean_s: float
+    stddev_s: float
+    min_s: float
+    rounds: int
+    iterations: int
+
+
+def run_benchmark(benchmark, fn: Callable[[], object], plan: Optional[TimingPlan] = None) -> Optional[Timing]:
+    """Warm fn up, time it with pytest-benchmark (pedantic, synced timer); None if benchmarks are disabled.
+
+    The first call happens here, untimed: it triggers Triton JIT compilation and torch.compile.
+    """
+    plan = plan or default_plan()
+    if getattr(benchmark, "disabled", False):
+        benchmark.pedantic(fn)  # --benchmark-disable: pytest-benchmark runs it once, measures nothing
+        sync()
+        return None
+    benchmark._timer = synced_perf_counter  # noqa: SLF001 - pytest-benchmark has no public timer hook per fixture
+    fn()
+    sync()
+    iterations = choose_iterations(fn, plan)
+    benchmark.pedantic(fn, rounds=plan.rounds, iterations=iterations, warmup_rounds=plan.warmup_rounds)
+    st = benchmark.stats.stats
+    return Timing(st.median, st.mean, st.stddev, st.min, plan.rounds, iterations)
+
+
+def reset_peak_memory() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mib() -> Optional[float]:
+    if not ON_GPU:
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# hardware ceilings, measured in the same session
+
+
+def _median_time(fn: Callable[[], object], rounds: int, calls: int) -> float:
+    fn()
+    sync()
+    samples = sorted(time_per_call(fn, calls) for _ in range(rounds))
+    return samples[len(samples) // 2]
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (a large device-to-device copy) and dense matmul throughput, bf16 and fp32.
+
+    Returns {"copy_GBps", "matmul_TFLOPs": {"bf16", "fp32"}, and the sizes used}. fp32 matmuls
+    run without TF32 (PyTorch's default), which is the precision the fp32 kernels use.
+    """
+    if ON_GPU:
+        copy_elems, mm_sizes, rounds, calls = 128 * 2**20, {"bf16": 8192, "fp32": 4096}, 5, 10
+    else:
+        copy_elems, mm_sizes, rounds, calls = 8 * 2**20, {"bf16": 256, "fp32": 512}, 3, 3
+    src = torch.randn(copy_elems, device=DEVICE)
+    dst = torch.empty_like(src)
+    t_copy = _median_time(lambda: dst.copy_(src), rounds, calls)
+    copy_bytes = 2 * src.numel() * src.element_size()  # read + write
+    del src, dst
+    out = {
+        "copy_GBps": copy_bytes / t_copy / 1e9,
+        "copy_MiB": copy_elems * 4 / 2**20,
+        "matmul_TFLOPs": {},
+        "matmul_n": dict(mm_sizes),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if ON_GPU else False,
+    }
+    for name, n in mm_sizes.items():
+        dtype = DTYPES[name]
+        a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+        b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+        t_mm = _median_time(lambda: torch.mm(a, b), rounds, max(1, calls // 2))
+        out["matmul_TFLOPs"][name] = 2 * n**3 / t_mm / 1e12
+        del a, b
+    free_memory()
+    return out
+
+
+def ceiling_fractions(ceilings: dict, dtype_name: str, gbps: Optional[float], tflops: Optional[float]) -> dict:
+    """Achieved / ceiling; fp16 work is compared with the bf16 matmul ceiling (same tensor-core rate)."""
+    out = {}
+    if gbps is not None and ceilings.get("copy_GBps"):
+        out["frac_copy_bw"] = gbps / ceilings["copy_GBps"]
+    peak = ceilings.get("matmul_TFLOPs", {}).get("bf16" if dtype_name == "fp16" else dtype_name)
+    if tflops is not None and peak:
+        out["frac_matmul_peak"] = tflops / peak
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+
+class Recorder:
+    """Session-wide store of measured cases; appends each record to records.jsonl as it is measured."""
+
+    def __init__(self, results_dir: Path, append: bool):
+        self.results_dir = Path(results_dir)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.results_dir / "records.jsonl"
+        self.records: list[dict] = []
+        self.skips: dict[str, str] = {}
+        self.extra_infos: list[dict] = []
+        if append and self.path.exists():
+            self.records = load_records_file(self.path)
+        elif self.path.exists():
+            self.path.unlink()
+
+    def add(self, record: dict, extra_info: Optional[dict] = None) -> dict:
+        record = dict(record)
+        record.setdefault("device", device_name())
+        record.setdefault("torch_threads", torch.get_num_threads())
+        record.setdefault("measured_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        add_ratios(record, self.records)
+        self.records = [r for r in self.records if not _same_slot(r, record)] + [record]
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if extra_info is not None:
+            extra_info.update(record)
+            self.extra_infos.append(extra_info)
+        return record
+
+    def refresh_ratios(self) -> None:
+        """Recompute ratios once everything ran (order-independent), also in the benchmark extra_info."""
+        for rec in self.records:
+            add_ratios(rec, self.records)
+        by_slot = {_slot(r): r for r in self.records}
+        for info in self.extra_infos:
+            rec = by_slot.get(_slot(info))
+            if rec is not None:
+                info.update(rec)
+
+
+def _slot(rec: dict) -> tuple:
+    return rec.get("group"), rec.get("case"), rec.get("impl")
+
+
+def _same_slot(a: dict, b: dict) -> bool:
+    return _slot(a) == _slot(b)
+
+
+def load_records_file(path: Path) -> list[dict]:
+    records = {}
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                rec = json.loads(line)
+                records[_slot(rec)] = rec  # a later measurement of the same case wins
+    return list(records.values())
+
+
+# Which implementation each group's ratios are taken against.
+BASELINES = {
+    "adapter": ("eager", "compile"),
+    "loss": ("eager", "compile"),
+    "train": ("reference",),
+    "infer": ("reference",),
+}
+FLOOR_CASE = "floor"
+
+
+def add_ratios(record: dict, records: list[dict]) -> None:
+    """speedup_vs_<base> = time(base) / time(this), for the same group and case, where both exist.
+
+    Train / inference records also get vs_floor: images/s of this case over the frozen-backbone floor.
+    """
+    group, case, impl = _slot(record)
+    time_s = record.get("time_s")
+    if not time_s:
+        return
+    for base in BASELINES.get(group, ()):
+        if base == impl:
+            continue
+        other = next((r for r in records if _slot(r) == (group, case, base)), None)
+        if other and other.get("time_s"):
+            record[f"speedup_vs_{base}"] = other["time_s"] / time_s
+    if group in ("train", "infer") and case != FLOOR_CASE:
+        floor = next((r for r in records if _slot(r) == (group, FLOOR_CASE, "floor")), None)
+        if floor and floor.get("time_s"):
+            record["vs_floor"] = floor["time_s"] / time_s
+
+
+# ----------------------------------------------------------------------------------------------
+# optional pieces (written in parallel with the benchmarks): import lazily, skip with a reason
+
+
+def fused_adapter_class():
+    """sage_fast.fused_adapter.SGAdapterFused, or skip the case with the reason it is unavailable."""
+    try:
+        module = importlib.import_module("sage_fast.fused_adapter")
+        return module.SGAdapterFused
+    except Exception as err:  # ImportError, or an error inside the module while it is being written
+        pytest.skip(f"sage_fast.fused_adapter.SGAdapterFused is not importable: {type(err).__name__}: {err}")
+
+
+def loss_backend_kwargs(cls, backend: str) -> dict:
+    """{"backend": backend} if the loss class takes one; the reference before the fused loss landed did not."""
+    if "backend" in inspect.signature(cls).parameters:
+        return {"backend": backend}
+    if backend == "torch":
+        return {}
+    pytest.skip(f"{cls.__name__} has no backend= keyword yet (sage_fast.fused_loss not wired in)")
+
+
+def attention_backend() -> str:
+    """The attention kernel the train-step benchmark uses: xformers when installed (CUDA), SDPA otherwise."""
+    if ON_GPU and importlib.util.find_spec("xformers") is not None:
+        return "xformers"
+    return "sdpa"
+
+
+def long_tailed_counts(num_classes: int, n_max: int = 1280, imbalance: float = 256.0) -> list[int]:
+    """Exponentially decaying class counts, n_max down to n_max / imbalance (ImageNet-LT-like)."""
+    if num_classes == 1:
+        return [n_max]
+    return [max(1, int(round(n_max * imbalance ** (-k / (num_classes - 1))))) for k in range(num_classes)]
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+
+
+def device_name() -> str:
+    if ON_GPU:
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def device_slug() -> str:
+    """File-name form of the device, e.g. nvidia-h100-80gb-hbm3 (cpu-smoke without CUDA)."""
+    name = device_name() if ON_GPU else "cpu-smoke"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # not installed, or broken install: report it as absent
+        return None
+
+
+def _run(cmd: list[str], cwd: Optional[Path] = None) -> Optional[str]:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def collect_env(command: Optional[str] = None) -> dict:
+    """Device, driver, library versions, date, git commit and the command line of this run."""
+    env = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(),
+        "device_type": DEVICE.type,
+        "mode": "gpu" if ON_GPU else "cpu-smoke",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "open_clip": _version("open_clip"),
+        "xformers": _version("xformers"),
+        "pytest_benchmark": _version("pytest_benchmark"),
+        "sage_fast": _version("sage_fast"),
+        "cpu_threads": torch.get_num_threads(),
+        "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    if ON_GPU:
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        if env["driver"]:
+            env["driver"] = env["driver"].splitlines()[0]
+    commit = os.environ.get("SAGE_GIT_COMMIT") or _run(["git", "rev-parse", "HEAD"], REPO_ROOT)
+    env["git_commit"] = commit or "unknown"
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_ROOT)
+    env["git_dirty"] = None if status is None else bool(status)
+    return env

@@ -1,0 +1,403 @@
+"""Markdown summary and PNG chart of a benchmark results folder.
+
+    python -m benchmarks.report RESULTS_DIR            # rewrite RESULTS_DIR/summary.md and chart.png
+    python -m benchmarks.report RESULTS_DIR --print    # and print the summary
+
+Reads RESULTS_DIR/records.jsonl (one record per measured case, written by the benchmarks; see
+benchmarks/harness.py), env.json, ceilings.json and skipped.json. pytest-benchmark JSON files
+(``--benchmark-json``) carry the same records in each benchmark's ``extra_info``; pass them with
+``--from-json FILE`` to rebuild records.jsonl from them.
+
+Ratios are computed here from the records (time of the baseline / time of the case, same run),
+so a summary never mixes numbers from different sessions unless they share a results folder.
+Self-contained (json + matplotlib) so that it runs without torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+TARGETS = {
+    "adapter_vs_eager": 4.0,
+    "adapter_vs_compile": 1.5,
+    "adapter_copy_fraction": 0.70,
+    "loss_vs_eager": 3.0,
+    "train_fused_vs_reference": 2.0,
+    "train_vs_floor": 0.85,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _slot(rec: dict) -> tuple:
+    return rec.get("group"), rec.get("case"), rec.get("impl")
+
+
+def load_records(results_dir: Path) -> list[dict]:
+    path = Path(results_dir) / "records.jsonl"
+    if not path.exists():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            records[_slot(rec)] = rec
+    return list(records.values())
+
+
+def records_from_benchmark_json(paths: Iterable[Path]) -> list[dict]:
+    records = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for bench in data.get("benchmarks", []):
+            info = bench.get("extra_info") or {}
+            if info.get("group") and info.get("impl"):
+                records[_slot(info)] = info
+    return list(records.values())
+
+
+def _load_json(path: Path, default):
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def _find(records: list[dict], group: str, case: str, impl: str) -> Optional[dict]:
+    return next((r for r in records if _slot(r) == (group, case, impl)), None)
+
+
+def _ratio(records, group, case, impl, base_impl, base_case=None) -> Optional[float]:
+    rec, base = _find(records, group, case, impl), _find(records, group, base_case or case, base_impl)
+    if rec and base and rec.get("time_s") and base.get("time_s"):
+        return base["time_s"] / rec["time_s"]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def _f(value, fmt="{:.2f}", missing="–") -> str:
+    return missing if value is None else fmt.format(value)
+
+
+def _ms(rec: Optional[dict]) -> str:
+    return _f(rec and rec.get("time_s") and rec["time_s"] * 1e3, "{:.3f}")
+
+
+def _x(value) -> str:
+    return _f(value, "{:.2f}x")
+
+
+def _pct(value) -> str:
+    if value is not None and 0 < value < 0.01:
+        return "<1%"
+    return _f(None if value is None else 100 * value, "{:.0f}%")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return ["_no measurements_", ""]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _cases(records, group) -> list[str]:
+    seen = []
+    for rec in records:
+        if rec.get("group") == group and rec.get("case") not in seen:
+            seen.append(rec["case"])
+    return seen
+
+
+def _primary_fused(records, group) -> Optional[str]:
+    impls = {r.get("impl") for r in records if r.get("group") == group}
+    return "fused" if "fused" in impls else ("fused_torch" if "fused_torch" in impls else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+
+
+def _env_lines(env: dict, ceilings: Optional[dict], records: list[dict]) -> list[str]:
+    mode = env.get("mode", "?")
+    lines = ["# sage-fast benchmark summary", ""]
+    if mode != "gpu":
+        threads = sorted({r.get("torch_threads") for r in records if r.get("torch_threads")})
+        lines += [
+            "> **CPU smoke run.** Small shapes, PyTorch paths only: these numbers test the harness and say",
+            "> nothing about GPU performance. GPU results: not measured in this run."
+            + (f" (torch threads: {', '.join(map(str, threads))})" if threads else ""),
+            "",
+        ]
+    keys = ["device", "driver", "gpu_capability", "torch", "torch_cuda", "triton", "open_clip", "xformers",
+            "date_utc", "git_commit", "git_dirty", "command"]
+    lines += [f"- **{k}**: `{env.get(k)}`" for k in keys if k in env]
+    for cmd in env.get("sessions", []):
+        lines.append(f"- **session**: `{cmd}`")
+    lines.append("")
+    if ceilings:
+        mm = ceilings.get("matmul_TFLOPs", {})
+        n = ceilings.get("matmul_n", {})
+        lines += [
+            "## Ceilings measured in this session",
+            "",
+            f"- device-to-device copy ({ceilings.get('copy_MiB', 0):.0f} MiB): **{ceilings.get('copy_GBps', 0):.1f} GB/s** "
+            "(read + write bytes / time)",
+        ]
+        for dt in ("bf16", "fp32"):
+            if dt in mm:
+                note = " (no TF32)" if dt == "fp32" else ""
+                lines.append(f"- {dt} matmul {n.get(dt)}^3{note}: **{mm[dt]:.2f} TFLOP/s**")
+        lines.append("")
+    return lines
+
+
+def _kernel_rows(records, group, fields: list[str], impls: list[str]) -> tuple[list[str], list[list[str]]]:
+    primary = _primary_fused(records, group)
+    header = fields + [f"{i} ms" for i in impls]
+    if primary:
+        header += [f"{primary} vs eager", f"{primary} vs compile", "GB/s", "% copy BW", "TFLOP/s", "% matmul",
+                   "M rows/s" if group == "loss" else "M tokens/s"]
+    rows = []
+    for case in _cases(records, group):
+        recs = {i: _find(records, group, case, i) for i in impls}
+        some = next((r for r in recs.values() if r), None)
+        params = some.get("params", {}) if some else {}
+        row = [str(params.get(f, "")) for f in fields]
+        row += [_ms(recs[i]) for i in impls]
+        if primary:
+            p = recs.get(primary) or {}
+            row += [
+                _x(_ratio(records, group, case, primary, "eager")),
+                _x(_ratio(records, group, case, primary, "compile")),
+                _f(p.get("GBps"), "{:.3g}"),
+                _pct(p.get("frac_copy_bw")),
+                _f(p.get("TFLOPs"), "{:.3g}"),
+                _pct(p.get("frac_matmul_peak")),
+                _f(p.get("tokens_per_s") and p["tokens_per_s"] / 1e6, "{:.3g}"),
+            ]
+        rows.append(row)
+    return header, rows
+
+
+def _e2e_rows(records, group) -> list[list[str]]:
+    rows = []
+    order = [("floor", "floor"), ("floor", "floor_bwd")]
+    order += [(c, i) for c in ("fit_on", "fit_off") for i in ("reference", "fused")]
+    for case, impl in order:
+        rec = _find(records, group, case, impl)
+        if rec is None:
+            continue
+        vs_ref = _ratio(records, group, case, impl, "reference") if impl == "fused" else None
+        vs_floor = _ratio(records, group, case, impl, "floor", base_case="floor") if case != "floor" else None
+        rows.append([
+            impl, {"fit_on": "on", "fit_off": "off"}.get(case, "–"),
+            _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), _f(rec.get("peak_mem_MiB"), "{:.0f}"),
+            _x(vs_ref), _pct(vs_floor), str(rec.get("attention", "")),
+        ])
+    return rows
+
+
+def _headlines(records, gpu: bool = True) -> list[tuple[str, str, str]]:
+    """(target, measured, status) for each target of the issue; never asserted.
+
+    Where a target covers several cases (all r, both dtypes) the worst case decides and the text
+    shows min / median / max. gpu=False (a CPU smoke run): values are shown, not judged.
+    """
+    out = []
+
+    def status(value, target):
+        if value is None:
+            return "not measured"
+        if not gpu:
+            return "n/a (CPU smoke, not a GPU measurement)"
+        return "met" if value >= target else "not met"
+
+    def span(values, fmt):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, "not measured"
+        lo, mid, hi = min(values), statistics.median(values), max(values)
+        if len(values) == 1:
+            return lo, fmt(lo)
+        return lo, f"min {fmt(lo)}, median {fmt(mid)}, max {fmt(hi)} ({len(values)} cases)"
+
+    adapter_bwd = [c for c in _cases(records, "adapter") if c.endswith("fwdbwd")]
+    for base, key in (("eager", "adapter_vs_eager"), ("compile", "adapter_vs_compile")):
+        low, text = span([_ratio(records, "adapter", c, "fused", base) for c in adapter_bwd], _x)
+        label = "torch.compile" if base == "compile" else base
+        out.append((f"SG-Adapter fused fwd+bwd >= {TARGETS[key]}x {label} (all r, bf16 and fp32)", text,
+                    status(low, TARGETS[key])))
+    fracs = [rec.get("frac_copy_bw") for c in _cases(records, "adapter")
+             if (rec := _find(records, "adapter", c, "fused")) and rec.get("params", {}).get("r", 10**9) <= 32]
+    low, text = span(fracs, _pct)
+    out.append((f"SG-Adapter fused >= {TARGETS['adapter_copy_fraction']:.0%} of copy bandwidth (r <= 32, fwd and fwd+bwd)",
+                text, status(low, TARGETS["adapter_copy_fraction"])))
+    loss_cases = [c for c in _cases(records, "loss") if "C=8142" in c and c.endswith("fwdbwd")]
+    low, text = span([_ratio(records, "loss", c, "fused", "eager") for c in loss_cases], _x)
+    out.append((f"Loss fused fwd+bwd >= {TARGETS['loss_vs_eager']}x eager at C = 8142 (fit and la, bf16 and fp32)",
+                text, status(low, TARGETS["loss_vs_eager"])))
+    r = _ratio(records, "train", "fit_on", "fused", "reference")
+    out.append((f"Train step (FIT on): Sage fused >= {TARGETS['train_fused_vs_reference']}x Sage reference images/s",
+                _x(r) if r is not None else "not measured", status(r, TARGETS["train_fused_vs_reference"])))
+    r = _ratio(records, "train", "fit_on", "fused", "floor", base_case="floor")
+    out.append(("Train step (FIT on): Sage fused within 15% of the frozen-backbone floor (>= 85% of its images/s)",
+                _pct(r) + " of floor" if r is not None else "not measured", status(r, TARGETS["train_vs_floor"])))
+    return out
+
+
+def build_markdown(results_dir: Path) -> str:
+    results_dir = Path(results_dir)
+    records = load_records(results_dir)
+    env = _load_json(results_dir / "env.json", {})
+    ceilings = _load_json(results_dir / "ceilings.json", None)
+    skips = _load_json(results_dir / "skipped.json", {})
+    lines = _env_lines(env, ceilings, records)
+
+    lines += ["## Targets (reported, not asserted)", ""]
+    lines += _table(["target", "measured", "status"],
+                    [list(h) for h in _headlines(records, gpu=env.get("mode") == "gpu")])
+
+    lines += ["## SG-Adapter block: x + mlp_out + s * adapter(x, g)", "",
+              "Time is the median per call; GB/s and TFLOP/s use the work model of benchmarks/README.md.", ""]
+    header, rows = _kernel_rows(records, "adapter", ["r", "dtype", "mode"], ["eager", "compile", "fused_torch", "fused"])
+    lines += _table(header, rows)
+
+    lines += ["## Loss: compensated LA (la) and FIT four-term (fit), module API", ""]
+    header, rows = _kernel_rows(records, "loss", ["kind", "classes", "dtype", "mode"], ["eager", "compile", "fused"])
+    lines += _table(header, rows)
+
+    for group, title in (("train", "Training step"), ("infer", "Inference")):
+        some = next((r for r in records if r.get("group") == group), None)
+        lines += [f"## {title}", ""]
+        if some:
+            p = some.get("params", {})
+            lines += [f"{p.get('model')} at {p.get('image_size')} px, batch {p.get('batch')}, {p.get('classes')} classes "
+                      f"(r = {p.get('bottleneck')}), {p.get('precision')}, synthetic data on the device, "
+                      f"attention: **{some.get('attention')}**. floor = frozen backbone (no grad) + cosine head; "
+                      "floor_bwd = the same with gradients through the frozen backbone.", ""]
+        fused = next((r for r in records if r.get("group") == group and r.get("impl") == "fused"), None)
+        if fused and fused.get("adapter_backend"):
+            lines += [f"fused = SG-Adapter backend `{fused['adapter_backend']}`, loss backend "
+                      f"`{fused.get('loss_backend')}`.", ""]
+        unit = "ms/step" if group == "train" else "ms/batch"
+        lines += _table(["config", "FIT", "images/s", unit, "peak MiB", "fused vs reference", "of floor", "attention"],
+                        _e2e_rows(records, group))
+
+    if skips:
+        lines += ["## Skipped cases", ""]
+        counts: dict[str, int] = {}
+        for reason in skips.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        lines += [f"- {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def headline_text(results_dir: Path) -> str:
+    records = load_records(Path(results_dir))
+    env = _load_json(Path(results_dir) / "env.json", {})
+    rows = _headlines(records, gpu=env.get("mode") == "gpu")
+    return "\n".join(f"  {target}: {measured} [{status}]" for target, measured, status in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# chart
+
+
+def build_chart(results_dir: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = load_records(Path(results_dir))
+    env = _load_json(Path(results_dir) / "env.json", {})
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    for ax, group in zip(axes[:2], ("adapter", "loss")):
+        primary = _primary_fused(records, group)
+        cases = [c for c in _cases(records, group) if c.endswith("fwdbwd")]
+        labels, vs_eager, vs_compile = [], [], []
+        for c in cases:
+            e = _ratio(records, group, c, primary, "eager") if primary else None
+            if e is None:
+                continue
+            labels.append(c.replace(" fwdbwd", ""))
+            vs_eager.append(e)
+            vs_compile.append(_ratio(records, group, c, primary, "compile") or 0.0)
+        title = {"adapter": "SG-Adapter block fwd+bwd", "loss": "Loss fwd+bwd"}[group]
+        if labels:
+            xs = range(len(labels))
+            ax.bar([x - 0.2 for x in xs], vs_eager, width=0.4, label=f"{primary} vs eager")
+            ax.bar([x + 0.2 for x in xs], vs_compile, width=0.4, label=f"{primary} vs torch.compile")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            target = TARGETS["adapter_vs_eager" if group == "adapter" else "loss_vs_eager"]
+            ax.axhline(target, color="red", linestyle="--", linewidth=0.8, label=f"target {target}x eager")
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel("speedup (x)")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+    ax = axes[2]
+    rows = [(f"{impl}\n{case}", rec["images_per_s"]) for case, impl in
+            [("floor", "floor"), ("floor", "floor_bwd"), ("fit_on", "reference"), ("fit_on", "fused"),
+             ("fit_off", "reference"), ("fit_off", "fused")]
+            if (rec := _find(records, "train", case, impl)) and rec.get("images_per_s")]
+    if rows:
+        ax.bar(range(len(rows)), [v for _, v in rows], color="tab:green")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([k for k, _ in rows], fontsize=8)
+        ax.set_ylabel("images / s")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("Training step")
+    smoke = "" if env.get("mode") == "gpu" else "CPU SMOKE RUN (not representative) - "
+    fig.suptitle(f"{smoke}sage-fast on {env.get('device', '?')}  (torch {env.get('torch')}, commit "
+                 f"{str(env.get('git_commit', '?'))[:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results_dir: Path) -> None:
+    """summary.md, and chart.png when matplotlib is installed."""
+    results_dir = Path(results_dir)
+    (results_dir / "summary.md").write_text(build_markdown(results_dir))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("benchmarks.report: matplotlib is not installed, no chart.png", file=sys.stderr)
+        return
+    build_chart(results_dir, results_dir / "chart.png")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir", type=Path)
+    parser.add_argument("--from-json", type=Path, nargs="*", default=[],
+                        help="pytest-benchmark --benchmark-json files to rebuild records.jsonl from")
+    parser.add_argument("--print", action="store_true", help="print the summary")
+    args = parser.parse_args(argv)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        records = {(_slot(r)): r for r in load_records(args.results_dir)}
+        records.update({_slot(r): r for r in records_from_benchmark_json(args.from_json)})
+        with open(args.results_dir / "records.jsonl", "w") as fh:
+            for rec in records.values():
+                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+    write_outputs(args.results_dir)
+    if args.print:
+        print((args.results_dir / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

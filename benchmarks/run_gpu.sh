@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# One-call GPU run of sage-fast's parity tests and benchmarks, sized for a 10-minute command.
+#
+#   bash benchmarks/run_gpu.sh                      # from the repository root, on a CUDA machine
+#   SAGE_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh   # when the checkout has no .git
+#
+# Stages (each under a share of the time budget; a stage cut short by its limit gets SIGINT, so
+# pytest still writes what it measured, and every measured case is already in records.jsonl):
+#   1. env.json: device, driver, torch / triton / open_clip / xformers versions, date, commit, command
+#   2. GPU-only parity tests: pytest tests -m gpu                      -> parity.log, parity-junit.xml
+#   3. end-to-end train step and inference (bench_train_step.py)      -> train_step.json
+#   4. SG-Adapter kernels (bench_adapter.py)                           -> adapter.json
+#   5. losses (bench_loss.py)                                          -> loss.json
+#   6. summary.md and chart.png over all stages (python -m benchmarks.report)
+# Output: benchmarks/results/<YYYY-MM-DD>-<device>/ (or $SAGE_RESULTS_DIR).
+#
+# Knobs (environment): SAGE_BUDGET_S (total seconds, default 560); SAGE_STAGES (comma list of
+# parity,train,adapter,loss; default all; when set, the records already in the results folder are
+# kept, so a second call can fill in a stage the first one ran out of time for);
+# SAGE_NO_COMPILE=1 (drop the torch.compile baselines, the slow part); SAGE_ALLOW_CPU=1 (run
+# anyway without CUDA: CPU smoke); SAGE_RESULTS_DIR; SAGE_EXPORT_DIR (copy the results folder
+# there at the end, e.g. a remote runner's output folder); PYTHON (interpreter, default python).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+BUDGET=${SAGE_BUDGET_S:-560}
+START=$SECONDS
+COMMAND="bash $0${*:+ $*}"
+
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+# cap <max seconds> <seconds to keep for later stages>: this stage's limit
+cap() {
+    local max=$1 keep=$2 avail
+    avail=$(( $(left) - keep ))
+    (( avail > max )) && avail=$max
+    (( avail < 0 )) && avail=0
+    echo "$avail"
+}
+stage() { echo; echo "=== [$(date -u +%H:%M:%S), $(( SECONDS - START ))s] $*"; }
+
+missing=$($PY - <<'EOF'
+import importlib.util
+need = ["torch", "triton", "open_clip", "pytest", "pytest_benchmark", "matplotlib"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+EOF
+)
+if [[ -n "$missing" ]]; then
+    echo "run_gpu.sh: missing Python packages: $missing" >&2
+    exit 3
+fi
+if ! $PY -c "import sage_fast.kernels" 2>/dev/null; then
+    stage "installing sage-fast (editable, no dependencies)"
+    $PY -m pip install -q -e . --no-deps --no-build-isolation || { echo "cannot install sage-fast" >&2; exit 3; }
+fi
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    if [[ "${SAGE_ALLOW_CPU:-0}" != "1" ]]; then
+        echo "run_gpu.sh: no CUDA device (set SAGE_ALLOW_CPU=1 for a CPU smoke run)" >&2
+        exit 2
+    fi
+fi
+
+SLUG=$($PY -c "from benchmarks.harness import device_slug; print(device_slug())")
+RESULTS=${SAGE_RESULTS_DIR:-benchmarks/results/$(date -u +%Y-%m-%d)-$SLUG}
+mkdir -p "$RESULTS"
+STAGES=${SAGE_STAGES:-parity,train,adapter,loss}
+if [[ -z "${SAGE_STAGES:-}" ]]; then
+    rm -f "$RESULTS/records.jsonl" "$RESULTS/skipped.json"   # a full run starts afresh
+fi
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+stage "environment -> $RESULTS/env.json"
+SAGE_RUN_COMMAND="$COMMAND" $PY - "$RESULTS/env.json" <<'EOF'
+import json, os, sys
+from benchmarks.harness import collect_env
+env = collect_env(command=os.environ["SAGE_RUN_COMMAND"])
+json.dump(env, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(env, indent=2))
+EOF
+nvidia-smi 2>/dev/null | head -20 || true
+
+COMMON=(-q -p no:cacheprovider --sage-results-dir "$RESULTS" --sage-append --benchmark-columns=median,iqr,rounds,iterations)
+if [[ "${SAGE_NO_COMPILE:-0}" == "1" ]]; then COMMON+=(--sage-no-compile); fi
+
+run_stage() {  # run_stage <limit s> <log name> <pytest args...>
+    local limit=$1 log=$2; shift 2
+    if (( limit < 10 )); then
+        echo "skipped: out of time budget" | tee "$RESULTS/$log.log"
+        return
+    fi
+    echo "time limit ${limit}s"
+    timeout -s INT -k 30 "$limit" $PY -m pytest "$@" 2>&1 | tee "$RESULTS/$log.log"
+    echo "exit status ${PIPESTATUS[0]}" | tee -a "$RESULTS/$log.log"
+}
+
+if want parity; then
+    stage "GPU parity tests: pytest tests -m gpu"
+    run_stage "$(cap 120 380)" parity tests -m gpu -p no:cacheprovider -ra --junitxml="$RESULTS/parity-junit.xml"
+fi
+if want train; then
+    stage "end-to-end: training step and inference"
+    run_stage "$(cap 130 250)" train_step benchmarks/bench_train_step.py "${COMMON[@]}" --benchmark-json="$RESULTS/train_step.json"
+fi
+if want adapter; then
+    stage "SG-Adapter kernels"
+    run_stage "$(cap 200 110)" adapter benchmarks/bench_adapter.py "${COMMON[@]}" --benchmark-json="$RESULTS/adapter.json"
+fi
+if want loss; then
+    stage "losses"
+    run_stage "$(cap 200 15)" loss benchmarks/bench_loss.py "${COMMON[@]}" --benchmark-json="$RESULTS/loss.json"
+fi
+
+stage "report"
+$PY -m benchmarks.report "$RESULTS" --print
+echo
+echo "results in $RESULTS ($(( SECONDS - START ))s)"
+ls -la "$RESULTS"
+if [[ -n "${SAGE_EXPORT_DIR:-}" ]]; then
+    mkdir -p "$SAGE_EXPORT_DIR" && cp -r "$RESULTS" "$SAGE_EXPORT_DIR/" && echo "copied to $SAGE_EXPORT_DIR/$(basename "$RESULTS")"
+fi

@@ -1,0 +1,99 @@
+"""The arithmetic of the benchmark report: ratios, target verdicts, CPU-smoke labelling, outputs.
+
+Synthetic records with known times, so every expected number is computed by hand here.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from . import harness, report
+
+
+def _rec(group, case, impl, time_s, **extra):
+    return {"group": group, "case": case, "impl": impl, "time_s": time_s, **extra}
+
+
+def _write(tmp_path, records, mode="gpu"):
+    with open(tmp_path / "records.jsonl", "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    (tmp_path / "env.json").write_text(json.dumps({"mode": mode, "device": "test device", "git_commit": "abc"}))
+
+
+def _gpu_like_records():
+    recs = []
+    for r, fused_time, frac in ((4, 1.0, 0.8), (32, 2.0, 0.6)):
+        case = f"r={r} bf16 fwdbwd"
+        recs += [
+            _rec("adapter", case, "eager", 10.0, params={"r": r}),
+            _rec("adapter", case, "compile", 4.0, params={"r": r}),
+            _rec("adapter", case, "fused", fused_time, params={"r": r}, frac_copy_bw=frac, GBps=100.0),
+        ]
+    recs += [
+        _rec("loss", "fit C=8142 bf16 fwdbwd", "eager", 6.0),
+        _rec("loss", "fit C=8142 bf16 fwdbwd", "fused", 1.5),
+        _rec("loss", "fit C=8142 bf16 fwd", "fused", 10.0),     # fwd cases do not enter the loss target
+        _rec("loss", "fit C=8142 bf16 fwd", "eager", 1.0),
+        _rec("train", "floor", "floor", 1.0, images_per_s=128.0),
+        _rec("train", "fit_on", "reference", 3.0, images_per_s=128 / 3.0),
+        _rec("train", "fit_on", "fused", 1.1, images_per_s=128 / 1.1),
+    ]
+    return recs
+
+
+def test_headlines_compute_ratios_and_verdicts(tmp_path):
+    _write(tmp_path, _gpu_like_records())
+    rows = {target.split(" (")[0]: (measured, status) for target, measured, status in
+            report._headlines(report.load_records(tmp_path), gpu=True)}
+    # eager / fused: 10 / 1 = 10x and 10 / 2 = 5x -> the worst case (5x) decides against 4x
+    assert rows["SG-Adapter fused fwd+bwd >= 4.0x eager"] == ("min 5.00x, median 7.50x, max 10.00x (2 cases)", "met")
+    # compile / fused: 4x and 2x; 2x >= 1.5x
+    assert rows["SG-Adapter fused fwd+bwd >= 1.5x torch.compile"][1] == "met"
+    # copy fraction 80% and 60%: 60% < 70%
+    assert rows["SG-Adapter fused >= 70% of copy bandwidth"] == ("min 60%, median 70%, max 80% (2 cases)", "not met")
+    # loss fwd+bwd only: 6 / 1.5 = 4x (the 0.1x fwd case is not part of this target)
+    assert rows["Loss fused fwd+bwd >= 3.0x eager at C = 8142"] == ("4.00x", "met")
+    # train: 3.0 / 1.1 = 2.73x; floor 1.0 / 1.1 = 91% of the floor's images/s
+    train = [(m, s) for t, m, s in report._headlines(report.load_records(tmp_path)) if t.startswith("Train")]
+    assert train == [("2.73x", "met"), ("91% of floor", "met")]
+
+
+def test_missing_cases_are_not_measured_and_cpu_is_not_judged(tmp_path):
+    _write(tmp_path, [_rec("train", "fit_on", "reference", 3.0), _rec("train", "fit_on", "fused", 2.0)], mode="cpu-smoke")
+    rows = report._headlines(report.load_records(tmp_path), gpu=False)
+    assert rows[0][1:] == ("not measured", "not measured")
+    assert rows[4][1:] == ("1.50x", "n/a (CPU smoke, not a GPU measurement)")
+    text = report.build_markdown(tmp_path)
+    assert "CPU smoke run" in text and "not measured" in text
+
+
+def test_outputs_and_rebuild_from_benchmark_json(tmp_path):
+    _write(tmp_path, _gpu_like_records())
+    report.write_outputs(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "10.00x" in summary and "CPU smoke" not in summary  # r=4: eager 10 ms / fused 1 ms
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+    # pytest-benchmark JSON carries each record in extra_info: records.jsonl can be rebuilt from it
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps({"benchmarks": [{"extra_info": r} for r in _gpu_like_records()]}))
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    (rebuilt / "env.json").write_text((tmp_path / "env.json").read_text())
+    assert report.main([str(rebuilt), "--from-json", str(bench_json)]) == 0
+    assert len(report.load_records(rebuilt)) == len(_gpu_like_records())
+
+
+def test_recorder_ratios_and_append(tmp_path):
+    rec = harness.Recorder(tmp_path, append=False)
+    info = {}
+    rec.add(_rec("adapter", "r=4 fp32 fwd", "fused", 2.0), info)  # baseline not measured yet
+    assert "speedup_vs_eager" not in info
+    rec.add(_rec("adapter", "r=4 fp32 fwd", "eager", 5.0))
+    rec.refresh_ratios()  # at the end of the session, order no longer matters
+    assert info["speedup_vs_eager"] == pytest.approx(2.5)
+    # a later session appending to the folder keeps the earlier records; a fresh one starts empty
+    assert len(harness.Recorder(tmp_path, append=True).records) == 2
+    assert harness.Recorder(tmp_path, append=False).records == []
+    assert not (tmp_path / "records.jsonl").exists()
