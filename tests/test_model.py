@@ -178,3 +178,24 @@ def test_trainable_state_dict_round_trip(model, tiny):
     with pytest.raises(KeyError):
         other.load_trainable_state_dict({"classifier": model.classifier.detach()})
     assert isinstance(other, SageModel)
+
+
+def test_fused_and_reference_adapters_agree_in_the_model(tiny):
+    """The model's fused path (Triton under the interpreter on CPU) against its reference path."""
+    torch.manual_seed(4)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    randomise_adapters(m, seed=4)
+    images = torch.randn(2, 3, m.image_size, m.image_size)
+    target = torch.tensor([1, 3])
+    results = {}
+    for impl in ("reference", "fused"):
+        m.set_adapter_impl(impl)
+        m.zero_grad()
+        out = m(images)
+        loss, _ = m.loss(out, target)
+        loss.backward()
+        results[impl] = (out.z.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert type(m.adapters[0]).__name__ == "SGAdapterFused"
+    torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-4, atol=1e-4)
+    for name, grad in results["reference"][1].items():
+        torch.testing.assert_close(results["fused"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
