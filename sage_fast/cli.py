@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -11,8 +12,103 @@ def _demo(argv):
     return demo_main(argv)
 
 
+def _split_overrides(rest):
+    """Leftover arguments -> ``key=value`` overrides; ``--key value`` is accepted as ``key=value``."""
+    out, i = [], 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok.startswith("--") and "=" not in tok and i + 1 < len(rest):
+            out.append(f"{tok[2:]}={rest[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+_OVERRIDE_HELP = ("overrides: any config key as section.key=value (or --section.key value), e.g. optim.lr=0.02 "
+                  "data.root=/data/ImageNet_LT data.num_workers=16; values are parsed as YAML. "
+                  "Print the full config with --print-config.")
+
+
+def _train(argv):
+    from .config import PRESETS, ConfigError, build_config
+
+    p = argparse.ArgumentParser(prog="sage-fast train", allow_abbrev=False, epilog=_OVERRIDE_HELP,
+                                description="Train Sage (single process, or under torchrun for several GPUs / nodes).")
+    p.add_argument("--config", help="YAML run config (sections data, model, optim, train; optional 'preset')")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a row of the paper's Table 8")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
+                   help="continue from CKPT; without a value from OUTPUT_DIR/last.pt; 'auto': resume if it exists")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--bench-data", type=int, metavar="N", help="only measure the input pipeline over N batches")
+    args, rest = p.parse_known_args(argv)
+    if args.resume and "=" in args.resume and not args.resume.endswith(".pt"):
+        # `--resume optim.lr=0.1`: argparse took the override as the optional value
+        rest, args.resume = [args.resume] + rest, "last"
+    try:
+        cfg = build_config(args.config, _split_overrides(rest), preset=args.preset)
+    except ConfigError as e:
+        p.error(str(e))
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.bench_data:
+        from .train import bench_input_pipeline
+
+        r = bench_input_pipeline(cfg, args.bench_data)
+        print(f"input pipeline: {r['images_per_s']:.1f} images/s ({r['images']} images, {r['batches']} batches of "
+              f"{cfg.optim.batch_size}, {cfg.data.num_workers} workers, {r['skipped']} skipped)")
+        return 0
+    from pathlib import Path
+
+    from .train import format_report, train
+
+    resume = args.resume
+    if resume == "last":
+        resume = str(Path(cfg.train.output_dir) / "last.pt")
+    report = train(cfg, resume=resume)
+    if report is not None:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_report(report))
+            print(f"outputs in {cfg.train.output_dir}")
+    return 0
+
+
+def _eval(argv):
+    from .config import PRESETS, ConfigError, build_config
+
+    p = argparse.ArgumentParser(prog="sage-fast eval", allow_abbrev=False, epilog=_OVERRIDE_HELP,
+                                description="Evaluate trained Sage weights: overall / many / medium / few top-1, "
+                                            "per-class accuracy (CSV) and plot, written to train.output_dir.")
+    p.add_argument("--weights", required=True, help="adapters.safetensors or a checkpoint (last.pt)")
+    p.add_argument("--config", help="YAML run config; default: the config stored with the weights")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    args, rest = p.parse_known_args(argv)
+    from .train import config_from_weights, evaluate_weights, format_report
+
+    try:
+        base = None if (args.config or args.preset) else config_from_weights(args.weights)
+        cfg = build_config(args.config, _split_overrides(rest), preset=args.preset, base=base)
+    except ConfigError as e:
+        p.error(str(e))
+    except FileNotFoundError as e:
+        p.error(str(e))
+    report = evaluate_weights(cfg, args.weights)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_report(report))
+        print(json.dumps({k: report[k] for k in ("overall", "many", "medium", "few")}))
+    return 0
+
+
 COMMANDS = {
     "demo": (_demo, "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
+    "train": (_train, "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
+    "eval": (_eval, "evaluate trained weights: overall, many, medium, few and per-class top-1"),
 }
 
 

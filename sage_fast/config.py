@@ -1,0 +1,351 @@
+"""Run configuration: nested dataclasses, the Table 8 presets, YAML loading, CLI overrides, validation.
+
+A configuration is resolved in this order, each layer overriding the previous one:
+
+1. the dataclass defaults below (the paper's recipe: SGD 0.01, momentum 0.9, wd 5e-4, batch 128, 10 epochs);
+2. a preset, one per row of Table 8 (``preset: imagenet_lt``), see `PRESETS`;
+3. a YAML file (``sage-fast train --config run.yaml``);
+4. command-line overrides, ``section.key=value`` (``optim.lr=0.02 data.num_workers=16``), values parsed as YAML.
+
+Every layer is validated before anything runs: an unknown key or a value of the wrong type raises
+`ConfigError` naming the key (with a close match when there is one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+
+import yaml
+
+DATASETS = ("cifar100_lt", "imagenet_lt", "places_lt", "inat2018", "folder")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type, or an inconsistent value."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["cifar100_lt", "imagenet_lt", "places_lt", "inat2018", "folder"] = "folder"
+    #: image root; for cifar100_lt the directory holding (or being) ``cifar-100-python/``
+    root: str = ""
+    #: split files (``relative/path label`` lines, or iNaturalist's official JSON); relative paths are
+    #: resolved against ``root``; empty: the data set's standard file name in ``root``
+    train_split: str = ""
+    test_split: str = ""
+    #: optional file with one class name per line, in label order (overrides the data set's metadata)
+    class_names: str = ""
+    #: CIFAR-100-LT imbalance ratio (100, 50 or 10 in the paper) and the seed of its subsampling
+    imbalance_ratio: float = 100.0
+    subsample_seed: int = 0
+    #: training augmentation: "crop_flip" (the paper / LIFT: RandomResizedCrop + flip) or "flip" (the test
+    #: transform + flip; for tiny synthetic images such as the demo's)
+    train_augment: Literal["crop_flip", "flip"] = "crop_flip"
+    #: RandomResizedCrop's area range for training (LIFT / torchvision default [0.08, 1.0])
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    #: input resolution; null: the CLIP model's own (224 for ViT-B/16)
+    image_size: Optional[int] = None
+    num_workers: int = 8
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 4
+    #: decode JPEGs with nvJPEG on the GPU (torchvision.io.decode_jpeg) and crop/resize there;
+    #: the workers then only read file bytes. Off by default; CPU decoding uses PIL.
+    gpu_decode: bool = False
+
+
+@dataclass
+class ModelConfig:
+    #: open_clip architecture; "sage-tiny" is registered on the fly (tests, demo)
+    name: str = "ViT-B-16-quickgelu"
+    #: open_clip tag, a local checkpoint path, or null for random initialisation
+    pretrained: Optional[str] = "openai"
+    bottleneck: Optional[int] = None
+    alpha: float = 0.1
+    mu: float = 0.5
+    gamma: float = 0.05
+    lambdas: List[float] = field(default_factory=lambda: [0.015, 0.015, 0.4])
+    fit: bool = True
+    #: "auto": the fused Triton adapter on CUDA, the reference elsewhere
+    adapter_impl: Literal["auto", "fused", "reference"] = "auto"
+    loss_backend: Literal["auto", "triton", "torch"] = "auto"
+    attention: Literal["auto", "sdpa", "xformers", "open_clip"] = "auto"
+    logit_scale: float = 25.0
+    text_batch_size: int = 256
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    #: global batch size, split evenly over the processes of a distributed run
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: cosine schedule over all steps of all epochs, no warm-up (the paper); "constant" for debugging
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/sage"
+    seed: int = 0
+    #: "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
+    device: str = "auto"
+    #: bf16 autocast on CUDA (always fp32 on CPU)
+    amp: bool = True
+    #: write a checkpoint every N optimizer steps (0: only at epoch ends)
+    ckpt_every_steps: int = 500
+    log_every_steps: int = 20
+    #: evaluate on the test split every N epochs (0: only after the last epoch)
+    eval_every_epochs: int = 0
+    eval_batch_size: int = 256
+    progress: bool = True
+    tensorboard: bool = True
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class SageConfig:
+    #: a row of Table 8 (see config.PRESETS); its values sit under the YAML file and the overrides
+    preset: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _table8(dataset, alpha, gamma, l1, l2, l3, epochs=10, **data):
+    return {
+        "data": {"dataset": dataset, **data},
+        "model": {"alpha": alpha, "mu": 0.5, "gamma": gamma, "lambdas": [l1, l2, l3]},
+        "optim": {"epochs": epochs, "batch_size": 128, "lr": 0.01},
+    }
+
+
+#: Table 8 of the paper (SAGE.md section 3), one preset per row, with the section 3 recipe.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "cifar100_lt_r100": _table8("cifar100_lt", 0.1, 0.050, 0.015, 0.015, 0.4, imbalance_ratio=100.0),
+    "cifar100_lt_r50": _table8("cifar100_lt", 0.1, 0.060, 0.0001, 0.01, 0.6, imbalance_ratio=50.0),
+    "cifar100_lt_r10": _table8("cifar100_lt", 0.1, 0.060, 0.002, 0.005, 0.2, imbalance_ratio=10.0),
+    "places_lt": _table8("places_lt", 0.8, 0.050, 0.003, 0.01, 0.2),
+    "imagenet_lt": _table8("imagenet_lt", 0.8, 0.050, 0.005, 0.01, 0.2),
+    "inat2018": _table8("inat2018", 1.0, 0.085, 1e-7, 1e-7, 1e-7, epochs=20),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed merge
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Return `value` checked against the annotation `tp` (int is accepted for float, nothing else is)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0]):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        (arm,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, arm) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        # a number where a string is expected (``train.output_dir=2024`` parses as int) is meant as text
+        if isinstance(value, (Path, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj, updates: Mapping[str, Any], prefix: str = "") -> None:
+    if not isinstance(updates, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}; valid keys here: {', '.join(prefix + n for n in names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _check_values(cfg: SageConfig) -> None:
+    def positive(key, v):
+        if not v > 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+
+    def non_negative(key, v):
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+
+    o, d, m, t = cfg.optim, cfg.data, cfg.model, cfg.train
+    for k in ("epochs", "batch_size", "lr"):
+        positive(f"optim.{k}", getattr(o, k))
+    for k in ("momentum", "weight_decay"):
+        non_negative(f"optim.{k}", getattr(o, k))
+    positive("model.mu", m.mu)
+    positive("model.logit_scale", m.logit_scale)
+    positive("model.text_batch_size", m.text_batch_size)
+    if len(m.lambdas) != 3:
+        raise ConfigError(f"model.lambdas must hold 3 numbers (lambda1, lambda2, lambda3), got {m.lambdas}")
+    if m.bottleneck is not None:
+        positive("model.bottleneck", m.bottleneck)
+    positive("data.imbalance_ratio", d.imbalance_ratio)
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
+    positive("data.prefetch_factor", d.prefetch_factor)
+    non_negative("data.num_workers", d.num_workers)
+    if d.image_size is not None:
+        positive("data.image_size", d.image_size)
+    for k in ("ckpt_every_steps", "eval_every_epochs"):
+        non_negative(f"train.{k}", getattr(t, k))
+    for k in ("log_every_steps", "eval_batch_size"):
+        positive(f"train.{k}", getattr(t, k))
+    if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
+        raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda[:i]', got {t.device!r}")
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["optim.lr=0.02", "--data.root=/x", "model.lambdas=[0,0,1]"]`` -> nested dict; values parsed as YAML."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: bad key {key!r}")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
+    """{"optim.lr": 0.1, "model": {"fit": False}} -> nested dict (values kept as given, not parsed)."""
+    out: Dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with an earlier override of {p!r}")
+        if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(_nest(value))
+        else:
+            node[parts[-1]] = _nest(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def load_yaml(path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(
+    yaml_path=None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),  # ["a.b=1"] (parsed as YAML) or {"a.b": 1}
+    preset: Optional[str] = None,
+    base: Optional[Mapping[str, Any]] = None,
+) -> SageConfig:
+    """Defaults <- preset <- YAML <- overrides, validated. The preset may also come from the YAML or the overrides.
+
+    >>> cfg = build_config(preset="imagenet_lt", overrides=["optim.lr=0.02"])
+    >>> cfg.model.alpha, cfg.optim.lr
+    (0.8, 0.02)
+
+    base: a full config dict (e.g. stored in a checkpoint) to start from instead of the defaults.
+    """
+    file_layer = load_yaml(yaml_path) if yaml_path else {}
+    over_layer = parse_overrides(overrides) if not isinstance(overrides, Mapping) else _nest(overrides)
+    name = over_layer.get("preset", file_layer.get("preset", preset))
+    cfg = SageConfig()
+    if base is not None:
+        _merge(cfg, base)
+    if name is not None and (base is None or name != base.get("preset")):
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        _merge(cfg, PRESETS[name])
+        cfg.preset = name
+    _merge(cfg, file_layer)
+    _merge(cfg, over_layer)
+    _check_values(cfg)
+    return cfg
+
+
+def config_from_dict(d: Mapping[str, Any]) -> SageConfig:
+    """A full config dict (e.g. from a checkpoint) back to a validated `SageConfig`; presets are not re-applied."""
+    cfg = SageConfig()
+    _merge(cfg, {k: v for k, v in d.items()})
+    _check_values(cfg)
+    return cfg

@@ -1,0 +1,688 @@
+"""Training and evaluation of Sage: one process, several GPUs or several nodes (torchrun + DDP).
+
+    sage-fast train --preset imagenet_lt data.root=/data/ImageNet_LT model.pretrained=/ckpt/clip.bin
+    torchrun --nproc_per_node 8 -m sage_fast.cli train --config run.yaml      # one node, 8 GPUs
+    sage-fast eval --weights runs/sage/adapters.safetensors
+
+Recipe (SAGE.md section 3): SGD with momentum on the trainable parameters only, a cosine schedule per
+step over all epochs with no warm-up, bf16 autocast on CUDA and fp32 on CPU.
+
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) every process builds the same model, wraps it in
+DistributedDataParallel (NCCL on CUDA, gloo on CPU) and reads its shard of every global batch
+(`optim.batch_size` is the global batch). Only rank 0 writes files.
+
+Determinism and resume: augmentations are drawn from per-sample seeds (see `sage_fast.data`), so a
+run's batches do not depend on the number of processes or on interruptions. A checkpoint holds the
+trainable parameters, optimizer, scheduler, sampler position (epoch, step in epoch), RNG states and the
+config; it is written atomically every `train.ckpt_every_steps` steps and at each epoch end, and
+``--resume`` continues from it to the same final weights as an uninterrupted run.
+
+Outputs in `train.output_dir` (rank 0): ``config.yaml``, ``last.pt`` (checkpoint), ``train_log.csv``
+and ``eval_log.csv``, ``tb/`` (TensorBoard), ``metrics.json``, ``per_class.csv``,
+``per_class_accuracy.png`` and ``adapters.safetensors`` (the trained parameters, a small file).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import SageConfig
+from .data import (
+    GpuBatchTransform,
+    LTData,
+    ShardSampler,
+    TrainSampler,
+    build_data,
+    build_loader,
+)
+
+TINY_MODEL_PREFIX = "sage-tiny"
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={device!r} but CUDA is not available")
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world, local_rank, dev)
+    if world > 1:
+        if dist.is_initialized():
+            if dist.get_world_size() != world:
+                raise RuntimeError("a process group of another size is already initialized")
+        else:
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            info.initialized_here = True
+    return info
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's legacy state holds an ndarray, which weights_only loading refuses: store it as a tensor
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def group_masks(group_counts: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """many: > 100 training images, medium: 20 to 100, few: < 20 (SAGE.md section 3)."""
+    c = torch.as_tensor(list(group_counts))
+    return {"many": c > 100, "medium": (c >= 20) & (c <= 100), "few": c < 20}
+
+
+def accuracy_report(correct: torch.Tensor, total: torch.Tensor, group_counts: Sequence[int]) -> dict:
+    """Top-1 accuracies in percent from per-class correct / total counts (C,).
+
+    overall: over samples; many / medium / few: the mean of the group's per-class accuracies (classes
+    without test images are left out; a group with no class is NaN); per_class: C values (NaN: no test image).
+    """
+    correct, total = correct.double().cpu(), total.double().cpu()
+    per_class = torch.where(total > 0, correct / total.clamp(min=1), torch.full_like(total, float("nan")))
+    out = {"overall": 100.0 * float(correct.sum() / total.sum()) if total.sum() > 0 else float("nan")}
+    for name, mask in group_masks(group_counts).items():
+        sel = mask & (total > 0)
+        out[name] = 100.0 * float(per_class[sel].mean()) if bool(sel.any()) else float("nan")
+    out["per_class"] = (100.0 * per_class).tolist()
+    out["test_images"] = int(total.sum())
+    return out
+
+
+def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int], title: str = "") -> None:
+    """PNG: per-class test accuracy against the class's training count (log x), group borders at 20 and 100."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter(np.asarray(train_counts), np.asarray(accuracy, dtype=float), s=10, alpha=0.7)
+    for x in (20, 100):
+        ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title or "per-class accuracy")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, fields: Sequence[str], resume_step: Optional[int] = None):
+        self.path, self.fields = Path(path), list(fields)
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._rewrite(rows)
+        elif not self.path.is_file() or resume_step is None:
+            self._rewrite([])
+
+    def _rewrite(self, rows) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+def clip_image_size(model_name: str) -> int:
+    """The input resolution of an open_clip architecture, from its config (no weights built)."""
+    import open_clip
+
+    if model_name.startswith(TINY_MODEL_PREFIX):
+        from .model import register_tiny_clip_config
+
+        register_tiny_clip_config(model_name)
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    size = cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def build_model_from_config(cfg: SageConfig, class_names, class_counts, device, progress: bool = True):
+    from .model import build_sage
+
+    m = cfg.model
+    clip_image_size(m.name)  # registers the tiny test config where asked for
+    return build_sage(
+        class_names, class_counts, model_name=m.name, pretrained=m.pretrained, bottleneck=m.bottleneck,
+        alpha=m.alpha, mu=m.mu, gamma=m.gamma, lambdas=tuple(m.lambdas), fit=m.fit, adapter_impl=m.adapter_impl,
+        loss_backend=m.loss_backend, attention=m.attention, logit_scale=m.logit_scale, device=device,
+        text_batch_size=m.text_batch_size, progress=progress,
+    )
+
+
+def cosine_lambda(total_steps: int) -> Callable[[int], float]:
+    """lr factor at step t: 0.5 (1 + cos(pi t / T)), no warm-up; reaches 0 after the last step."""
+    total = max(int(total_steps), 1)
+    return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+
+
+def load_weights(path) -> Dict[str, torch.Tensor]:
+    """Trainable parameters from ``adapters.safetensors`` or a checkpoint ``.pt`` (weights_only loading)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["trainable"] if isinstance(ckpt, dict) and "trainable" in ckpt else ckpt
+
+
+def config_from_weights(path) -> Optional[dict]:
+    """The run config stored in a checkpoint or in the safetensors export's metadata, if any."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["config"]) if "config" in meta else None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt.get("config") if isinstance(ckpt, dict) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    """Builds data, model, optimizer and loaders from a `SageConfig`; `fit()` trains, `evaluate()` tests.
+
+    callbacks: functions ``cb(trainer, event, info)`` called on rank 0 and the others alike, with event
+    "step" (info: global step) and "epoch" (info: epoch just finished). An exception raised by a callback
+    stops training like a crash would (the tests use it to interrupt a run).
+    """
+
+    def __init__(self, cfg: SageConfig, data: Optional[LTData] = None, callbacks: Sequence[Callable] = (),
+                 dist_info: Optional[DistInfo] = None):
+        self.cfg = cfg
+        self.dist = dist_info or setup_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.callbacks = list(callbacks)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.progress = cfg.train.progress and self.dist.is_main
+        world = self.dist.world_size
+        if cfg.optim.batch_size % world:
+            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} (global) is not divisible by the {world} processes")
+        seed_everything(cfg.train.seed)
+
+        self.image_size = cfg.data.image_size or clip_image_size(cfg.model.name)
+        self.raw = bool(cfg.data.gpu_decode)
+        self.data = data or build_data(cfg.data, self.image_size, raw=self.raw)
+        # the same seed on every rank: identical initial adapters (DDP also broadcasts rank 0's)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model_from_config(cfg, self.data.class_names, self.data.class_counts, self.device,
+                                             progress=self.progress)
+        if self.model.image_size != self.image_size:
+            raise ValueError(f"data.image_size={self.image_size} but {cfg.model.name} takes {self.model.image_size} px "
+                             "images (its position embeddings are fixed): leave data.image_size null")
+        self.amp = bool(cfg.train.amp and self.device.type == "cuda")
+
+        self.local_batch = cfg.optim.batch_size // world
+        self.sampler = TrainSampler(self.data.train, self.local_batch, world, self.dist.rank, cfg.train.seed)
+        pin = cfg.data.pin_memory and self.device.type == "cuda"
+        self.train_loader = build_loader(self.data.train, self.local_batch, self.sampler, cfg.data, pin, train=True)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.gpu_train_tf = (GpuBatchTransform(self.image_size, True, self.device, cfg.data.crop_scale,
+                                               cfg.data.train_augment) if self.raw else None)
+        self.gpu_test_tf = GpuBatchTransform(self.image_size, False, self.device) if self.raw else None
+
+        self.optimizer = torch.optim.SGD(self.model.trainable_parameters(), lr=cfg.optim.lr,
+                                         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        factor = cosine_lambda(self.total_steps) if cfg.optim.schedule == "cosine" else (lambda t: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+        self.net = self.model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           broadcast_buffers=False, find_unused_parameters=cfg.train.find_unused_parameters)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.skipped_total = 0
+        self._tb = None
+        self._logs: Dict[str, CSVLog] = {}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "trainable": {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "skipped_total": self.skipped_total,
+            "rng": _rng_state(),
+            "config": self.cfg.to_dict(),
+            "class_names": list(self.data.class_names),
+            "class_counts": list(self.data.class_counts),
+        }
+
+    def save_checkpoint(self, path=None) -> Optional[Path]:
+        """Rank 0 writes `last.pt` atomically; other ranks do nothing."""
+        if not self.dist.is_main:
+            return None
+        path = Path(path) if path else self.out_dir / "last.pt"
+        atomic_torch_save(self.state_dict(), path)
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+        if len(ckpt["class_counts"]) != self.model.num_classes or ckpt["class_counts"] != list(self.data.class_counts):
+            raise ValueError(f"{path}: checkpoint was trained on other classes / counts than this data set")
+        old = ckpt["config"]
+        for section in ("model", "optim"):
+            if old[section] != self.cfg.to_dict()[section]:
+                warnings.warn(f"resuming with a different '{section}' config than the checkpoint's; "
+                              "the result will not match an uninterrupted run")
+        self.model.load_trainable_state_dict({k: v.to(self.device) for k, v in ckpt["trainable"].items()})
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+        self.global_step, self.skipped_total = int(ckpt["global_step"]), int(ckpt["skipped_total"])
+        _set_rng_state(ckpt["rng"])
+
+    def export_adapters(self, path=None) -> Optional[Path]:
+        """The trainable parameters (adapters, block scales, classifier, FIT s1 / s2) as safetensors, with the
+        config and class names in the metadata."""
+        if not self.dist.is_main:
+            return None
+        from safetensors.torch import save_file
+
+        path = Path(path) if path else self.out_dir / "adapters.safetensors"
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.model.trainable_state_dict().items()}
+        meta = {"config": json.dumps(self.cfg.to_dict()), "class_names": json.dumps(list(self.data.class_names)),
+                "class_counts": json.dumps(list(self.data.class_counts)), "format": "sage-fast adapters v1"}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    # -- logging ------------------------------------------------------------------------------
+    def _open_logs(self, resume_step: Optional[int]) -> None:
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+        self._logs["train"] = CSVLog(self.out_dir / "train_log.csv",
+                                     ["step", "epoch", "loss", "lr", "images_per_s"], resume_step)
+        self._logs["eval"] = CSVLog(self.out_dir / "eval_log.csv",
+                                    ["step", "epoch", "overall", "many", "medium", "few", "skipped"], resume_step)
+        if self.cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed: no TensorBoard log (pip install tensorboard)")
+            else:
+                self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
+
+    def _log(self, kind: str, **row) -> None:
+        if not self.dist.is_main:
+            return
+        if kind in self._logs:
+            self._logs[kind].write(**row)
+        if self._tb is not None:
+            step = row["step"]
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            self._tb.flush()
+
+    def _emit(self, event: str, info) -> None:
+        for cb in self.callbacks:
+            cb(self, event, info)
+
+    # -- one step -----------------------------------------------------------------------------
+    def _prepare(self, batch, train: bool):
+        labels = batch.labels
+        images = batch.images
+        if images is not None and self.raw:
+            tf = self.gpu_train_tf if train else self.gpu_test_tf
+            images, keep = tf(images, batch.seeds)
+            labels = labels[keep]
+        if images is None or len(labels) == 0:
+            return None, labels.to(self.device)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_step(self, batch) -> tuple:
+        """Forward, loss, backward, SGD step, scheduler step. -> (loss, images in this process's batch)."""
+        images, labels = self._prepare(batch, train=True)
+        empty = images is None
+        if empty:
+            # every image of the local batch was unreadable: a zero-weight dummy keeps DDP's collectives in step
+            images = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+            labels = torch.zeros(1, dtype=torch.long, device=self.device)
+        with self._autocast():
+            out = self.net(images)
+        loss, _ = self.model.loss(out, labels)
+        if empty:
+            loss = loss * 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the lr this step used
+        self.scheduler.step()
+        return loss.detach(), (0 if empty else len(labels))
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, resume=None) -> dict:
+        """Train for `optim.epochs` epochs (from a checkpoint when `resume` is a path), evaluate, write outputs.
+
+        Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts.
+        """
+        from tqdm.auto import tqdm
+
+        if resume:
+            self.load_checkpoint(resume)
+        elif self.dist.is_main and (self.out_dir / "last.pt").is_file():
+            warnings.warn(f"{self.out_dir} holds a checkpoint from an earlier run; this run starts from scratch and "
+                          "overwrites it (sage-fast train --resume continues it instead)")
+        self._open_logs(self.global_step if resume else None)
+        cfg = self.cfg
+        log_every = cfg.train.log_every_steps
+        try:
+            while self.epoch < cfg.optim.epochs:
+                epoch = self.epoch
+                self.model.train()
+                self.sampler.set_epoch(epoch, start_batch=self.step_in_epoch)
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.progress,
+                           desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step", dynamic_ncols=True)
+                loss_sum = torch.zeros((), device=self.device)
+                loss_n = imgs = 0
+                skipped = 0
+                t0 = time.perf_counter()
+                for batch in self.train_loader:
+                    skipped += batch.skipped
+                    loss, n = self.train_step(batch)
+                    loss_sum += loss
+                    loss_n += 1
+                    imgs += n
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    if self.global_step % log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                        mean_loss = self._reduce_mean(loss_sum / max(loss_n, 1))
+                        dt = time.perf_counter() - t0
+                        ips = self._reduce_sum(float(imgs)) / dt if dt > 0 else float("nan")
+                        lr = self.last_lr
+                        self._log("train", step=self.global_step, epoch=epoch + 1, loss=mean_loss, lr=lr,
+                                  images_per_s=ips)
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                        loss_sum.zero_()
+                        loss_n = imgs = 0
+                        t0 = time.perf_counter()
+                    bar.update(1)
+                    every = cfg.train.ckpt_every_steps
+                    if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                        self.save_checkpoint()
+                    self._emit("step", self.global_step)
+                bar.close()
+                skipped = int(self._reduce_sum(float(skipped)))
+                self.skipped_total += skipped
+                if skipped and self.dist.is_main:
+                    warnings.warn(f"epoch {epoch + 1}: {skipped} unreadable training images skipped "
+                                  f"({self.skipped_total} so far)")
+                self.epoch, self.step_in_epoch = epoch + 1, 0
+                self.save_checkpoint()
+                ev = cfg.train.eval_every_epochs
+                if ev and self.epoch % ev == 0 and self.epoch < cfg.optim.epochs:
+                    self.evaluate(write=False)
+                self._emit("epoch", self.epoch)
+            result = self.evaluate(write=True)
+            self.export_adapters()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+        return result
+
+    def _reduce_sum(self, value: float) -> float:
+        if not self.dist.distributed:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _reduce_mean(self, t: torch.Tensor) -> float:
+        return self._reduce_sum(float(t)) / self.dist.world_size
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, write: bool = True) -> dict:
+        """Top-1 on the test split (sharded over ranks, counts summed), logged; with `write`, rank 0 also
+        writes metrics.json, per_class.csv and per_class_accuracy.png."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        num_classes = self.model.num_classes
+        sampler = ShardSampler(len(self.data.test), self.dist.world_size, self.dist.rank)
+        loader = build_loader(self.data.test, cfg.train.eval_batch_size, sampler,
+                              _no_persist(cfg.data), cfg.data.pin_memory and self.device.type == "cuda", train=False)
+        correct = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+        total = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+        skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.model.eval()
+        t0, n = time.perf_counter(), 0
+        bar = tqdm(loader, disable=not self.progress, desc="eval", unit="batch", dynamic_ncols=True)
+        for batch in bar:
+            skipped += batch.skipped
+            images, labels = self._prepare(batch, train=False)
+            if images is None:
+                continue
+            with self._autocast():
+                pred = self.model.predict(images).argmax(dim=-1)
+            total += torch.bincount(labels, minlength=num_classes).double()
+            correct += torch.bincount(labels[pred == labels], minlength=num_classes).double()
+            n += len(labels)
+            bar.set_postfix(img_s=f"{n / max(time.perf_counter() - t0, 1e-9):.0f}")
+        bar.close()
+        self.model.train()
+        if self.dist.distributed:
+            for t in (correct, total, skipped):
+                dist.all_reduce(t)
+        report = accuracy_report(correct, total, self.data.group_counts)
+        report["skipped"] = int(skipped.item())
+        report["epoch"], report["step"] = self.epoch, self.global_step
+        if report["skipped"] and self.dist.is_main:
+            warnings.warn(f"evaluation: {report['skipped']} unreadable test images skipped")
+        self._log("eval", step=self.global_step, epoch=self.epoch, overall=report["overall"], many=report["many"],
+                  medium=report["medium"], few=report["few"], skipped=report["skipped"])
+        if write and self.dist.is_main:
+            self.write_report(report)
+        return report
+
+    def write_report(self, report: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {k: v for k, v in report.items() if k != "per_class"}
+        summary["dataset"] = self.data.name
+        # NaN (a group without classes) is not JSON: written as null
+        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+        _atomic_write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        masks = group_masks(self.data.group_counts)
+        rows = ["class,name,train_count,group,accuracy"]
+        for k, (name, count, acc) in enumerate(zip(self.data.class_names, self.data.class_counts, report["per_class"])):
+            group = next(g for g, m in masks.items() if bool(m[k]))
+            rows.append(f"{k},{json.dumps(name)},{count},{group},{'' if math.isnan(acc) else f'{acc:.4f}'}")
+        _atomic_write_text(self.out_dir / "per_class.csv", "\n".join(rows) + "\n")
+        plot_per_class(self.out_dir / "per_class_accuracy.png", report["per_class"], self.data.class_counts,
+                       f"{self.data.name}: overall {report['overall']:.1f}%, many {report['many']:.1f}, "
+                       f"medium {report['medium']:.1f}, few {report['few']:.1f}")
+
+    def close(self) -> None:
+        cleanup_distributed(self.dist)
+
+
+def _no_persist(data_cfg):
+    """Evaluation loaders are built per call: persistent workers would outlive them."""
+    import copy
+
+    c = copy.copy(data_cfg)
+    c.persistent_workers = False
+    return c
+
+
+def format_report(r: dict) -> str:
+    return (f"top-1 overall {r['overall']:.2f}%  many {r['many']:.2f}%  medium {r['medium']:.2f}%  "
+            f"few {r['few']:.2f}%  ({r['test_images']} test images, {r['skipped']} skipped)")
+
+
+def train(cfg: SageConfig, resume=None, callbacks: Sequence[Callable] = ()) -> dict:
+    """Build a `Trainer`, fit, clean up the process group. `resume`: a checkpoint path, or "auto" for
+    ``output_dir/last.pt`` when it exists."""
+    if resume == "auto":
+        last = Path(cfg.train.output_dir) / "last.pt"
+        resume = last if last.is_file() else None
+    elif resume and not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {resume}")
+    trainer = Trainer(cfg, callbacks=callbacks)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        trainer.close()
+
+
+def evaluate_weights(cfg: SageConfig, weights) -> dict:
+    """Load trained parameters (checkpoint or safetensors export) into a fresh model and evaluate."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.model.load_trainable_state_dict({k: v.to(trainer.device) for k, v in load_weights(weights).items()})
+        if trainer.dist.is_main:
+            trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        return trainer.evaluate(write=True)
+    finally:
+        trainer.close()
+
+
+def bench_input_pipeline(cfg: SageConfig, num_batches: int = 50) -> dict:
+    """Images/s of the training input pipeline alone (read, decode, augment, collate; no model)."""
+    from .data import measure_input_pipeline
+
+    image_size = cfg.data.image_size or clip_image_size(cfg.model.name)
+    data = build_data(cfg.data, image_size, raw=cfg.data.gpu_decode)
+    sampler = TrainSampler(data.train, cfg.optim.batch_size, 1, 0, cfg.train.seed)
+    loader = build_loader(data.train, cfg.optim.batch_size, sampler, cfg.data, pin_memory=False, train=True)
+    out = measure_input_pipeline(loader, num_batches)
+    if cfg.data.gpu_decode:
+        out["note"] = "gpu_decode: workers only read bytes here; decoding happens in the training step"
+    return out

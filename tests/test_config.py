@@ -1,0 +1,125 @@
+"""Run config: Table 8 presets, layering (defaults < preset < YAML < CLI), validation errors, the CLI."""
+import pytest
+import yaml
+
+from sage_fast.cli import main as cli_main
+from sage_fast.config import PRESETS, ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
+
+# SAGE.md section 3, Table 8: dataset -> (alpha, mu, gamma, lambda1, lambda2, lambda3, epochs)
+TABLE8 = {
+    "cifar100_lt_r100": (0.1, 0.5, 0.050, 0.015, 0.015, 0.4, 10),
+    "cifar100_lt_r50": (0.1, 0.5, 0.060, 0.0001, 0.01, 0.6, 10),
+    "cifar100_lt_r10": (0.1, 0.5, 0.060, 0.002, 0.005, 0.2, 10),
+    "places_lt": (0.8, 0.5, 0.050, 0.003, 0.01, 0.2, 10),
+    "imagenet_lt": (0.8, 0.5, 0.050, 0.005, 0.01, 0.2, 10),
+    "inat2018": (1.0, 0.5, 0.085, 1e-7, 1e-7, 1e-7, 20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE8))
+def test_presets_are_table8(name):
+    cfg = build_config(preset=name)
+    alpha, mu, gamma, l1, l2, l3, epochs = TABLE8[name]
+    assert (cfg.model.alpha, cfg.model.mu, cfg.model.gamma) == (alpha, mu, gamma)
+    assert cfg.model.lambdas == [l1, l2, l3]
+    assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr) == (epochs, 128, 0.01)
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.schedule) == (0.9, 5e-4, "cosine")
+    assert cfg.preset == name
+    if name.startswith("cifar"):
+        assert cfg.data.dataset == "cifar100_lt"
+        assert cfg.data.imbalance_ratio == float(name.split("_r")[1])
+    else:
+        assert cfg.data.dataset == name
+
+
+def test_every_preset_is_tested():
+    assert set(PRESETS) == set(TABLE8)
+
+
+def test_layering_preset_yaml_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({"preset": "places_lt", "optim": {"lr": 0.02, "epochs": 3},
+                                 "data": {"root": "/data/places"}}))
+    cfg = build_config(f, ["optim.epochs=5", "--model.lambdas=[0.1, 0.2, 0.3]", "train.amp=false"])
+    assert cfg.model.alpha == 0.8                      # preset
+    assert cfg.optim.lr == 0.02                        # YAML over preset
+    assert cfg.optim.epochs == 5                       # CLI over YAML
+    assert cfg.model.lambdas == [0.1, 0.2, 0.3]
+    assert cfg.train.amp is False
+    assert cfg.data.root == "/data/places"
+    # a preset named on the command line wins over the file's
+    assert build_config(f, ["preset=imagenet_lt"]).model.lambdas == [0.005, 0.01, 0.2]
+
+
+def test_int_for_float_and_null_for_optional():
+    cfg = build_config(overrides=["optim.lr=1", "model.pretrained=null", "data.image_size=64", "model.bottleneck=null"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.pretrained is None
+    assert cfg.data.image_size == 64
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (["trian.seed=1"], "unknown config key 'trian'"),
+        (["optim.lr=abc"], "optim.lr: expected float, got 'abc'"),
+        (["optim.epochs=2.5"], "optim.epochs: expected int"),
+        (["train.amp=1"], "train.amp: expected bool"),
+        (["model.adapter_impl=cuda"], "model.adapter_impl: expected one of"),
+        (["model.lambdas=0.1"], "model.lambdas: expected list of float"),
+        (["model.lambdas=[0.1, 0.2]"], "model.lambdas must hold 3 numbers"),
+        (["optim.lr=-0.1"], "optim.lr must be positive"),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+        (["optim=3"], "optim: expected a mapping"),
+        (["preset=cifar"], "unknown preset 'cifar'"),
+        (["optim.lr"], "not of the form section.key=value"),
+        (["train.device=tpu"], "train.device must be"),
+        (["data.crop_scale=[0.5, 0.2]"], "data.crop_scale must be [min, max]"),
+        (["data.train_augment=mixup"], "data.train_augment: expected one of"),
+    ],
+)
+def test_bad_values_raise_clear_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=override)
+    assert message in str(err.value)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        build_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        build_config(bad)
+    bad.write_text("model:\n  alpah: 0.3\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.alpha'"):
+        build_config(bad)
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["a.b=1", "--a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_round_trip_through_dict():
+    cfg = build_config(preset="inat2018", overrides=["data.root=/x", "train.seed=3"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert isinstance(again, SageConfig)
+
+
+def test_cli_print_config(capsys):
+    assert cli_main(["train", "--preset", "cifar100_lt_r50", "--print-config", "optim.lr=0.5",
+                     "--data.root", "/data/cifar"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["gamma"] == 0.06 and printed["optim"]["lr"] == 0.5
+    assert printed["data"]["root"] == "/data/cifar"
+
+
+def test_cli_rejects_bad_config_before_running(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", f"train.output_dir={out}", "optim.batchsize=64"])
+    assert exc.value.code == 2
+    assert "did you mean 'optim.batch_size'" in capsys.readouterr().err
+    assert not out.exists()

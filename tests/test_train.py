@@ -1,0 +1,259 @@
+"""Trainer on CPU: end to end on a tiny image folder, outputs, metrics, kill-and-resume, torchrun + gloo DDP.
+
+The tiny set: 6 classes with 105 / 30 / 20 / 8 / 4 / 3 training images (one many-, two medium-, three
+few-shot classes), 4 test images each, 32x32 PNG; the tiny open_clip config (random weights).
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from sage_fast.cli import main as cli_main
+from sage_fast.config import build_config
+from sage_fast.train import (
+    Trainer,
+    accuracy_report,
+    atomic_torch_save,
+    cosine_lambda,
+    load_weights,
+    train,
+)
+
+COUNTS = (105, 30, 20, 8, 4, 3)
+TEST_PER_CLASS = 4
+
+
+def make_folder(root: Path, counts=COUNTS, test=TEST_PER_CLASS, size=32, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = {"train": [], "test": []}
+    for k, n in enumerate(counts):
+        colour = np.array([(k * 70) % 256, (k * 150 + 40) % 256, (k * 30 + 120) % 256])
+        for split, m in (("train", n), ("test", test)):
+            (root / split / f"c{k}").mkdir(parents=True, exist_ok=True)
+            for i in range(m):
+                img = np.clip(colour + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                rel = f"{split}/c{k}/{i}.png"
+                Image.fromarray(img).save(root / rel)
+                lines[split].append(f"{rel} {k}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    (root / "classnames.txt").write_text("\n".join(f"colour_{k}" for k in range(len(counts))) + "\n")
+    return root
+
+
+def run_overrides(data_root, out_dir, **extra):
+    o = {
+        "data.dataset": "folder", "data.root": str(data_root), "data.class_names": "classnames.txt",
+        "data.num_workers": 0, "model.name": "sage-tiny", "model.pretrained": None,
+        "model.adapter_impl": "reference", "model.loss_backend": "torch", "model.text_batch_size": 64,
+        "optim.epochs": 2, "optim.batch_size": 16, "optim.lr": 0.05, "train.output_dir": str(out_dir),
+        "train.ckpt_every_steps": 3, "train.log_every_steps": 2, "train.eval_every_epochs": 1,
+        "train.eval_batch_size": 16, "train.progress": False,
+    }
+    o.update(extra)
+    return o
+
+
+def cfg_for(data_root, out_dir, **extra):
+    return build_config(overrides=run_overrides(data_root, out_dir, **extra))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """One uninterrupted two-epoch run: (output dir, final report)."""
+    out = tmp_path_factory.mktemp("ref_run")
+    report = train(cfg_for(tiny, out))
+    return out, report
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_accuracy_report_groups():
+    group_counts = [150, 101, 100, 20, 19, 1, 5]
+    total = torch.tensor([10, 10, 10, 10, 10, 10, 0])
+    correct = torch.tensor([10, 5, 4, 6, 0, 10, 0])
+    r = accuracy_report(correct, total, group_counts)
+    assert r["overall"] == pytest.approx(100 * 35 / 60)
+    assert r["many"] == pytest.approx(75.0)         # classes 0, 1 (> 100)
+    assert r["medium"] == pytest.approx(50.0)       # classes 2, 3 (20 to 100)
+    assert r["few"] == pytest.approx(50.0)          # classes 4, 5 (< 20); class 6 has no test image
+    assert np.isnan(r["per_class"][6]) and r["per_class"][1] == 50.0 and r["test_images"] == 60
+    assert np.isnan(accuracy_report(correct[:1], total[:1], [5])["many"])
+
+
+def test_cosine_schedule():
+    f = cosine_lambda(10)
+    assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_torch_save({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_train_writes_metrics_logs_plot_checkpoint(reference):
+    out, report = reference
+    for k in ("overall", "many", "medium", "few"):
+        assert 0.0 <= report[k] <= 100.0
+    assert report["test_images"] == TEST_PER_CLASS * len(COUNTS) and report["skipped"] == 0
+    assert len(report["per_class"]) == len(COUNTS)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"] == pytest.approx(report["overall"]) and metrics["epoch"] == 2
+    assert metrics["step"] == 2 * (sum(COUNTS) // 16)
+    rows = (out / "per_class.csv").read_text().splitlines()
+    assert rows[0] == "class,name,train_count,group,accuracy" and len(rows) == 1 + len(COUNTS)
+    assert rows[1].startswith('0,"colour_0",105,many') and ",medium," in rows[2] and ",few," in rows[6]
+    assert (out / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,epoch,loss,lr,images_per_s"
+    steps = [int(r.split(",")[0]) for r in log[1:]]
+    assert steps == sorted(steps) and steps[-1] == metrics["step"]
+    lrs = [float(r.split(",")[3]) for r in log[1:]]
+    assert lrs[0] == pytest.approx(0.05 * cosine_lambda(20)(1)) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    evals = (out / "eval_log.csv").read_text().splitlines()
+    assert len(evals) == 3  # header, after epoch 1, final
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["batch_size"] == 16
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == metrics["step"]
+    assert {"optimizer", "scheduler", "rng", "config", "trainable"} <= set(ckpt)
+    adapters = load_file(str(out / "adapters.safetensors"))
+    assert set(adapters) == set(ckpt["trainable"])
+    assert any(k.startswith("adapters.") for k in adapters) and "classifier" in adapters
+    for k, v in adapters.items():
+        assert torch.equal(v, ckpt["trainable"][k])
+    assert not any(k.startswith("clip.") for k in adapters)  # the frozen backbone is not exported
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_eval_command_reproduces_the_metrics(reference, capsys):
+    out, report = reference
+    eval_dir = out.parent / (out.name + "_eval")
+    assert cli_main(["eval", "--weights", str(out / "adapters.safetensors"), f"train.output_dir={eval_dir}",
+                     "train.progress=false"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["overall"] == pytest.approx(report["overall"])
+    assert printed["few"] == pytest.approx(report["few"])
+    assert (eval_dir / "per_class_accuracy.png").is_file()
+    assert load_weights(out / "last.pt").keys() == load_file(str(out / "adapters.safetensors")).keys()
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_at(step):
+    def cb(trainer, event, info):
+        if event == "step" and info == step:
+            raise Kill(f"killed after step {step}")
+
+    return cb
+
+
+@pytest.mark.parametrize("kill_step", [5, 14])
+def test_kill_and_resume_matches_uninterrupted(tiny, reference, tmp_path, kill_step):
+    """Kill after `kill_step` steps (checkpoints every 3 steps and at the epoch end, 10 steps per epoch),
+    resume from last.pt through the CLI, compare final weights with the uninterrupted run."""
+    ref_out, ref_report = reference
+    out = tmp_path / "run"
+    with pytest.raises(Kill):
+        train(cfg_for(tiny, out), callbacks=[_kill_at(kill_step)])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    # step 5: the step-3 checkpoint; step 14: the step-12 one (epoch-end checkpoint at 10, then 12)
+    assert ckpt["global_step"] == {5: 3, 14: 12}[kill_step]
+    assert not (out / "adapters.safetensors").exists()
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg_for(tiny, out).to_dict()))
+    assert cli_main(["train", "--config", str(cfg_file), "--resume"]) == 0
+    got = load_file(str(out / "adapters.safetensors"))
+    want = load_file(str(ref_out / "adapters.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert json.loads((out / "metrics.json").read_text())["overall"] == pytest.approx(ref_report["overall"])
+    steps = [int(r.split(",")[0]) for r in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))  # rows of the lost steps were replaced, not duplicated
+
+
+def test_unreadable_training_images_do_not_stop_training(tmp_path):
+    root = make_folder(tmp_path / "data", counts=(12, 6, 4), test=2)
+    (root / "train/c0/0.png").write_bytes(b"garbage")
+    (root / "train/c1/1.png").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = train(cfg_for(root, tmp_path / "run", **{"optim.epochs": 1, "optim.batch_size": 4,
+                                                           "train.eval_every_epochs": 0}))
+    assert any("unreadable training images skipped" in str(w.message) for w in caught)
+    assert report["test_images"] == 6 and (tmp_path / "run/adapters.safetensors").is_file()
+
+
+def test_resume_refuses_other_classes(tiny, reference, tmp_path):
+    other = make_folder(tmp_path / "other", counts=(5, 4, 3), test=1)
+    trainer = Trainer(cfg_for(other, tmp_path / "run", **{"optim.batch_size": 4}))
+    with pytest.raises(ValueError, match="other classes"):
+        trainer.load_checkpoint(reference[0] / "last.pt")
+
+
+# ---------------------------------------------------------------- torchrun + gloo
+
+
+def test_torchrun_two_processes_match_single_process(tiny, reference, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU), per-process batch 8 = the single run's global batch 16."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    ref_out, ref_report = reference
+    out = tmp_path / "ddp"
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg_for(tiny, out).to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sage_fast.cli", "train", "--config", str(cfg_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = load_file(str(out / "adapters.safetensors"))
+    want = load_file(str(ref_out / "adapters.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_images"] == ref_report["test_images"]
+    assert metrics["overall"] == pytest.approx(ref_report["overall"])
+    assert proc.stdout.count("top-1 overall") == 1  # only rank 0 prints ...
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # ... and writes files
+
+
+def test_gpu_decode_option_runs_on_cpu(tmp_path):
+    """data.gpu_decode: workers read bytes, the step decodes and augments (here on the CPU device)."""
+    root = make_folder(tmp_path / "data", counts=(10, 6, 4), test=2)
+    report = train(cfg_for(root, tmp_path / "run", **{"optim.epochs": 1, "optim.batch_size": 4,
+                                                       "train.eval_every_epochs": 0, "data.gpu_decode": True,
+                                                       "data.num_workers": 1}))
+    assert report["test_images"] == 6 and report["skipped"] == 0
+    assert (tmp_path / "run/adapters.safetensors").is_file()
