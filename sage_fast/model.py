@@ -6,6 +6,7 @@ the frozen zero-shot path (image features without adapters, text classifier W_zs
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -343,6 +344,14 @@ def text_classifier(clip, tokenizer, class_names: Sequence[str], templates=TEMPL
     return F.normalize(text, dim=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer(model_name: str):
+    """open_clip's tokenizer, built once per model name (loading the BPE vocabulary takes seconds)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(model_name)
+
+
 def build_sage(
     class_names: Sequence[str],
     class_counts: Sequence[int],
@@ -366,8 +375,6 @@ def build_sage(
 
     adapter_impl "auto" takes the fused adapter on CUDA and the reference elsewhere.
     """
-    import open_clip
-
     device = torch.device(device)
     if adapter_impl not in ADAPTER_IMPLS:
         raise ValueError(f"adapter_impl must be one of {ADAPTER_IMPLS}, got {adapter_impl!r}")
@@ -375,7 +382,7 @@ def build_sage(
         adapter_impl = "fused" if device.type == "cuda" else "reference"
     resolve_attention(attention, device)  # fail early on a bad choice
     clip = load_clip(model_name, pretrained, device)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    tokenizer = _tokenizer(model_name)
     init = text_classifier(clip, tokenizer, class_names, batch_size=text_batch_size, progress=progress)
     model = SageModel(
         clip, class_names, class_counts, init.cpu(), bottleneck=bottleneck, alpha=alpha, mu=mu, gamma=gamma,
