@@ -21,7 +21,7 @@ The same work model is used for every implementation, so GB/s and TFLOP/s compar
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -147,8 +147,7 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
             try:
                 got = fn()
             except Exception as err:  # a torch.compile failure is reported, not a crash of the run
-                if case.impl == "compile":
-                    pytest.skip(f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}")
+                harness.skip_if_compile_failed(case.impl, err)
                 raise
             with torch.no_grad():
                 want = reference.forward_block(x, guidance, mlp_out, scale)
@@ -162,37 +161,11 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
             out = call(x, guidance, mlp_out, scale)
             return torch.autograd.grad(out, leaves, grad_out)
 
-    harness.reset_peak_memory()
-    try:
-        timing = harness.run_benchmark(benchmark, fn)
-    except Exception as err:
-        if case.impl == "compile":
-            pytest.skip(f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}")
-        raise
+    timing = harness.time_kernel_case(benchmark, fn, case.impl)
     if timing is None:
         return
-    peak = harness.peak_memory_mib()
     num_params = sum(p.numel() for p in module.parameters())
     nbytes, flops = work_model(case, num_params)
-    gbps, tflops = nbytes / timing.median_s / 1e9, flops / timing.median_s / 1e12
-    record = {
-        "group": "adapter",
-        "case": case.key,
-        "impl": case.impl,
-        "backend": {"fused": "triton", "fused_torch": "torch", "compile": "inductor"}.get(case.impl, "eager"),
-        "params": {k: v for k, v in asdict(case).items() if k != "impl"},
-        "time_s": timing.median_s,
-        "mean_s": timing.mean_s,
-        "stddev_s": timing.stddev_s,
-        "rounds": timing.rounds,
-        "iterations": timing.iterations,
-        "tokens_per_s": case.rows / timing.median_s,
-        "GBps": gbps,
-        "TFLOPs": tflops,
-        "bytes_model": nbytes,
-        "flops_model": flops,
-        "peak_mem_MiB": peak,
-        "rel_err_vs_eager": error,
-        **harness.ceiling_fractions(ceilings, case.dtype, gbps, tflops),
-    }
-    recorder.add(record, benchmark.extra_info)
+    backend = {"fused": "triton", "fused_torch": "torch", "compile": "inductor"}.get(case.impl, "eager")
+    recorder.add(harness.kernel_record("adapter", case, backend, timing, case.rows, nbytes, flops, error, ceilings),
+                 benchmark.extra_info)

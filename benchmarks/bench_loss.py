@@ -20,7 +20,7 @@ FLOPs are counted elementwise operations (exp counted as one); the loss is memor
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -136,8 +136,7 @@ def test_loss(case: LossCase, benchmark, recorder, ceilings, compile_enabled):
             try:
                 got = fn()
             except Exception as err:
-                if case.impl == "compile":
-                    pytest.skip(f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}")
+                harness.skip_if_compile_failed(case.impl, err)
                 raise
             with torch.no_grad():
                 want = _loss_of(case, reference, logits, target)
@@ -148,35 +147,10 @@ def test_loss(case: LossCase, benchmark, recorder, ceilings, compile_enabled):
         def fn():
             return torch.autograd.grad(_loss_of(case, call, logits, target), leaves)
 
-    harness.reset_peak_memory()
-    try:
-        timing = harness.run_benchmark(benchmark, fn)
-    except Exception as err:
-        if case.impl == "compile":
-            pytest.skip(f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}")
-        raise
+    timing = harness.time_kernel_case(benchmark, fn, case.impl)
     if timing is None:
         return
     nbytes, flops = work_model(case)
-    gbps, tflops = nbytes / timing.median_s / 1e9, flops / timing.median_s / 1e12
-    record = {
-        "group": "loss",
-        "case": case.key,
-        "impl": case.impl,
-        "backend": {"fused": "triton", "compile": "inductor"}.get(case.impl, "eager"),
-        "params": {k: v for k, v in asdict(case).items() if k != "impl"},
-        "time_s": timing.median_s,
-        "mean_s": timing.mean_s,
-        "stddev_s": timing.stddev_s,
-        "rounds": timing.rounds,
-        "iterations": timing.iterations,
-        "tokens_per_s": case.batch / timing.median_s,
-        "GBps": gbps,
-        "TFLOPs": tflops,
-        "bytes_model": nbytes,
-        "flops_model": flops,
-        "peak_mem_MiB": harness.peak_memory_mib(),
-        "rel_err_vs_eager": error,
-        **harness.ceiling_fractions(ceilings, case.dtype, gbps, tflops),
-    }
-    recorder.add(record, benchmark.extra_info)
+    backend = {"fused": "triton", "compile": "inductor"}.get(case.impl, "eager")
+    recorder.add(harness.kernel_record("loss", case, backend, timing, case.batch, nbytes, flops, error, ceilings),
+                 benchmark.extra_info)

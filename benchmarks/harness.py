@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -204,6 +204,48 @@ def ceiling_fractions(ceilings: dict, dtype_name: str, gbps: Optional[float], tf
     if tflops is not None and peak:
         out["frac_matmul_peak"] = tflops / peak
     return out
+
+
+def time_kernel_case(benchmark, fn: Callable[[], object], impl: str) -> Optional[Timing]:
+    """run_benchmark, where a torch.compile failure skips the case (reported) instead of failing the run."""
+    reset_peak_memory()
+    try:
+        return run_benchmark(benchmark, fn)
+    except Exception as err:
+        skip_if_compile_failed(impl, err)
+        raise
+
+
+def skip_if_compile_failed(impl: str, err: Exception) -> None:
+    if impl == "compile":
+        pytest.skip(f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}")
+
+
+def kernel_record(group: str, case, backend: str, timing: Timing, items: int, nbytes: int, flops: int,
+                  error: Optional[float], ceilings: dict) -> dict:
+    """One kernel benchmark's record: time, throughput (items/s as tokens_per_s), GB/s, TFLOP/s,
+    peak memory, error against the eager reference and fractions of the session's ceilings."""
+    gbps, tflops = nbytes / timing.median_s / 1e9, flops / timing.median_s / 1e12
+    return {
+        "group": group,
+        "case": case.key,
+        "impl": case.impl,
+        "backend": backend,
+        "params": {k: v for k, v in asdict(case).items() if k != "impl"},
+        "time_s": timing.median_s,
+        "mean_s": timing.mean_s,
+        "stddev_s": timing.stddev_s,
+        "rounds": timing.rounds,
+        "iterations": timing.iterations,
+        "tokens_per_s": items / timing.median_s,
+        "GBps": gbps,
+        "TFLOPs": tflops,
+        "bytes_model": nbytes,
+        "flops_model": flops,
+        "peak_mem_MiB": peak_memory_mib(),
+        "rel_err_vs_eager": error,
+        **ceiling_fractions(ceilings, case.dtype, gbps, tflops),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
