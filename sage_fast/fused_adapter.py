@@ -151,17 +151,19 @@ def _block_h(h: int) -> int:
     return max(16, triton.next_power_of_2(h))
 
 
-def _row_config(d: int, block_h: int, interpret: bool) -> tuple[int, int, int]:
+def _row_config(d: int, block_h: int, interpret: bool, op_dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of the row kernels.
 
-    Picked so that ptxas (sm_90, bf16) reports no register spills for both row kernels (checked
-    offline with `ptxas -v`); not timed on hardware yet, so a GPU autotune may do better.
+    Picked so that ptxas (sm_90) reports no register spills for both row kernels, for bf16, fp16
+    and fp32 operands (tests/test_kernels_compile.py checks it); not timed on hardware yet, so a
+    GPU autotune may do better.
     """
     cap_d = max(16, triton.next_power_of_2(d))
     if interpret:  # fewer, larger programs: the interpreter pays per program and per op
         return 64, min(128, cap_d), 4
     if block_h <= 64:
-        return 64, min(64, cap_d), 8
+        # fp32 operands take twice the registers per tile: 64 rows spill there, 32 do not.
+        return (32 if op_dtype == torch.float32 else 64), min(64, cap_d), 8
     if block_h <= 128:
         return 32, min(64, cap_d), 8
     if block_h <= 256:
@@ -169,8 +171,10 @@ def _row_config(d: int, block_h: int, interpret: bool) -> tuple[int, int, int]:
     return 16, 16, 8
 
 
-def _dw_config(d: int, block_h: int, m: int, interpret: bool, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_D, BLOCK_H, SPLIT, num_warps) of the weight-gradient kernel (spill-free on sm_90)."""
+def _dw_config(d: int, block_h: int, m: int, interpret: bool, sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, BLOCK_H, SPLIT, num_warps) of the weight-gradient kernel (spill-free on sm_90).
+
+    sms: the device's multiprocessor count; the row split fills about two waves of programs."""
     bh = min(block_h, 128)
     block_d = min(64 if bh <= 64 else 32, max(16, triton.next_power_of_2(d)))
     block_m = 64
@@ -178,7 +182,6 @@ def _dw_config(d: int, block_h: int, m: int, interpret: bool, device: torch.devi
     if interpret:
         return block_m, block_d, bh, min(2, n_row_blocks), 4
     tiles = triton.cdiv(d, block_d) * triton.cdiv(block_h, bh)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     split = max(1, min(n_row_blocks, triton.cdiv(2 * sms, tiles)))  # partials: split x d x H fp32
     return block_m, block_d, bh, split, 8
 
@@ -245,7 +248,7 @@ def sg_adapter_fwd(
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_t = w_up.t().to(op_dtype).contiguous()                           # (H, d): coalesced rows of W_up^T
     block_h = _block_h(h)
-    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET)
+    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
     with _device_ctx(x):
         k.sg_adapter_fwd_kernel[(triton.cdiv(m_rows, block_m),)](
             x, mlp if block_epilogue else x, out, mean, rstd, w_cat_c, b_cat.float().contiguous(), w_up_t,
@@ -297,7 +300,7 @@ def sg_adapter_bwd(
     w_up_c = w_up.to(op_dtype).contiguous()
     scale32 = scale.float() if block_epilogue else None
     block_h = _block_h(h)
-    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET)
+    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
     n_prog = triton.cdiv(m_rows, block_m)
     act = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
     dh = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
@@ -313,7 +316,8 @@ def sg_adapter_bwd(
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_EPILOGUE=block_epilogue,
             DOT_PRECISION=prec, num_warps=num_warps,
         )
-    bm, bd, bh, split, dw_warps = _dw_config(d, block_h, m_rows, k.INTERPRET, dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    bm, bd, bh, split, dw_warps = _dw_config(d, block_h, m_rows, k.INTERPRET, sms)
     dwcat_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
     dwup_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
     dbup_part = torch.empty((split, d), device=dev, dtype=torch.float32)
