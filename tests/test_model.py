@@ -199,3 +199,21 @@ def test_fused_and_reference_adapters_agree_in_the_model(tiny):
     torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-4, atol=1e-4)
     for name, grad in results["reference"][1].items():
         torch.testing.assert_close(results["fused"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_torch_compile_traces_the_fused_model_without_graph_breaks(tiny):
+    """The fused adapter is a registered custom op: the whole adapted encoder is one graph."""
+    torch.manual_seed(6)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    m.set_adapter_impl("fused")
+    randomise_adapters(m, seed=6)
+    m.attention = "sdpa"
+    images = torch.randn(2, 3, m.image_size, m.image_size)
+    explained = torch._dynamo.explain(m.visual_features)(images)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(m.visual_features, fullgraph=True, backend="aot_eager")
+    got = compiled(images)
+    got.sum().backward()
+    want = m.visual_features(images)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert m.adapters[0].up.weight.grad is not None
