@@ -28,13 +28,10 @@ a status word (STATUS_NONFINITE: a NaN/Inf among z, zv, zt or their adjusted log
 [0, C) that is not ignore_index; STATUS_NONFINITE_ZHAT: z^ overflowed or s1/s2 is not finite).
 The host raises on a non-zero status.
 """
-import os
-
 import triton
 import triton.language as tl
 
-# Triton decides interpret mode when a kernel is decorated, i.e. when this module is imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .utils import INTERPRET  # noqa: F401  (read by the glue)
 
 # constexpr so the kernel may read them; the host reads `.value`.
 STATUS_NONFINITE = tl.constexpr(1)

@@ -30,25 +30,10 @@ needs) with zero weights, so the padded hidden units are exactly zero.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-
-
-def stdlib_interpreted() -> bool:
-    """Whether Triton's own jit helpers (tl.zeros, tl.sum, ...) were built for the interpreter.
-
-    Triton decides interpret mode when a function is decorated: for its standard library that is
-    when triton is first imported, for these kernels when this module is. Both must agree.
-    """
-    return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-# The kernels below run in the interpreter (on CPU tensors) only if TRITON_INTERPRET=1 was set
-# before triton was first imported; set later, it would give half-interpreted, unusable kernels.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and stdlib_interpreted()
+from .utils import INTERPRET  # noqa: F401  (read by the glue)
 
 
 @triton.jit

@@ -7,7 +7,8 @@ backward pass only multiplies the stored gradients by grad_output, in place.
 
 Memory: the gradient buffers (one per logits tensor that requires grad, in its dtype) are the
 ones autograd hands upstream anyway; besides them the forward writes z^ (returned, z's dtype) and
-a few per-row fp32 vectors. No (B, C) fp32 tensor is materialised.
+a few per-row fp32 vectors. No (B, C) fp32 tensor is materialised, except when a gradient flows
+into the returned z^ (rare: the loss is what is differentiated), whose backward works in fp32.
 
 Input validation happens inside the kernel's first pass (no extra pass over the logits): one
 device-to-host sync per call reads the per-row status, and on a problem the error is raised
@@ -24,6 +25,7 @@ Limitations, by design:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Optional, Sequence, Tuple, Union
@@ -175,20 +177,22 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
         zv_, zt_ = (zv, zt) if fit else (z, z)
         grid = (-(-batch // block_b),)
         lam1, lam2, lam3 = lambdas
-        k.fit_la_loss_fwd_kernel[grid](
-            z, zv_, zt_, z.stride(0), zv_.stride(0), zt_.stride(0),
-            target, log_prior, s, n_valid,
-            loss_rows, ds_rows, status,
-            # Unused output pointers get a valid tensor; the constexpr flags keep them untouched.
-            dz if need_dz else loss_rows,
-            dzv if need_dzv else loss_rows,
-            dzt if need_dzt else loss_rows,
-            z_hat if write_zhat else loss_rows,
-            batch, num_classes, ignore_index,
-            float(lam1), float(lam2), float(lam3),
-            FIT=fit, NEED_DZ=need_dz, NEED_DZV=need_dzv, NEED_DZT=need_dzt, WRITE_ZHAT=write_zhat,
-            BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        # Triton launches on the current CUDA device: make it the logits' (multi-GPU without set_device).
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            k.fit_la_loss_fwd_kernel[grid](
+                z, zv_, zt_, z.stride(0), zv_.stride(0), zt_.stride(0),
+                target, log_prior, s, n_valid,
+                loss_rows, ds_rows, status,
+                # Unused output pointers get a valid tensor; the constexpr flags keep them untouched.
+                dz if need_dz else loss_rows,
+                dzv if need_dzv else loss_rows,
+                dzt if need_dzt else loss_rows,
+                z_hat if write_zhat else loss_rows,
+                batch, num_classes, ignore_index,
+                float(lam1), float(lam2), float(lam3),
+                FIT=fit, NEED_DZ=need_dz, NEED_DZV=need_dzv, NEED_DZT=need_dzt, WRITE_ZHAT=write_zhat,
+                BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps,
+            )
         bad = int(status.max())  # the one host sync: validation
         if bad:
             _raise_input_error(bad, z, zv, zt, target, log_prior, s, ignore_index)

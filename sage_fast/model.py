@@ -92,7 +92,15 @@ def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] 
             raise FileNotFoundError(f"checkpoint file not found: {pretrained}")
         model = open_clip.create_model(model_name, pretrained=None, device="cpu")
         # open_clip's loader reads safetensors or torch.load(weights_only=True), never a full unpickle.
-        open_clip.load_checkpoint(model, str(pretrained), strict=True, weights_only=True)
+        try:
+            open_clip.load_checkpoint(model, str(pretrained), strict=True, weights_only=True)
+        except RuntimeError as err:
+            if "TorchScript" not in str(err):
+                raise
+            raise ValueError(
+                f"{pretrained} is a TorchScript archive (OpenAI's original .pt): save its state_dict as a "
+                "plain .pt or .safetensors file, or use pretrained='openai'"
+            ) from err
     else:
         model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
     model.requires_grad_(False)
@@ -207,8 +215,13 @@ class SageModel(nn.Module):
         self.adapters = nn.ModuleList(
             SGAdapter(self.dim, self.bottleneck, self.alpha) for _ in range(self.num_layers)
         )
+        if adapter_impl == "auto":  # where the backbone lives now; `build_sage` resolves it for the target device
+            adapter_impl = "fused" if next(clip.parameters()).is_cuda else "reference"
         if adapter_impl == "fused":
             self.set_adapter_impl("fused")
+        # One finiteness check of all trainable parameters per forward (one host sync), instead of
+        # one per fused adapter: NaN weights raise a clear error rather than giving NaN logits.
+        self.check_finite = True
         self.block_scales = nn.Parameter(torch.ones(self.num_layers))   # LIFT: learnable, starts at 1
         self.classifier = nn.Parameter(classifier_init.detach().clone().float())
         self.register_buffer("zs_classifier", classifier_init.detach().clone().float())  # W_zs, frozen
@@ -229,14 +242,19 @@ class SageModel(nn.Module):
         return self
 
     def set_adapter_impl(self, impl: str) -> None:
-        """Swap every adapter between the fused module and the reference, keeping the weights."""
+        """Swap every adapter between the fused module and the reference, keeping the weights.
+
+        The adapters become new modules: build the optimizer after choosing the implementation.
+        """
         if impl not in ("fused", "reference"):
             raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
         new = nn.ModuleList()
         for old in self.adapters:
             fresh = _make_adapter(impl, self.dim, self.bottleneck, self.alpha)
             fresh.load_state_dict(old.state_dict())
-            new.append(fresh.to(device=next(old.parameters()).device))
+            if hasattr(fresh, "check_finite"):
+                fresh.check_finite = False  # the model checks all its parameters at once per forward
+            new.append(fresh.to(device=old.up.weight.device, dtype=old.up.weight.dtype))
         self.adapters = new
         self.adapter_impl = impl
 
@@ -261,6 +279,16 @@ class SageModel(nn.Module):
                     raise ValueError(f"{n}: shape {tuple(t.shape)} does not match {tuple(own[n].shape)}")
                 own[n].copy_(t)
 
+    def check_parameters_finite(self) -> None:
+        """Raise ValueError naming the first trainable parameter that holds NaN or Inf (one host sync)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # foreach max-abs: one fused pass over all parameters; NaN and Inf propagate into the maxima.
+        maxima = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
+        finite = torch.isfinite(torch.stack(maxima))
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            raise ValueError(f"trainable parameters hold NaN or Inf: {', '.join(bad[:5])}")
+
     # -- forward ------------------------------------------------------------------------------
     def guidance(self) -> torch.Tensor:
         """g: the mean of the L2-normalised classifier rows, (d,). Gradients reach W through it."""
@@ -275,6 +303,8 @@ class SageModel(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         visual = self.clip.visual
         backend = resolve_attention(self.attention, images.device)
+        if adapters and self.check_finite and not torch.compiler.is_compiling():
+            self.check_parameters_finite()
         x = visual._embeds(images)                                   # (B, N, d)
         g = self.guidance() if adapters else None
         for i, block in enumerate(visual.transformer.resblocks):
@@ -330,15 +360,20 @@ def text_classifier(clip, tokenizer, class_names: Sequence[str], templates=TEMPL
 
     device = next(clip.parameters()).device
     proj = getattr(clip.visual, "proj", None)
-    rows = []
-    for name in tqdm(class_names, desc="classifier init", disable=not progress, unit="class"):
-        prompts = prompts_for(name, templates)
-        embs = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-            embs.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))
-        rows.append(F.normalize(torch.cat(embs).mean(dim=0), dim=-1))
-    text = torch.stack(rows)                                            # (C, embed_dim)
+    # All prompts of all classes in batches of batch_size (iNaturalist: 8,142 x 60 prompts); each
+    # normalised embedding is summed into its class's row, so memory stays at C x embed_dim.
+    prompts = [(k, p) for k, name in enumerate(class_names) for p in prompts_for(name, templates)]
+    sums, counts = None, torch.zeros(len(class_names), device=device)
+    for start in tqdm(range(0, len(prompts), batch_size), desc="classifier init", disable=not progress,
+                      unit="batch"):
+        chunk = prompts[start:start + batch_size]
+        labels = torch.tensor([k for k, _ in chunk], device=device)
+        emb = F.normalize(clip.encode_text(tokenizer([p for _, p in chunk]).to(device)).float(), dim=-1)
+        if sums is None:
+            sums = torch.zeros(len(class_names), emb.shape[1], device=device)
+        sums.index_add_(0, labels, emb)
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+    text = F.normalize(sums / counts[:, None], dim=-1)                  # (C, embed_dim)
     if proj is not None:
         text = text @ proj.float().t()                                   # (C, d)
     return F.normalize(text, dim=-1)

@@ -13,8 +13,9 @@ kernel module, non-interpret mode, and the kernels swapped for recorders. Each r
 specialised the way Triton's JIT specialises a launch (argument types, 16-divisibility of
 pointers and integers, integers equal to 1 as constants) and compiled once per distinct
 specialisation. Cases: adapter d in {768, 1024} with r in {1, 4, 32, 256} (2r padded by the
-glue), forward and backward, block epilogue with inputs bf16 / fp16 / fp32 plus the bf16-autocast
-case of the Sage model (fp32 residual stream, bf16 mlp_out and GEMM operands), drop-in form in
+glue), forward and backward, block epilogue with inputs bf16 / fp16 / fp32 plus a mixed case
+(fp32 residual stream, bf16 mlp_out and GEMM operands: a user's fp32 model under bf16 autocast;
+the Sage model itself runs all-bf16 there, as open_clip's LayerNorm casts back to bf16), drop-in form in
 bf16; loss C in {8142, 100}, FIT on and off, logits bf16 / fp16 / fp32 with all gradients, and
 fp32 inference (no gradient). About 40 s on 2 shared cores (~60 distinct compilations).
 
@@ -101,9 +102,8 @@ def _record_launches() -> list:
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     name = {f32: "fp32", bf16: "bf16", f16: "fp16"}
     rows = 512  # token rows; a multiple of 16 like most real batches (B x 197 tokens, B even)
-    # (x, mlp_out, compute dtype): the plain dtypes, and the model under bf16 autocast on CUDA,
-    # whose residual stream stays fp32 while mlp_out and the GEMM operands are bf16. The model
-    # uses the block epilogue; the drop-in form (a subset of its code) is compiled in bf16 only,
+    # (x, mlp_out, compute dtype): the plain dtypes (the Sage model under bf16 autocast is all
+    # bf16), and a mixed fp32-residual / bf16-operand case. The model uses the block epilogue; the drop-in form (a subset of its code) is compiled in bf16 only,
     # to keep the test's time down.
     adapter_dtypes = [(bf16, bf16, bf16), (f16, f16, f16), (f32, f32, f32), (f32, bf16, bf16)]
     for d, r in [(768, 1), (768, 4), (768, 32), (768, 256), (1024, 1), (1024, 4), (1024, 32), (1024, 256)]:

@@ -67,7 +67,8 @@ def assert_grads_close(got, want, dtype):
         torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# (batch, C, block_c, block_b): the batch sizes 1..300 with small C; C up to iNaturalist's 8142;
+# (batch, C, block_c, block_b): the batch sizes 1..300 with small C; C up to iNaturalist's 8142
+# and past 10,000;
 # forced small tiles so that several chunks (online log-sum-exp) and a partial row tile run.
 CASES = [
     (1, 1, None, None),
@@ -79,6 +80,7 @@ CASES = [
     (7, 1000, 128, 2),
     (2, 8142, None, None),
     (3, 8142, 2048, 1),
+    (2, 10007, None, None),
 ]
 
 

@@ -34,14 +34,16 @@ def randomise_adapters(model, seed=0):
 
 def test_fresh_model_is_zero_shot_clip(model):
     images = torch.randn(3, 3, model.image_size, model.image_size)
-    with torch.no_grad():
-        want = model.clip.encode_image(images)
-        for backend in ("sdpa", "open_clip"):
-            model.attention = backend
-            for adapters in (True, False):
-                feats = model.visual_features(images, adapters=adapters)
-                torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
-    model.attention = "auto"
+    try:
+        with torch.no_grad():
+            want = model.clip.encode_image(images)
+            for backend in ("sdpa", "open_clip"):
+                model.attention = backend
+                for adapters in (True, False):
+                    feats = model.visual_features(images, adapters=adapters)
+                    torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
+    finally:
+        model.attention = "auto"
 
 
 def test_attention_backend_matches_open_clip(model):
@@ -217,3 +219,70 @@ def test_torch_compile_traces_the_fused_model_without_graph_breaks(tiny):
     want = m.visual_features(images)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert m.adapters[0].up.weight.grad is not None
+
+
+def test_default_fused_training_path_matches_the_reference(tiny):
+    """Fused adapters and the fused loss (Triton, interpreted on CPU), the CUDA default, against the
+    reference adapters and the PyTorch loss: loss and every gradient."""
+    torch.manual_seed(7)
+    results = {}
+    for impl, loss_backend in (("reference", "torch"), ("fused", "triton")):
+        torch.manual_seed(7)
+        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend=loss_backend, progress=False)
+        m.set_adapter_impl(impl)
+        randomise_adapters(m, seed=7)
+        with torch.no_grad():
+            m.criterion.s1.fill_(0.3)
+            m.criterion.s2.fill_(-0.1)
+        images = torch.randn(3, 3, m.image_size, m.image_size, generator=torch.Generator().manual_seed(1))
+        loss, z_hat = m.loss(m(images), torch.tensor([0, 2, 3]))
+        loss.backward()
+        results[impl] = (loss.detach(), z_hat.detach(),
+                         {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    (loss_r, zh_r, grads_r), (loss_f, zh_f, grads_f) = results["reference"], results["fused"]
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(zh_f, zh_r, rtol=1e-4, atol=1e-4)
+    for name, grad in grads_r.items():
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_nan_parameters_raise_a_clear_error(tiny):
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    m.set_adapter_impl("fused")
+    with torch.no_grad():
+        m.adapters[1].up.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf: adapters\.1\.up\.weight"):
+        m(torch.randn(1, 3, m.image_size, m.image_size))
+
+
+def test_torchscript_checkpoint_gets_a_clear_error(tmp_path, tiny):
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    path = tmp_path / "ViT-B-16.pt"
+    scripted.save(str(path))
+    with pytest.raises(ValueError, match="TorchScript archive"):
+        load_clip(tiny, pretrained=str(path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_model_matches_reference_under_bf16_autocast_on_cuda(tiny):
+    """The training setting on a GPU: bf16 autocast, fused adapters and loss vs the reference path."""
+    results = {}
+    for impl, loss_backend in (("reference", "torch"), ("fused", "triton")):
+        torch.manual_seed(8)
+        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend=loss_backend,
+                       adapter_impl=impl, device="cuda", progress=False)
+        randomise_adapters(m, seed=8)
+        images = torch.randn(8, 3, m.image_size, m.image_size, device="cuda",
+                             generator=torch.Generator(device="cuda").manual_seed(2))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(images)
+        loss, _ = m.loss(out, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device="cuda"))
+        loss.backward()
+        results[impl] = (out.z.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad})
+    z_r, grads_r = results["reference"]
+    z_f, grads_f = results["fused"]
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))  # noqa: E731
+    assert rel(z_f, z_r) < 3e-2
+    for name, grad in grads_r.items():
+        assert rel(grads_f[name], grad) < 5e-2, name

@@ -400,19 +400,22 @@ def test_fp32_cuda_matches_reference(r):
 
 
 @pytest.mark.gpu
-def test_autocast_bf16_cuda_block():
-    """The Sage model's setting: fp32 residual stream under bf16 autocast on CUDA."""
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16-stream", "fp32-stream"])
+def test_autocast_bf16_cuda_block(x_dtype):
+    """Under bf16 autocast on CUDA. bf16 stream: the Sage model's setting (open_clip's LayerNorm casts
+    back to bf16, so f~, mlp_out and the output are bf16); fp32 stream: an fp32 model under autocast."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     d, lead = 768, (16, 197)
     ref, fused = _random_pair(d, 8)
     ref, fused = ref.cuda(), fused.cuda()
     x, g, mlp, up = (t.cuda() for t in _inputs(lead, d, torch.float32))
+    x = x.to(x_dtype)
     kw = dict(mlp=mlp.bfloat16(), scale=torch.tensor(0.8, device="cuda"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out_f, grads_f = _run(fused, x, g, upstream=up, **kw)
-        out_r, grads_r = _run(ref, x, g, upstream=up, **kw)
-    assert out_f.dtype == torch.float32
+        out_f, grads_f = _run(fused, x, g, upstream=up.to(x_dtype), **kw)
+        out_r, grads_r = _run(ref, x, g, upstream=up.to(x_dtype), **kw)
+    assert out_f.dtype == x_dtype
     _assert_close("out", out_f, out_r, 2e-2, norm=True)
     for name in grads_r:
         _assert_close(f"grad {name}", grads_f[name], grads_r[name], 3e-2, norm=True)
