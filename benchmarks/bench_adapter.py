@@ -10,6 +10,10 @@ Implementations, same weights and inputs:
 Shapes: ViT-B/16 on CUDA (128 images x 197 tokens, d = 768, r in {4, 8, 32, 256}, bf16 and fp32);
 a small smoke shape on CPU. Modes: fwd (under no_grad) and fwdbwd (forward, then
 torch.autograd.grad of every input and parameter for a fixed upstream gradient).
+The bf16 cases hold bf16 parameters and run without autocast; training holds fp32 parameters and
+runs under bf16 autocast (fold in fp32, GEMM operands bf16). Mode fwdbwd-autocast measures that:
+fp32 module, guidance and scale, bf16 x and mlp_out, forward under torch.autocast(bf16), backward
+outside it, for r in {4, 32, 256} (all CPU ranks) and eager / fused_torch / fused (no compile).
 
 Work model (documented in benchmarks/README.md), N = tokens, d = width, e = element size,
 P = adapter parameters:
@@ -17,6 +21,7 @@ P = adapter parameters:
           FLOPs = 8 N d r                (N x d x 2r and N x 2r x d GEMMs)
   fwdbwd  bytes = 6 N d e + 3 P e        (+ read grad_out, x; write grad_x; weights read, grads written)
           FLOPs = 24 N d r               (backward GEMMs are twice the forward)
+  fwdbwd-autocast: as fwdbwd with e = 2 (bf16 activations) and 4 bytes per parameter element
 The same work model is used for every implementation, so GB/s and TFLOP/s compare like for like.
 """
 from __future__ import annotations
@@ -32,6 +37,9 @@ from . import harness
 from .harness import CPU_NO_COMPILE, CPU_NO_TRITON, DEVICE, DTYPES, ON_GPU
 
 IMPLS = ("eager", "compile", "fused_torch", "fused")
+AUTOCAST_MODE = "fwdbwd-autocast"
+AUTOCAST_IMPLS = ("eager", "fused_torch", "fused")
+AUTOCAST_RANKS = (4, 32, 256)  # a subset keeps run_gpu.sh's adapter stage short
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,18 @@ class AdapterCase:
     def rows(self) -> int:
         return self.batch * self.tokens
 
+    @property
+    def autocast(self) -> bool:
+        return self.mode == AUTOCAST_MODE
+
+    @property
+    def training(self) -> bool:
+        return self.mode != "fwd"
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.float32 if self.autocast else DTYPES[self.dtype]
+
 
 def _cases() -> list:
     if ON_GPU:
@@ -65,16 +85,21 @@ def _cases() -> list:
                 for impl in IMPLS:  # eager first: later impls find their baseline already measured
                     case = AdapterCase(batch, tokens, dim, r, dtype, mode, impl)
                     out.append(pytest.param(case, id=f"r{r}-{dtype}-{mode}-{impl}"))
+        if r in AUTOCAST_RANKS or not ON_GPU:
+            for impl in AUTOCAST_IMPLS:
+                case = AdapterCase(batch, tokens, dim, r, "bf16", AUTOCAST_MODE, impl)
+                out.append(pytest.param(case, id=f"r{r}-bf16-{AUTOCAST_MODE}-{impl}"))
     return out
 
 
 def work_model(case: AdapterCase, num_params: int) -> tuple[int, int]:
     """(bytes, FLOPs) of one call under the documented work model."""
     e = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    pe = torch.empty((), dtype=case.param_dtype).element_size()
     n, d, r = case.rows, case.dim, case.r
     if case.mode == "fwd":
-        return 3 * n * d * e + num_params * e, 8 * n * d * r
-    return 6 * n * d * e + 3 * num_params * e, 24 * n * d * r
+        return 3 * n * d * e + num_params * pe, 8 * n * d * r
+    return 6 * n * d * e + 3 * num_params * pe, 24 * n * d * r
 
 
 def _randomise(module: torch.nn.Module) -> None:
@@ -94,21 +119,23 @@ def build_module(case: AdapterCase) -> torch.nn.Module:
         cls = harness.fused_adapter_class()
         module = cls(case.dim, case.r, backend="triton" if case.impl == "fused" else "torch")
         module.load_state_dict(ref.state_dict())
-    return module.to(device=DEVICE, dtype=DTYPES[case.dtype])
+    return module.to(device=DEVICE, dtype=case.param_dtype)
 
 
 def make_inputs(case: AdapterCase, requires_grad: bool):
+    """x and mlp_out in the case's dtype; guidance and scale in the parameters' dtype (fp32 under autocast,
+    as the model's guidance and block scale are)."""
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     dtype = DTYPES[case.dtype]
 
-    def randn(*shape, scale=1.0):
+    def randn(*shape, scale=1.0, dt=dtype):
         t = torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32) * scale
-        return t.to(dtype).requires_grad_(requires_grad)
+        return t.to(dt).requires_grad_(requires_grad)
 
     x = randn(case.batch, case.tokens, case.dim)
-    guidance = randn(case.dim, scale=0.05)
+    guidance = randn(case.dim, scale=0.05, dt=case.param_dtype)
     mlp_out = randn(case.batch, case.tokens, case.dim)
-    scale = torch.full((), 0.9, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
+    scale = torch.full((), 0.9, device=DEVICE, dtype=case.param_dtype, requires_grad=requires_grad)
     return x, guidance, mlp_out, scale
 
 
@@ -131,7 +158,7 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
     harness.free_memory()
     module = build_module(case)
     call = make_call(case, module, compile_enabled)
-    training = case.mode == "fwdbwd"
+    training = case.training
     x, guidance, mlp_out, scale = make_inputs(case, requires_grad=training)
 
     error = None
@@ -158,8 +185,9 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
         grad_out = torch.randn_like(x).detach()
 
         def fn():
-            out = call(x, guidance, mlp_out, scale)
-            return torch.autograd.grad(out, leaves, grad_out)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=case.autocast):
+                out = call(x, guidance, mlp_out, scale)
+            return torch.autograd.grad(out, leaves, grad_out)  # backward outside autocast, as in training
 
     timing = harness.time_kernel_case(benchmark, fn, case.impl)
     if timing is None:

@@ -140,6 +140,7 @@ def _record(recorder, benchmark, group, case, impl, e2e, timing, extra):
         "impl": impl,
         "params": dict(e2e["params"]),
         "attention": e2e["attention"],
+        "attention_kernel": harness.sdpa_kernel() if e2e["attention"] == "sdpa" else e2e["attention"],
         "time_s": timing.median_s,
         "mean_s": timing.mean_s,
         "stddev_s": timing.stddev_s,

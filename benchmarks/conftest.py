@@ -4,6 +4,7 @@ Options (all optional):
   --sage-results-dir DIR   where records.jsonl, summary.md, chart.png, env.json go
                            (default benchmarks/results/latest, git-ignored)
   --sage-append            keep the records already in DIR (run_gpu.sh runs several pytest sessions)
+                           and reuse DIR/ceilings.json when it was measured on this device
   --sage-compile / --sage-no-compile
                            include the torch.compile baseline (default: on with CUDA, off on CPU)
   --sage-e2e-classes C     classes of the train-step benchmark (default 1000 on GPU, 10 on CPU)
@@ -28,7 +29,8 @@ def pytest_addoption(parser):
     group.addoption("--sage-results-dir", default=str(_DEFAULT_RESULTS),
                     help="folder for records.jsonl, summary.md, chart.png and env.json")
     group.addoption("--sage-append", action="store_true", default=False,
-                    help="add to the records already in --sage-results-dir instead of starting afresh")
+                    help="add to the records already in --sage-results-dir instead of starting afresh, and "
+                         "reuse its ceilings.json when it was measured on this device")
     group.addoption("--sage-compile", dest="sage_compile", action="store_true", default=None,
                     help="include torch.compile baselines (default: on with CUDA, off on CPU)")
     group.addoption("--sage-no-compile", dest="sage_compile", action="store_false",
@@ -90,11 +92,12 @@ def recorder(sage_session) -> harness.Recorder:
 
 @pytest.fixture(scope="session")
 def ceilings(sage_session) -> dict:
-    """Copy bandwidth and matmul throughput of this device, measured once per session."""
+    """Copy bandwidth and matmul throughput of this device: measured once per session, or, with
+    --sage-append, taken from the results folder's ceilings.json when it holds this device's (one
+    measurement for all of run_gpu.sh's pytest sessions)."""
     if sage_session.ceilings is None:
-        sage_session.ceilings = harness.measure_ceilings()
-        rec = sage_session.recorder
-        (rec.results_dir / "ceilings.json").write_text(json.dumps(sage_session.ceilings, indent=2))
+        path = sage_session.recorder.results_dir / "ceilings.json"
+        sage_session.ceilings = harness.load_or_measure_ceilings(path, reuse=sage_session.append)
     return sage_session.ceilings
 
 

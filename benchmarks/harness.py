@@ -195,6 +195,26 @@ def measure_ceilings() -> dict:
     return out
 
 
+def load_or_measure_ceilings(path: Path, reuse: bool) -> dict:
+    """Ceilings of this device: those in `path` when reuse is set and they were measured on this device
+    (run_gpu.sh's pytest sessions share one results folder: measure once per run), else measured
+    now and written to `path`."""
+    path = Path(path)
+    if reuse and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and saved.get("device") == device_name() and saved.get("copy_GBps"):
+            return saved
+    ceilings = measure_ceilings()
+    ceilings["device"] = device_name()
+    ceilings["measured_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ceilings, indent=2))
+    return ceilings
+
+
 def ceiling_fractions(ceilings: dict, dtype_name: str, gbps: Optional[float], tflops: Optional[float]) -> dict:
     """Achieved / ceiling; fp16 work is compared with the bf16 matmul ceiling (same tensor-core rate)."""
     out = {}
@@ -371,6 +391,42 @@ def attention_backend() -> str:
     return "sdpa"
 
 
+_SDPA_KERNEL: list[str] = []  # cached probe result
+
+
+def sdpa_kernel() -> str:
+    """Which kernel PyTorch SDPA runs for ViT-B/16 attention: sdpa-flash, sdpa-efficient or sdpa-math.
+
+    "sdpa" alone does not say it: flash needs a supported GPU, dtype and head size, and SDPA falls back
+    silently. Probed once on a (128, 12, 197, 64) bf16 problem (the train step's shape, unmasked), each
+    backend forced in turn; the first that runs is the one SDPA's dispatcher prefers. CPU: "sdpa (cpu)".
+    """
+    if _SDPA_KERNEL:
+        return _SDPA_KERNEL[0]
+    result = "sdpa (cpu)"
+    if ON_GPU:
+        result = "sdpa-math"
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel as force_kernel
+
+            q = torch.randn(128, 12, 197, 64, device=DEVICE, dtype=torch.bfloat16)
+            for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                try:
+                    with force_kernel([backend]):
+                        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+                    torch.cuda.synchronize()
+                    result = name
+                    break
+                except RuntimeError:  # "No available kernel": try the next one
+                    continue
+            del q
+        except ImportError:  # torch without torch.nn.attention.sdpa_kernel
+            result = "sdpa (kernel unknown)"
+    _SDPA_KERNEL.append(result)
+    return result
+
+
 def long_tailed_counts(num_classes: int, n_max: int = 1280, imbalance: float = 256.0) -> list[int]:
     """Exponentially decaying class counts, n_max down to n_max / imbalance (ImageNet-LT-like)."""
     if num_classes == 1:
@@ -425,6 +481,7 @@ def collect_env(command: Optional[str] = None) -> dict:
         "triton": _version("triton"),
         "open_clip": _version("open_clip"),
         "xformers": _version("xformers"),
+        "sdpa_kernel": sdpa_kernel(),
         "pytest_benchmark": _version("pytest_benchmark"),
         "sage_fast": _version("sage_fast"),
         "cpu_threads": torch.get_num_threads(),

@@ -136,7 +136,7 @@ def _env_lines(env: dict, ceilings: Optional[dict], records: list[dict]) -> list
             "",
         ]
     keys = ["device", "driver", "gpu_capability", "torch", "torch_cuda", "triton", "open_clip", "xformers",
-            "date_utc", "git_commit", "git_dirty", "command"]
+            "sdpa_kernel", "date_utc", "git_commit", "git_dirty", "command"]
     lines += [f"- **{k}**: `{env.get(k)}`" for k in keys if k in env]
     for cmd in env.get("sessions", []):
         lines.append(f"- **session**: `{cmd}`")
@@ -145,7 +145,11 @@ def _env_lines(env: dict, ceilings: Optional[dict], records: list[dict]) -> list
         mm = ceilings.get("matmul_TFLOPs", {})
         n = ceilings.get("matmul_n", {})
         lines += [
-            "## Ceilings measured in this session",
+            "## Ceilings of this device",
+            "",
+            "Measured once per results folder (later `--sage-append` sessions on the same device, as in "
+            "run_gpu.sh, reuse them)"
+            + (f", at {ceilings['measured_at']}" if ceilings.get("measured_at") else "") + ".",
             "",
             f"- device-to-device copy ({ceilings.get('copy_MiB', 0):.0f} MiB): **{ceilings.get('copy_GBps', 0):.1f} GB/s** "
             "(read + write bytes / time)",
@@ -199,9 +203,15 @@ def _e2e_rows(records, group) -> list[list[str]]:
         rows.append([
             impl, {"fit_on": "on", "fit_off": "off"}.get(case, "–"),
             _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), _f(rec.get("peak_mem_MiB"), "{:.0f}"),
-            _x(vs_ref), _pct(vs_floor), str(rec.get("attention", "")),
+            _x(vs_ref), _pct(vs_floor), _attention(rec),
         ])
     return rows
+
+
+def _attention(rec: dict) -> str:
+    """"sdpa" with the SDPA kernel that ran where it was probed (sdpa-flash, ...), else the backend."""
+    kernel, backend = rec.get("attention_kernel"), str(rec.get("attention", ""))
+    return kernel if kernel and backend == "sdpa" else backend
 
 
 def _headlines(records, gpu: bool = True) -> list[tuple[str, str, str]]:
@@ -280,7 +290,7 @@ def build_markdown(results_dir: Path) -> str:
             p = some.get("params", {})
             lines += [f"{p.get('model')} at {p.get('image_size')} px, batch {p.get('batch')}, {p.get('classes')} classes "
                       f"(r = {p.get('bottleneck')}), {p.get('precision')}, synthetic data on the device, "
-                      f"attention: **{some.get('attention')}**. floor = frozen backbone (no grad) + cosine head; "
+                      f"attention: **{_attention(some)}**. floor = frozen backbone (no grad) + cosine head; "
                       "floor_bwd = the same with gradients through the frozen backbone.", ""]
         fused = next((r for r in records if r.get("group") == group and r.get("impl") == "fused"), None)
         if fused and fused.get("adapter_backend"):

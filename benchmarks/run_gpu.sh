@@ -4,27 +4,41 @@
 #   bash benchmarks/run_gpu.sh                      # from the repository root, on a CUDA machine
 #   SAGE_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh   # when the checkout has no .git
 #
-# Stages (each under a share of the time budget; a stage cut short by its limit gets SIGINT, so
-# pytest still writes what it measured, and every measured case is already in records.jsonl):
-#   1. env.json: device, driver, torch / triton / open_clip / xformers versions, date, commit, command
+# Stages, in this order (each under a share of the time budget; a stage cut short by its limit gets
+# SIGINT, so pytest still writes what it measured, and every measured case is already in
+# records.jsonl):
+#   1. env.json: device, driver, torch / triton / open_clip / xformers versions, SDPA kernel, date,
+#      commit, command
 #   2. GPU-only parity tests: pytest tests -m gpu                      -> parity.log, parity-junit.xml
 #   3. end-to-end train step and inference (bench_train_step.py)      -> train_step.json
-#   4. SG-Adapter kernels (bench_adapter.py)                           -> adapter.json
-#   5. losses (bench_loss.py)                                          -> loss.json
-#   6. summary.md and chart.png over all stages (python -m benchmarks.report)
+#   4. SG-Adapter kernels without torch.compile (-k "not compile")     -> adapter.json
+#   5. losses without torch.compile (-k "not compile")                 -> loss.json
+#   6. torch.compile baselines of the adapter (-k compile)             -> adapter_compile.json
+#   7. torch.compile baselines of the losses (-k compile)              -> loss_compile.json
+#   8. summary.md and chart.png over all stages (python -m benchmarks.report)
+# The compile cases (one cold Inductor compile each) run last, so a short budget loses them and
+# never the eager / fused numbers of the large shapes. All stages append to one records.jsonl and
+# share one ceilings.json (measured by the first benchmark session).
 # Output: benchmarks/results/<YYYY-MM-DD>-<device>/ (or $SAGE_RESULTS_DIR).
 #
-# Knobs (environment): SAGE_BUDGET_S (total seconds, default 560); SAGE_STAGES (comma list of
-# parity,train,adapter,loss; default all; when set, the records already in the results folder are
-# kept, so a second call can fill in a stage the first one ran out of time for);
-# SAGE_NO_COMPILE=1 (drop the torch.compile baselines, the slow part); SAGE_ALLOW_CPU=1 (run
-# anyway without CUDA: CPU smoke); SAGE_RESULTS_DIR; SAGE_EXPORT_DIR (copy the results folder
-# there at the end, e.g. a remote runner's output folder); PYTHON (interpreter, default python).
+# Time budget (SAGE_BUDGET_S, default 530 s, for a 600 s command): stage i gets
+# min(max_i, left - keep_i) seconds, keep_i being kept for the stages after it (table below), and a
+# stage that ignores SIGINT is killed KILL_GRACE (10) s later. Every stage therefore ends by
+# BUDGET - 15 + 10 = 525 s, and the report (a few seconds) follows.
+#
+# Knobs (environment): SAGE_BUDGET_S; SAGE_STAGES (comma list of parity,train,adapter,loss;
+# default all; when set, the records and ceilings already in the results folder are kept, so a
+# second call can fill in a stage the first one ran out of time for; adapter and loss include their
+# compile pass); SAGE_NO_COMPILE=1 (drop the torch.compile baselines, the slow part);
+# SAGE_ALLOW_CPU=1 (run anyway without CUDA: CPU smoke); SAGE_RESULTS_DIR; SAGE_EXPORT_DIR (copy
+# the results folder there at the end, e.g. a remote runner's output folder); PYTHON (interpreter,
+# default python).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python}
-BUDGET=${SAGE_BUDGET_S:-560}
+BUDGET=${SAGE_BUDGET_S:-530}
+KILL_GRACE=10
 START=$SECONDS
 COMMAND="bash $0${*:+ $*}"
 
@@ -65,7 +79,7 @@ RESULTS=${SAGE_RESULTS_DIR:-benchmarks/results/$(date -u +%Y-%m-%d)-$SLUG}
 mkdir -p "$RESULTS"
 STAGES=${SAGE_STAGES:-parity,train,adapter,loss}
 if [[ -z "${SAGE_STAGES:-}" ]]; then
-    rm -f "$RESULTS/records.jsonl" "$RESULTS/skipped.json"   # a full run starts afresh
+    rm -f "$RESULTS/records.jsonl" "$RESULTS/skipped.json" "$RESULTS/ceilings.json"   # a full run starts afresh
 fi
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
@@ -80,7 +94,8 @@ EOF
 nvidia-smi 2>/dev/null | head -20 || true
 
 COMMON=(-q -p no:cacheprovider --sage-results-dir "$RESULTS" --sage-append --benchmark-columns=median,iqr,rounds,iterations)
-if [[ "${SAGE_NO_COMPILE:-0}" == "1" ]]; then COMMON+=(--sage-no-compile); fi
+COMPILE=1
+if [[ "${SAGE_NO_COMPILE:-0}" == "1" ]]; then COMMON+=(--sage-no-compile); COMPILE=0; fi
 
 run_stage() {  # run_stage <limit s> <log name> <pytest args...>
     local limit=$1 log=$2; shift 2
@@ -89,25 +104,37 @@ run_stage() {  # run_stage <limit s> <log name> <pytest args...>
         return
     fi
     echo "time limit ${limit}s"
-    timeout -s INT -k 30 "$limit" $PY -m pytest "$@" 2>&1 | tee "$RESULTS/$log.log"
+    timeout -s INT -k "$KILL_GRACE" "$limit" $PY -m pytest "$@" 2>&1 | tee "$RESULTS/$log.log"
     echo "exit status ${PIPESTATUS[0]}" | tee -a "$RESULTS/$log.log"
 }
 
+# Stage caps: cap <max s> <s kept for the later stages>. Worst case with the default budget (every
+# stage runs to its limit and is killed KILL_GRACE s later; about 5 s before the first stage):
+#   parity 120 (ends <= 135), train 130 (<= 275), adapter 90 (<= 375), loss 55 (<= 440),
+#   adapter compile 40 (<= 490), loss compile 25 (<= 525); then the report.
 if want parity; then
     stage "GPU parity tests: pytest tests -m gpu"
-    run_stage "$(cap 120 380)" parity tests -m gpu -p no:cacheprovider -ra --junitxml="$RESULTS/parity-junit.xml"
+    run_stage "$(cap 120 360)" parity tests -m gpu -p no:cacheprovider -ra --junitxml="$RESULTS/parity-junit.xml"
 fi
 if want train; then
     stage "end-to-end: training step and inference"
-    run_stage "$(cap 130 250)" train_step benchmarks/bench_train_step.py "${COMMON[@]}" --benchmark-json="$RESULTS/train_step.json"
+    run_stage "$(cap 130 240)" train_step benchmarks/bench_train_step.py "${COMMON[@]}" --benchmark-json="$RESULTS/train_step.json"
 fi
 if want adapter; then
-    stage "SG-Adapter kernels"
-    run_stage "$(cap 200 110)" adapter benchmarks/bench_adapter.py "${COMMON[@]}" --benchmark-json="$RESULTS/adapter.json"
+    stage "SG-Adapter kernels (eager, fused_torch, fused)"
+    run_stage "$(cap 90 150)" adapter benchmarks/bench_adapter.py -k "not compile" "${COMMON[@]}" --benchmark-json="$RESULTS/adapter.json"
 fi
 if want loss; then
-    stage "losses"
-    run_stage "$(cap 200 15)" loss benchmarks/bench_loss.py "${COMMON[@]}" --benchmark-json="$RESULTS/loss.json"
+    stage "losses (eager, fused)"
+    run_stage "$(cap 60 100)" loss benchmarks/bench_loss.py -k "not compile" "${COMMON[@]}" --benchmark-json="$RESULTS/loss.json"
+fi
+if want adapter && (( COMPILE )); then
+    stage "SG-Adapter torch.compile baselines"
+    run_stage "$(cap 150 50)" adapter_compile benchmarks/bench_adapter.py -k compile "${COMMON[@]}" --benchmark-json="$RESULTS/adapter_compile.json"
+fi
+if want loss && (( COMPILE )); then
+    stage "loss torch.compile baselines"
+    run_stage "$(cap 150 15)" loss_compile benchmarks/bench_loss.py -k compile "${COMMON[@]}" --benchmark-json="$RESULTS/loss_compile.json"
 fi
 
 stage "report"

@@ -97,3 +97,34 @@ def test_recorder_ratios_and_append(tmp_path):
     assert len(harness.Recorder(tmp_path, append=True).records) == 2
     assert harness.Recorder(tmp_path, append=False).records == []
     assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_ceilings_measured_once_per_folder_and_device(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure():
+        calls.append(1)
+        return {"copy_GBps": 100.0 * len(calls), "matmul_TFLOPs": {"bf16": 1.0}}
+
+    monkeypatch.setattr(harness, "measure_ceilings", fake_measure)
+    path = tmp_path / "ceilings.json"
+    first = harness.load_or_measure_ceilings(path, reuse=True)   # nothing saved yet: measures
+    assert first["copy_GBps"] == 100.0 and first["device"] == harness.device_name()
+    assert harness.load_or_measure_ceilings(path, reuse=True) == first  # an appending session reuses them
+    assert len(calls) == 1
+    assert harness.load_or_measure_ceilings(path, reuse=False)["copy_GBps"] == 200.0  # a fresh session measures
+    saved = json.loads(path.read_text())
+    saved["device"] = "another device"
+    path.write_text(json.dumps(saved))
+    assert harness.load_or_measure_ceilings(path, reuse=True)["copy_GBps"] == 300.0  # not this device's: remeasure
+
+
+def test_attention_column_names_the_sdpa_kernel(tmp_path):
+    recs = [_rec("train", "floor", "floor", 1.0, images_per_s=128.0, attention="sdpa", attention_kernel="sdpa-flash"),
+            _rec("train", "fit_on", "reference", 2.0, images_per_s=64.0, attention="xformers",
+                 attention_kernel="xformers")]
+    _write(tmp_path, recs)
+    rows = report._e2e_rows(report.load_records(tmp_path), "train")
+    assert [row[-1] for row in rows] == ["sdpa-flash", "xformers"]
+    if not harness.ON_GPU:
+        assert harness.sdpa_kernel() == "sdpa (cpu)"
