@@ -67,6 +67,9 @@ def _train(argv):
     resume = args.resume
     if resume == "last":
         resume = str(Path(cfg.train.output_dir) / "last.pt")
+    if resume and resume != "auto" and not Path(resume).is_file():
+        p.error(f"checkpoint to resume from not found: {resume} (--resume auto starts from scratch when "
+                "there is none)")
     report = train(cfg, resume=resume)
     if report is not None:
         import os

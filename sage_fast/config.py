@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
@@ -320,6 +321,9 @@ def build_config(
 ) -> SageConfig:
     """Defaults <- preset <- YAML <- overrides, validated. The preset may also come from the YAML or the overrides.
 
+    Which preset: a ``preset=...`` override, else the `preset` argument (``sage-fast train --preset``), else the
+    YAML file's ``preset:``; the command line wins over the file (a warning says so when they differ).
+
     >>> cfg = build_config(preset="imagenet_lt", overrides=["optim.lr=0.02"])
     >>> cfg.model.alpha, cfg.optim.lr
     (0.8, 0.02)
@@ -328,7 +332,15 @@ def build_config(
     """
     file_layer = load_yaml(yaml_path) if yaml_path else {}
     over_layer = parse_overrides(overrides) if not isinstance(overrides, Mapping) else _nest(overrides)
-    name = over_layer.get("preset", file_layer.get("preset", preset))
+    file_preset = file_layer.pop("preset", None)
+    if "preset" in over_layer:
+        name = over_layer.pop("preset")
+    elif preset is not None:
+        name = preset
+    else:
+        name = file_preset
+    if file_preset is not None and name != file_preset:
+        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset {file_preset!r}")
     cfg = SageConfig()
     if base is not None:
         _merge(cfg, base)

@@ -9,9 +9,10 @@ Data sets (SAGE.md section 4), all built by `build_data(cfg.data, image_size)`:
   lists) plus an image root.
 * ``folder``: any image root plus two split files of ``relative/path label`` lines.
 
-Class names come from the data set's metadata (CIFAR ``meta``, iNaturalist ``categories``, a Places365
-category file, an ImageNet synset file, or a ``class_names`` file given by the user), else from the image
-directories, else ``class k``. Class counts are counted on the training split.
+Class names come from the data set's metadata (CIFAR ``meta``, iNaturalist ``categories.json`` in the
+root, else the JSON's ``categories``, a Places365 category file, an ImageNet synset file, or a
+``class_names`` file given by the user), else from the image directories, else ``class k``. Class counts
+are counted on the training split.
 
 Determinism: the training sampler hands each sample a seed made from (run seed, epoch, index), and the
 random augmentation of that sample is drawn from that seed. Which worker, which rank, how many
@@ -313,6 +314,15 @@ def read_inat_json(path) -> Tuple[List[Tuple[str, int]], Dict[int, str]]:
     return samples, cats
 
 
+def read_inat_categories(path) -> Dict[int, str]:
+    """iNaturalist's ``categories.json`` (a list of ``{"id", "name", ...}``) -> {category_id: name}."""
+    path = Path(path)
+    try:
+        return {int(c["id"]): str(c["name"]) for c in json.loads(path.read_text())}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an iNaturalist categories list ([{{'id': ..., 'name': ...}}]): {e}") from None
+
+
 def read_class_names(path) -> List[str]:
     """One class name per line, in label order. A line ``n01440764 tench, Tinca tinca`` gives ``tench``."""
     path = Path(path)
@@ -454,14 +464,20 @@ def build_data(cfg, image_size: int, raw: bool = False) -> LTData:
         else:
             tr_samples = read_split_file(tr_path)
         te_samples = read_inat_json(te_path)[0] if te_path.suffix == ".json" else read_split_file(te_path)
-        if not cats and (root / "categories.json").is_file():
-            cats = {int(c["id"]): str(c["name"]) for c in json.loads((root / "categories.json").read_text())}
+        # the 2018 release's train2018.json may carry obfuscated category names (the ids as text); the real
+        # names were published as categories.json, which LIFT reads: it wins whenever it is there
+        if (root / "categories.json").is_file():
+            cats = {**cats, **read_inat_categories(root / "categories.json")}
         # category ids are 0..8141 in 2018; a sparse id set is mapped to 0..C-1 in id order
         ids = sorted(set(cats) | {t for _, t in tr_samples} | {t for _, t in te_samples})
         remap = {cid: k for k, cid in enumerate(ids)}
         tr_samples = [(p, remap[t]) for p, t in tr_samples]
         te_samples = [(p, remap[t]) for p, t in te_samples]
         names = user_names or [cats.get(cid, f"class {k}") for k, cid in enumerate(ids)]
+        if user_names is None and sum(n.strip().isdigit() for n in names) > len(names) / 2:
+            warnings.warn(f"iNaturalist: most class names are just numbers (obfuscated categories in {tr_path.name}?); "
+                          "the text classifier needs the species names: put the 2018 categories.json in "
+                          f"{root} or set data.class_names")
     else:
         default_tr, default_te = _DEFAULT_SPLITS[cfg.dataset]
         tr_samples = read_split_file(_resolve(root, cfg.train_split, default_tr))

@@ -7,9 +7,11 @@
 Recipe (SAGE.md section 3): SGD with momentum on the trainable parameters only, a cosine schedule per
 step over all epochs with no warm-up, bf16 autocast on CUDA and fp32 on CPU.
 
-Distributed: under ``torchrun`` (WORLD_SIZE > 1) every process builds the same model, wraps it in
-DistributedDataParallel (NCCL on CUDA, gloo on CPU) and reads its shard of every global batch
-(`optim.batch_size` is the global batch). Only rank 0 writes files.
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) every process builds the same model (local rank 0
+first, so pretrained weights are downloaded once per node), wraps it in DistributedDataParallel (NCCL
+on CUDA, gloo on CPU) and reads its shard of every global batch (`optim.batch_size` is the global batch).
+Only rank 0 writes files. A process that fails exits at once (no final barrier), so torchrun sees the
+failure and stops the others instead of the job hanging.
 
 Determinism and resume: augmentations are drawn from per-sample seeds (see `sage_fast.data`), so a
 run's batches do not depend on the number of processes or on interruptions. A checkpoint holds the
@@ -73,15 +75,30 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(device: str, world_size: int, local_rank: int, cuda_available: bool) -> str:
+    """The device string one process uses: "auto" -> cuda:LOCAL_RANK (or cpu), "cuda" -> cuda:LOCAL_RANK.
+
+    Under torchrun (world_size > 1) an explicit index (``cuda:1``) would put every process on that one GPU,
+    so it is refused; use "cuda" or "auto" and let LOCAL_RANK pick the GPU.
+    """
+    if device == "auto":
+        return f"cuda:{local_rank}" if cuda_available else "cpu"
+    if device == "cuda":
+        return f"cuda:{local_rank}"
+    d = torch.device(device)
+    if world_size > 1 and d.type == "cuda" and d.index is not None:
+        raise ValueError(f"train.device={device!r} names one GPU, but this is one of {world_size} processes "
+                         "(WORLD_SIZE > 1): every process would use that GPU. Use train.device=cuda (or auto): "
+                         "each process then takes cuda:LOCAL_RANK")
+    return device
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        device = f"cuda:{local_rank}"
+    device = resolve_device(device, world, local_rank, torch.cuda.is_available())
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -98,9 +115,23 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return info
 
 
-def cleanup_distributed(info: DistInfo) -> None:
-    if info.initialized_here and dist.is_initialized():
+def _barrier(info: DistInfo) -> None:
+    if info.device.type == "cuda":
+        dist.barrier(device_ids=[info.device.index])
+    else:
         dist.barrier()
+
+
+def cleanup_distributed(info: DistInfo, ok: bool = True) -> None:
+    """After a successful run: barrier (rank 0 may still be writing files), then destroy the process group.
+
+    After a failure (`ok` False) nothing is done: the other processes may be waiting in a collective (DDP's
+    all-reduce) that this one will never join, so a barrier here would hang the whole job, and destroying an
+    NCCL group can block on their pending work. The exception propagates, the process exits non-zero and
+    torchrun stops the other processes.
+    """
+    if ok and info.initialized_here and dist.is_initialized():
+        _barrier(info)
         dist.destroy_process_group()
 
 
@@ -133,21 +164,54 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: some platforms / file systems cannot open or fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the original error matters more than a leftover temporary file
+
+
 def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (never half-written)."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (never half-written).
+
+    A failed write (an exception, Ctrl-C) removes the temporary file and leaves an existing `path` untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,21 +241,38 @@ def accuracy_report(correct: torch.Tensor, total: torch.Tensor, group_counts: Se
     return out
 
 
-def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int], title: str = "") -> None:
-    """PNG: per-class test accuracy against the class's training count (log x), group borders at 20 and 100."""
+def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int], title: str = "",
+                   group_counts: Optional[Sequence[int]] = None) -> None:
+    """PNG: per-class test accuracy against the class's training count (log x), coloured by group.
+
+    group_counts: the counts that define many / medium / few (default `train_counts`). The group borders
+    (20 and 100) are drawn only when the groups follow the plotted counts; CIFAR-100-LT ratios 50 and 10 use
+    ratio 100's counts, which the x label then says.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    x = np.asarray(train_counts)
+    y = np.asarray(accuracy, dtype=float)
+    same = group_counts is None or list(group_counts) == list(train_counts)
+    masks = group_masks(train_counts if group_counts is None else group_counts)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter(np.asarray(train_counts), np.asarray(accuracy, dtype=float), s=10, alpha=0.7)
-    for x in (20, 100):
-        ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+    for (name, mask), colour in zip(masks.items(), ("tab:blue", "tab:orange", "tab:green")):
+        sel = mask.numpy()
+        if sel.any():
+            ax.scatter(x[sel], y[sel], s=10, alpha=0.7, color=colour, label=name)
+    if same:
+        for border in (20, 100):
+            ax.axvline(border, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("training images of the class")
+    else:
+        ax.set_xlabel("training images of the class (groups by the ratio-100 counts: group_count in per_class.csv)")
     ax.set_xscale("log")
-    ax.set_xlabel("training images of the class")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_ylim(-2, 102)
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "per-class accuracy")
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
@@ -323,8 +404,15 @@ class Trainer:
         self.data = data or build_data(cfg.data, self.image_size, raw=self.raw)
         # the same seed on every rank: identical initial adapters (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.train.seed)
+        # local rank 0 builds first, so pretrained weights are downloaded once into the cache that the
+        # other processes of the node then read; every process passes exactly one barrier
+        first = self.dist.local_rank == 0
+        if self.dist.distributed and not first:
+            _barrier(self.dist)
         self.model = build_model_from_config(cfg, self.data.class_names, self.data.class_counts, self.device,
                                              progress=self.progress)
+        if self.dist.distributed and first:
+            _barrier(self.dist)
         if self.model.image_size != self.image_size:
             raise ValueError(f"data.image_size={self.image_size} but {cfg.model.name} takes {self.model.image_size} px "
                              "images (its position embeddings are fixed): leave data.image_size null")
@@ -620,17 +708,20 @@ class Trainer:
         summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
         _atomic_write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         masks = group_masks(self.data.group_counts)
-        rows = ["class,name,train_count,group,accuracy"]
-        for k, (name, count, acc) in enumerate(zip(self.data.class_names, self.data.class_counts, report["per_class"])):
+        # group_count: the count that decides the group (CIFAR-100-LT ratios 50 / 10: ratio 100's count)
+        rows = ["class,name,train_count,group_count,group,accuracy"]
+        for k, (name, count, gcount, acc) in enumerate(zip(self.data.class_names, self.data.class_counts,
+                                                           self.data.group_counts, report["per_class"])):
             group = next(g for g, m in masks.items() if bool(m[k]))
-            rows.append(f"{k},{json.dumps(name)},{count},{group},{'' if math.isnan(acc) else f'{acc:.4f}'}")
+            rows.append(f"{k},{json.dumps(name)},{count},{gcount},{group},{'' if math.isnan(acc) else f'{acc:.4f}'}")
         _atomic_write_text(self.out_dir / "per_class.csv", "\n".join(rows) + "\n")
         plot_per_class(self.out_dir / "per_class_accuracy.png", report["per_class"], self.data.class_counts,
                        f"{self.data.name}: overall {report['overall']:.1f}%, many {report['many']:.1f}, "
-                       f"medium {report['medium']:.1f}, few {report['few']:.1f}")
+                       f"medium {report['medium']:.1f}, few {report['few']:.1f}", group_counts=self.data.group_counts)
 
-    def close(self) -> None:
-        cleanup_distributed(self.dist)
+    def close(self, ok: bool = True) -> None:
+        """Release the process group; `ok` False after a failure (no barrier, see `cleanup_distributed`)."""
+        cleanup_distributed(self.dist, ok)
 
 
 def _no_persist(data_cfg):
@@ -656,22 +747,28 @@ def train(cfg: SageConfig, resume=None, callbacks: Sequence[Callable] = ()) -> d
     elif resume and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint to resume from not found: {resume}")
     trainer = Trainer(cfg, callbacks=callbacks)
+    ok = False
     try:
-        return trainer.fit(resume=resume)
+        result = trainer.fit(resume=resume)
+        ok = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(ok)
 
 
 def evaluate_weights(cfg: SageConfig, weights) -> dict:
     """Load trained parameters (checkpoint or safetensors export) into a fresh model and evaluate."""
     trainer = Trainer(cfg)
+    ok = False
     try:
         trainer.model.load_trainable_state_dict({k: v.to(trainer.device) for k, v in load_weights(weights).items()})
         if trainer.dist.is_main:
             trainer.out_dir.mkdir(parents=True, exist_ok=True)
-        return trainer.evaluate(write=True)
+        result = trainer.evaluate(write=True)
+        ok = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(ok)
 
 
 def bench_input_pipeline(cfg: SageConfig, num_batches: int = 50) -> dict:

@@ -48,7 +48,8 @@ def test_layering_preset_yaml_overrides(tmp_path):
     assert cfg.train.amp is False
     assert cfg.data.root == "/data/places"
     # a preset named on the command line wins over the file's
-    assert build_config(f, ["preset=imagenet_lt"]).model.lambdas == [0.005, 0.01, 0.2]
+    with pytest.warns(UserWarning, match="overrides the config file's preset"):
+        assert build_config(f, ["preset=imagenet_lt"]).model.lambdas == [0.005, 0.01, 0.2]
 
 
 def test_int_for_float_and_null_for_optional():
@@ -123,3 +124,31 @@ def test_cli_rejects_bad_config_before_running(tmp_path, capsys):
     assert exc.value.code == 2
     assert "did you mean 'optim.batch_size'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_preset_wins_over_the_files(tmp_path, capsys):
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({"preset": "places_lt", "optim": {"lr": 0.02}}))
+    with pytest.warns(UserWarning, match="overrides the config file's preset 'places_lt'"):
+        cfg = build_config(f, preset="imagenet_lt")
+    assert cfg.preset == "imagenet_lt" and cfg.model.lambdas == [0.005, 0.01, 0.2]
+    assert cfg.optim.lr == 0.02  # the file's other keys still apply over the preset
+    assert build_config(f).preset == "places_lt"
+    with pytest.warns(UserWarning, match="overrides the config file's preset"):
+        assert cli_main(["train", "--config", str(f), "--preset", "cifar100_lt_r50", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["preset"] == "cifar100_lt_r50" and printed["model"]["gamma"] == 0.06
+    assert printed["data"]["dataset"] == "cifar100_lt"
+
+
+def test_cli_resume_from_missing_checkpoint_is_a_usage_error(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--resume", str(missing), f"train.output_dir={tmp_path / 'run'}"])
+    assert exc.value.code == 2
+    assert f"checkpoint to resume from not found: {missing}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # --resume without a value: OUTPUT_DIR/last.pt
+        cli_main(["train", "--resume", f"train.output_dir={tmp_path / 'run'}"])
+    assert exc.value.code == 2
+    assert "last.pt" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

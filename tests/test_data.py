@@ -200,6 +200,25 @@ def test_inat2018_official_json_and_lift_lists(tmp_path):
     assert data.class_names == ["Aa bb", "Cc dd"] and data.class_counts == [3, 1]
 
 
+def test_inat2018_prefers_categories_json_over_obfuscated_names(tmp_path):
+    """The 2018 train2018.json may name its categories by number; categories.json holds the species."""
+    cats = [(3, "3"), (7, "7")]
+    train = [(f"train_val2018/Plantae/{c}/{i}.jpg", c) for c, n in ((3, 2), (7, 1)) for i in range(n)]
+    val = [(f"train_val2018/Plantae/{c}/v.jpg", c) for c, _ in cats]
+    for rel, c in train + val:
+        _png(tmp_path / rel, c, fmt="JPEG")
+    _inat_json(tmp_path / "train2018.json", train, cats)
+    _inat_json(tmp_path / "val2018.json", val, cats)
+    with pytest.warns(UserWarning, match="most class names are just numbers"):
+        data = build_data(_data_cfg(dataset="inat2018", root=tmp_path), 32)
+    assert data.class_names == ["3", "7"]
+    (tmp_path / "categories.json").write_text(json.dumps([{"id": 3, "name": "Aa bb"}, {"id": 7, "name": "Cc dd"}]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = build_data(_data_cfg(dataset="inat2018", root=tmp_path), 32)
+    assert data.class_names == ["Aa bb", "Cc dd"] and data.class_counts == [2, 1]
+
+
 def test_folder_with_class_names_file_and_missing_class(tmp_path):
     for k in range(3):
         _png(tmp_path / f"img/{k}.png", k)

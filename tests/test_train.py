@@ -5,8 +5,10 @@ few-shot classes), 4 test images each, 32x32 PNG; the tiny open_clip config (ran
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from sage_fast.train import (
     atomic_torch_save,
     cosine_lambda,
     load_weights,
+    plot_per_class,
+    resolve_device,
     train,
 )
 
@@ -114,6 +118,24 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         atomic_torch_save({"a": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the partial temporary file is gone
+
+
+def test_per_class_plot_with_groups_from_other_counts(tmp_path):
+    """CIFAR-100-LT ratio 10: the groups follow ratio 100's counts, not the plotted ones."""
+    png = tmp_path / "p.png"
+    plot_per_class(png, [90.0, 50.0, float("nan")], [500, 120, 50], "r10", group_counts=[500, 80, 5])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*"))
+
+
+def test_device_resolution_under_torchrun():
+    assert resolve_device("auto", 1, 0, cuda_available=False) == "cpu"
+    assert resolve_device("auto", 2, 1, cuda_available=True) == "cuda:1"
+    assert resolve_device("cuda", 4, 3, cuda_available=True) == "cuda:3"
+    assert resolve_device("cuda:1", 1, 0, cuda_available=True) == "cuda:1"  # one process: the GPU asked for
+    assert resolve_device("cpu", 2, 1, cuda_available=True) == "cpu"
+    with pytest.raises(ValueError, match="every process would use that GPU"):
+        resolve_device("cuda:1", 2, 0, cuda_available=True)
 
 
 # ---------------------------------------------------------------- end to end
@@ -129,8 +151,8 @@ def test_train_writes_metrics_logs_plot_checkpoint(reference):
     assert metrics["overall"] == pytest.approx(report["overall"]) and metrics["epoch"] == 2
     assert metrics["step"] == 2 * (sum(COUNTS) // 16)
     rows = (out / "per_class.csv").read_text().splitlines()
-    assert rows[0] == "class,name,train_count,group,accuracy" and len(rows) == 1 + len(COUNTS)
-    assert rows[1].startswith('0,"colour_0",105,many') and ",medium," in rows[2] and ",few," in rows[6]
+    assert rows[0] == "class,name,train_count,group_count,group,accuracy" and len(rows) == 1 + len(COUNTS)
+    assert rows[1].startswith('0,"colour_0",105,105,many') and ",medium," in rows[2] and ",few," in rows[6]
     assert (out / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (out / "train_log.csv").read_text().splitlines()
     assert log[0] == "step,epoch,loss,lr,images_per_s"
@@ -178,10 +200,15 @@ def _kill_at(step):
     return cb
 
 
+def _log_rows(path, up_to):
+    return [r for r in path.read_text().splitlines()[1:] if int(r.split(",")[0]) <= up_to]
+
+
 @pytest.mark.parametrize("kill_step", [5, 14])
-def test_kill_and_resume_matches_uninterrupted(tiny, reference, tmp_path, kill_step):
+def test_kill_and_resume_matches_uninterrupted(tiny, reference, tmp_path, kill_step, monkeypatch):
     """Kill after `kill_step` steps (checkpoints every 3 steps and at the epoch end, 10 steps per epoch),
-    resume from last.pt through the CLI, compare final weights with the uninterrupted run."""
+    resume from last.pt through the CLI, compare final weights with the uninterrupted run. The resumed run
+    must run only the missing steps (retraining from scratch would reach the same weights too)."""
     ref_out, ref_report = reference
     out = tmp_path / "run"
     with pytest.raises(Kill):
@@ -190,9 +217,22 @@ def test_kill_and_resume_matches_uninterrupted(tiny, reference, tmp_path, kill_s
     # step 5: the step-3 checkpoint; step 14: the step-12 one (epoch-end checkpoint at 10, then 12)
     assert ckpt["global_step"] == {5: 3, 14: 12}[kill_step]
     assert not (out / "adapters.safetensors").exists()
+    log_before = _log_rows(out / "train_log.csv", ckpt["global_step"])
+    assert log_before and int(log_before[-1].split(",")[0]) <= ckpt["global_step"]
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg_for(tiny, out).to_dict()))
+    steps_run = []
+    real_step = Trainer.train_step
+
+    def counting_step(self, batch):
+        steps_run.append(self.global_step)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", counting_step)
     assert cli_main(["train", "--config", str(cfg_file), "--resume"]) == 0
+    total_steps = 2 * (sum(COUNTS) // 16)
+    assert steps_run == list(range(ckpt["global_step"], total_steps))
+    assert _log_rows(out / "train_log.csv", ckpt["global_step"]) == log_before  # the kept rows are untouched
     got = load_file(str(out / "adapters.safetensors"))
     want = load_file(str(ref_out / "adapters.safetensors"))
     for k in want:
@@ -247,6 +287,49 @@ def test_torchrun_two_processes_match_single_process(tiny, reference, tmp_path):
     assert metrics["overall"] == pytest.approx(ref_report["overall"])
     assert proc.stdout.count("top-1 overall") == 1  # only rank 0 prints ...
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # ... and writes files
+
+
+_FAILING_RANK_SCRIPT = textwrap.dedent("""
+    import sys
+    from sage_fast.config import build_config
+    from sage_fast.train import train
+
+    def fail(trainer, event, info):
+        if event == "step" and info == 2 and trainer.dist.rank == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+
+    train(build_config(sys.argv[1]), callbacks=[fail])
+""")
+
+
+def test_torchrun_job_fails_instead_of_hanging_when_one_process_raises(tiny, tmp_path):
+    """Rank 1 raises after step 2 while rank 0 goes on into DDP's all-reduce: the job must exit non-zero
+    soon (no final barrier on the failing rank), not wait for gloo's 30-minute timeout."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg_for(tiny, tmp_path / "ddp", **{"train.tensorboard": False}).to_dict()))
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(_FAILING_RANK_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(cfg_file)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun stops its workers (they run in sessions of their own) before it exits
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        pytest.fail("torchrun hung after one process raised")
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in output, output[-3000:]
+    assert not (tmp_path / "ddp" / "adapters.safetensors").exists()
 
 
 def test_gpu_decode_option_runs_on_cpu(tmp_path):
