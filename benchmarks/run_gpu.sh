@@ -53,6 +53,15 @@ cap() {
 }
 stage() { echo; echo "=== [$(date -u +%H:%M:%S), $(( SECONDS - START ))s] $*"; }
 
+# Wheels carried from the development machine (benchmarks/gpu_wheels.sh): the GPU image has no
+# open_clip_torch and cannot download it.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    stage "installing carried wheels from .whl/"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "cannot install the carried wheels" >&2; exit 3; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 missing=$($PY - <<'EOF'
 import importlib.util
 need = ["torch", "triton", "open_clip", "pytest", "pytest_benchmark", "matplotlib"]
