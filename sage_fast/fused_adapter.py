@@ -46,26 +46,18 @@ memory first (documented fallback, costs one copy).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
-import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ._triton_runtime import BACKENDS, HAS_TRITON, cannot_run_error, check_backend, device_ctx, triton_unavailable_reason  # noqa: F401
 from .adapter import SGAdapter, check_adapter_inputs
 
-try:  # Triton is optional: without it the folded PyTorch path still works.
+if HAS_TRITON:  # the launch configurations below use triton's integer helpers
     import triton
-    import triton.language  # noqa: F401
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
-
-BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _kernels = None
@@ -77,19 +69,6 @@ def _kernel_module():
     if _kernels is None:
         _kernels = importlib.import_module("sage_fast.kernels.sg_adapter")
     return _kernels
-
-
-def triton_interpret_enabled() -> bool:
-    """True when the Triton kernels run (or will run) in the interpreter, on CPU tensors."""
-    loaded = _kernels if _kernels is not None else sys.modules.get("sage_fast.kernels.sg_adapter")
-    if loaded is not None:  # decided when the kernels were decorated, whatever the env says now
-        return loaded.INTERPRET
-    # Triton's own helpers are decorated (interpreted or not) when triton is first imported.
-    return (
-        HAS_TRITON
-        and os.environ.get("TRITON_INTERPRET", "0") == "1"
-        and type(triton.language.zeros).__name__ == "InterpretedFunction"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,11 +175,6 @@ def _operand_dtype(compute_dtype: torch.dtype, interpret: bool) -> torch.dtype:
     return torch.float32 if interpret and compute_dtype == torch.bfloat16 else compute_dtype
 
 
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensor's (multi-GPU).
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check_op_operand(name: str, t: torch.Tensor, shape=None) -> None:
     # The kernels index rows as row * d: they need 2-D tensors with contiguous rows.
     if t.ndim != 2 or (shape is not None and t.shape != shape):
@@ -249,7 +223,7 @@ def sg_adapter_fwd(
     w_up_t = w_up.t().to(op_dtype).contiguous()                           # (H, d): coalesced rows of W_up^T
     block_h = _block_h(h)
     block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
-    with _device_ctx(x):
+    with device_ctx(x):
         k.sg_adapter_fwd_kernel[(triton.cdiv(m_rows, block_m),)](
             x, mlp if block_epilogue else x, out, mean, rstd, w_cat_c, b_cat.float().contiguous(), w_up_t,
             b_up.float().contiguous(), scale.float() if block_epilogue else b_cat,
@@ -307,7 +281,7 @@ def sg_adapter_bwd(
     ds_part = torch.empty((n_prog,), device=dev, dtype=torch.float32)
     dbcat_part = torch.empty((n_prog, h), device=dev, dtype=torch.float32)
     prec = _dot_precision(op_dtype)
-    with _device_ctx(x):
+    with device_ctx(x):
         k.sg_adapter_bwd_dx_kernel[(n_prog,)](
             x, dout, dx, mean, rstd, w_cat_c, w_cat_c.t().contiguous(), b_cat.float().contiguous(),
             w_cat_c.float().sum(0), w_up_c, scale32 if block_epilogue else b_cat,
@@ -321,7 +295,7 @@ def sg_adapter_bwd(
     dwcat_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
     dwup_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
     dbup_part = torch.empty((split, d), device=dev, dtype=torch.float32)
-    with _device_ctx(x):
+    with device_ctx(x):
         k.sg_adapter_bwd_dw_kernel[(triton.cdiv(h, bh), triton.cdiv(d, bd), split)](
             x, dout, mean, rstd, act, dh, dwcat_part, dwup_part, dbup_part,
             m_rows, d, h, split,
@@ -414,9 +388,7 @@ class SGAdapterFused(SGAdapter):
 
     def __init__(self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5, backend: str = "auto"):
         super().__init__(dim, bottleneck, alpha=alpha, eps=eps)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
@@ -424,19 +396,14 @@ class SGAdapterFused(SGAdapter):
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "torch":
             return False
-        runnable = HAS_TRITON and (x.is_cuda or triton_interpret_enabled())
+        reason = triton_unavailable_reason(x.device)
         if self.backend == "triton":
-            if not HAS_TRITON:
-                raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-            if not runnable:
-                raise RuntimeError(
-                    f"backend='triton' cannot run on a {x.device.type} tensor: use CUDA tensors, or set "
-                    "TRITON_INTERPRET=1 before triton is first imported, or use backend='auto' or 'torch'"
-                )
+            if reason is not None:
+                raise cannot_run_error(reason)
             if x.dtype not in _TRITON_DTYPES:
                 raise TypeError(f"backend='triton' supports fp32, fp16 and bf16 inputs, got {x.dtype}")
             return True
-        return runnable and x.dtype in _TRITON_DTYPES  # "auto": fp64 takes the PyTorch path
+        return reason is None and x.dtype in _TRITON_DTYPES  # "auto": fp64 takes the PyTorch path
 
     def _check_finite(self, *tensors: torch.Tensor) -> None:
         if not self.check_finite or torch.compiler.is_compiling():

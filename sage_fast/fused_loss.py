@@ -25,20 +25,15 @@ Limitations, by design:
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_finite, check_float, check_labels, check_same_device
-
-BACKENDS = ("auto", "triton", "torch")
+from ._triton_runtime import BACKENDS, cannot_run_error, check_backend, device_ctx, triton_unavailable_reason  # noqa: F401
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_KERNEL_MODULE = "sage_fast.kernels.la_loss"
 
 
 def _kernels():
@@ -47,48 +42,6 @@ def _kernels():
     from .kernels import la_loss
 
     return la_loss
-
-
-def _interpret_mode() -> bool:
-    module = sys.modules.get(_KERNEL_MODULE)
-    if module is not None:
-        return bool(module.INTERPRET)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:
-    """Why the Triton kernel cannot run on `device`, or None when it can.
-
-    CUDA needs Triton and a CUDA device; CPU tensors need Triton's interpreter
-    (TRITON_INTERPRET=1 set before `sage_fast.kernels` is first imported).
-    """
-    device = torch.device(device)
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - Triton is a dependency on Linux
-        return f"Triton is not installed ({exc})"
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available"
-    if device.type == "cpu":
-        if _interpret_mode():
-            return None
-        return (
-            "the tensors are on the CPU and Triton's interpreter is off "
-            "(set TRITON_INTERPRET=1 before sage_fast.kernels is first imported)"
-        )
-    return f"Triton does not run on device type {device.type!r}"
-
-
-def check_backend(backend: str) -> str:
-    """Validate a backend name; backend='triton' also needs Triton to be importable."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:  # pragma: no cover
-            raise RuntimeError(f"backend='triton' needs Triton, which is not installed ({exc})") from exc
-    return backend
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -109,7 +62,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     reason = triton_unavailable_reason(first.device)
     if backend == "triton":
         if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run here: {reason}. Use backend='auto' or 'torch'.")
+            raise cannot_run_error(reason)
         return "triton"
     if reason is not None or any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
         return "torch"
@@ -173,12 +126,11 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
     status = torch.zeros(batch, dtype=torch.int32, device=device)
     n_valid = (target != ignore_index).sum().reshape(1)
     if batch:
-        block_c, block_b, num_warps = _launch_config(batch, num_classes, _interpret_mode(), block_c, block_b)
+        block_c, block_b, num_warps = _launch_config(batch, num_classes, k.INTERPRET, block_c, block_b)
         zv_, zt_ = (zv, zt) if fit else (z, z)
         grid = (-(-batch // block_b),)
         lam1, lam2, lam3 = lambdas
-        # Triton launches on the current CUDA device: make it the logits' (multi-GPU without set_device).
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with device_ctx(z):
             k.fit_la_loss_fwd_kernel[grid](
                 z, zv_, zt_, z.stride(0), zv_.stride(0), zt_.stride(0),
                 target, log_prior, s, n_valid,

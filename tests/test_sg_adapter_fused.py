@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sage_fast import _triton_runtime
 from sage_fast import fused_adapter as fa
 from sage_fast.adapter import SGAdapter
 from sage_fast.fused_adapter import SGAdapterFused, fold_adapter_weights
@@ -253,7 +254,7 @@ def test_fp64_auto_falls_back_to_torch_and_triton_refuses():
 def test_cpu_without_interpreter_uses_torch_path(monkeypatch):
     """backend='auto' on a CPU tensor without the interpreter takes the folded PyTorch path;
     backend='triton' there is a clear error."""
-    monkeypatch.setattr(fa, "triton_interpret_enabled", lambda: False)
+    monkeypatch.setattr(_triton_runtime, "interpret_enabled", lambda: False)
 
     def no_kernels(*args, **kwargs):
         raise AssertionError("the Triton path must not run")

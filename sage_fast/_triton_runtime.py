@@ -1,0 +1,72 @@
+"""Where the Triton kernels can run: one answer for every fused op (adapter, loss).
+
+The fused modules take ``backend`` = "auto" | "triton" | "torch". Triton runs on CUDA tensors,
+and on CPU tensors only in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
+before triton is first imported: Triton decides interpret mode when a function is decorated, for
+its own standard library at that first import.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Optional, Union
+
+import torch
+
+try:  # Triton is optional: without it the PyTorch paths still work.
+    import triton
+    import triton.language  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpret_enabled() -> bool:
+    """True when the Triton kernels run (or will run) in the interpreter, on CPU tensors."""
+    loaded = sys.modules.get("sage_fast.kernels.utils")
+    if loaded is not None:  # decided when the kernels were imported, whatever the env says now
+        return bool(loaded.INTERPRET)
+    return (
+        HAS_TRITON
+        and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        and type(triton.language.zeros).__name__ == "InterpretedFunction"
+    )
+
+
+def triton_unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    device = torch.device(device)
+    if not HAS_TRITON:  # pragma: no cover - Triton is a dependency on Linux
+        return "the triton package is not installed"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if interpret_enabled():
+            return None
+        return (
+            "the tensors are on the CPU and Triton's interpreter is off "
+            "(set TRITON_INTERPRET=1 before triton is first imported)"
+        )
+    return f"Triton does not run on device type {device.type!r}"
+
+
+def check_backend(backend: str) -> str:
+    """Validate a backend name; backend='triton' also needs Triton to be importable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    return backend
+
+
+def cannot_run_error(reason: str) -> RuntimeError:
+    return RuntimeError(f"backend='triton' cannot run here: {reason}. Use backend='auto' or 'torch'.")
+
+
+def device_ctx(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (multi-GPU without set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
