@@ -25,6 +25,7 @@ and ``eval_log.csv``, ``tb/`` (TensorBoard), ``metrics.json``, ``per_class.csv``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -185,33 +186,36 @@ def _remove_quietly(path: Path) -> None:
         pass  # the original error matters more than a leftover temporary file
 
 
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (never half-written).
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it.
 
-    A failed write (an exception, Ctrl-C) removes the temporary file and leaves an existing `path` untouched.
-    """
+    Readers never see a half-written file, and an existing `path` survives a failed write (an
+    exception, Ctrl-C)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save through `atomic_path`, fsynced, so a checkpoint is whole or absent, even after a crash."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
     _fsync_dir(path.parent)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,10 +279,11 @@ def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int],
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "per-class accuracy")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 class CSVLog:
@@ -294,12 +299,10 @@ class CSVLog:
             self._rewrite([])
 
     def _rewrite(self, rows) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, self.fields)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
         with open(self.path, "a", newline="") as f:
@@ -500,9 +503,8 @@ class Trainer:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.model.trainable_state_dict().items()}
         meta = {"config": json.dumps(self.cfg.to_dict()), "class_names": json.dumps(list(self.data.class_names)),
                 "class_counts": json.dumps(list(self.data.class_counts)), "format": "sage-fast adapters v1"}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     # -- logging ------------------------------------------------------------------------------
