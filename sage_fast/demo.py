@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from .data import cifar_lt_counts
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220), "yellow": (230, 210, 40),
            "purple": (150, 50, 190)}
 PATTERNS = ("stripes", "checks")
@@ -21,11 +23,6 @@ PATTERNS = ("stripes", "checks")
 
 def demo_class_names() -> list[str]:
     return [f"{c}_{p}" for p in PATTERNS for c in COLOURS]
-
-
-def demo_class_counts(num_classes: int, head: int = 200, ratio: float = 50.0) -> list[int]:
-    """Exponential long tail: class k keeps int(head * ratio^(-k/(C-1))) images (200 down to 4)."""
-    return [int(head * ratio ** (-k / max(num_classes - 1, 1))) for k in range(num_classes)]
 
 
 def _draw(colour, pattern: str, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -49,7 +46,7 @@ def make_demo_dataset(root: str, seed: int = 0, size: int = 32, test_per_class: 
 
     rng = np.random.default_rng(seed)
     names = demo_class_names()
-    counts = demo_class_counts(len(names))
+    counts = cifar_lt_counts(50.0, len(names), max_count=200)  # CIFAR-100-LT's exponential tail: 200 down to 4
     lines = {"train": [], "test": []}
     for label, name in enumerate(names):
         colour, pattern = COLOURS[name.split("_")[0]], name.split("_")[1]
