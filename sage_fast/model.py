@@ -111,7 +111,9 @@ def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] 
 # Frozen attention with a choice of kernel
 
 
+@functools.lru_cache(maxsize=1)
 def _xformers_available() -> bool:
+    # Cached: visual_features resolves the attention backend on every forward.
     return importlib.util.find_spec("xformers") is not None
 
 
