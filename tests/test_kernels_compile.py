@@ -23,6 +23,10 @@ The child process is needed because tests/conftest.py sets TRITON_INTERPRET=1 fo
 session on CPU, and Triton fixes interpret mode when a kernel is decorated. The same file is the
 child's script (`python tests/test_kernels_compile.py OUT.json`).
 
+Shared memory: no configuration may ask for more than sm_90's 227 KiB per block (it would compile
+and then fail at launch). The report also prints an occupancy estimate (resident programs per SM
+from registers, shared memory and warps).
+
 Spills: no configuration may spill more than SPILL_TOLERANCE_BYTES (a few bytes of spill, as
 triton 3.6 gives the fp32 backward where 3.8 gives none, cost nothing; an oversized tile spills
 kilobytes); smaller spills are reported. A label tag listed in SPILL_REPORT_ONLY turns the
@@ -41,6 +45,12 @@ import warnings
 import pytest
 
 H100 = ("cuda", 90, 32)
+# sm_90's limits: a program asking for more shared memory than the opt-in maximum per block
+# compiles fine but fails at launch (Triton raises OutOfResources), which no CPU test would see.
+SM90_MAX_SHARED_PER_BLOCK = 232448      # 227 KiB
+SM90_SHARED_PER_SM = 233472             # 228 KiB, 1 KiB of it reserved per resident block
+SM90_REGISTERS_PER_SM = 65536
+SM90_MAX_WARPS_PER_SM = 64
 
 # Spills are asserted for every case whose label carries none of these tags.
 SPILL_REPORT_ONLY = ()
@@ -207,6 +217,8 @@ def _compile_one(i: int) -> dict:
         registers=None,
         spill_stores=None,
         spill_loads=None,
+        shared=None,
+        num_warps=None,
     )
     log = io.StringIO()  # ptxas -v output (TRITON_DUMP_PTXAS_LOG=1), and the PTX dump on failure
     try:
@@ -214,6 +226,8 @@ def _compile_one(i: int) -> dict:
             src = ASTSource(fn=fn, signature=e["sig"], constexprs=e["cons"], attrs=e["attrs"])
             compiled = triton.compile(src, target=_TARGET, options=e["opts"])
         case["ok"] = len(compiled.asm.get("cubin", b"")) > 0
+        case["shared"] = int(compiled.metadata.shared)
+        case["num_warps"] = int(compiled.metadata.num_warps)
         if not case["ok"]:
             case["error"] = "triton.compile returned no cubin"
     except Exception as exc:
@@ -270,6 +284,17 @@ def _child_main(out_path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _blocks_per_sm(case: dict) -> int | None:
+    """Resident programs per SM on sm_90, from shared memory, registers and warps (an occupancy
+    estimate from the compiled resources; it says nothing about speed by itself)."""
+    if case["registers"] is None or case["shared"] is None:
+        return None
+    warps = case["num_warps"]
+    by_regs = SM90_REGISTERS_PER_SM // (case["registers"] * 32 * warps)
+    by_shared = SM90_SHARED_PER_SM // (case["shared"] + 1024)
+    return min(by_regs, by_shared, SM90_MAX_WARPS_PER_SM // warps, 32)
+
+
 def _describe(case: dict) -> str:
     cons = ", ".join(f"{k}={v}" for k, v in case["constexprs"].items())
     opts = ", ".join(f"{k}={v}" for k, v in case["options"].items())
@@ -306,13 +331,21 @@ def test_kernels_compile_for_sm90(tmp_path):
     for c in cases:
         status = "ok" if c["ok"] else "FAILED"
         print(f"  {status:6s} regs={c['registers']} spills={c['spill_stores']}/{c['spill_loads']} "
-              f"{c['seconds']:.1f}s  {_describe(c)}")
+              f"shared={c['shared']} blocks/SM={_blocks_per_sm(c)} {c['seconds']:.1f}s  {_describe(c)}")
 
     failed = [c for c in cases if not c["ok"]]
     if failed:
         pytest.fail(
             f"{len(failed)} of {len(cases)} kernel configurations do not compile for sm_90:\n\n"
             + "\n\n".join(f"{_describe(c)}\n  {c['error']}" for c in failed),
+            pytrace=False,
+        )
+
+    too_big = [c for c in cases if c["shared"] > SM90_MAX_SHARED_PER_BLOCK]
+    if too_big:
+        pytest.fail(
+            f"shared memory above sm_90's {SM90_MAX_SHARED_PER_BLOCK} bytes per block (the launch would fail):\n"
+            + "\n".join(f"  {c['shared']} bytes: {_describe(c)}" for c in too_big),
             pytrace=False,
         )
 
