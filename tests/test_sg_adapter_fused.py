@@ -232,7 +232,7 @@ def _saved_bytes(module, x, guidance, block):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if block:
-            module.forward_block(x, guidance, torch.randn_like(x), torch.tensor(0.5))
+            module.forward_block(x, guidance, torch.randn_like(x), torch.tensor(0.5, device=x.device))
         else:
             module(x, guidance)
     assert x.untyped_storage().data_ptr() in storages, "the hook saw no saved x: nothing was measured"
@@ -247,12 +247,12 @@ def test_backward_keeps_only_row_stats(block):
     growth of the saved bytes from 61 to 190 rows. The reference, for contrast, keeps several
     activations of width d per row."""
     d, r = 48, 4
-    ref, fused = _random_pair(d, r)
+    ref, fused = (m.to(DEV) for m in _random_pair(d, r))
     growth = {}
     for name, module in (("fused", fused), ("reference", ref)):
         sizes = []
         for rows in (61, 190):
-            x, g, _, _ = _inputs((rows,), d, torch.float32)
+            x, g, _, _ = (t.to(DEV) for t in _inputs((rows,), d, torch.float32))
             sizes.append(_saved_bytes(module, x.requires_grad_(), g.requires_grad_(), block))
         growth[name] = (sizes[1] - sizes[0]) / (190 - 61)
     assert growth["fused"] == 8, growth
