@@ -290,7 +290,8 @@ def _blocks_per_sm(case: dict) -> int | None:
     if case["registers"] is None or case["shared"] is None:
         return None
     warps = case["num_warps"]
-    by_regs = SM90_REGISTERS_PER_SM // (case["registers"] * 32 * warps)
+    regs = -(-case["registers"] // 8) * 8  # registers are allocated 8 per thread at a time
+    by_regs = SM90_REGISTERS_PER_SM // (regs * 32 * warps)
     by_shared = SM90_SHARED_PER_SM // (case["shared"] + 1024)
     return min(by_regs, by_shared, SM90_MAX_WARPS_PER_SM // warps, 32)
 
