@@ -151,6 +151,15 @@ def frozen_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, backend: 
 # The model
 
 
+def resolve_adapter_impl(adapter_impl: str, device: torch.device) -> str:
+    """"auto" -> "fused" on CUDA, "reference" elsewhere; "fused" and "reference" pass through."""
+    if adapter_impl not in ADAPTER_IMPLS:
+        raise ValueError(f"adapter_impl must be one of {ADAPTER_IMPLS}, got {adapter_impl!r}")
+    if adapter_impl == "auto":
+        return "fused" if device.type == "cuda" else "reference"
+    return adapter_impl
+
+
 def _make_adapter(impl: str, dim: int, bottleneck: int, alpha: float) -> nn.Module:
     if impl == "reference":
         return SGAdapter(dim, bottleneck, alpha)
@@ -195,8 +204,8 @@ class SageModel(nn.Module):
             raise ValueError("Sage uses the class token: the visual tower must have pool_type='tok' and no attention pool")
         if len(class_names) != len(class_counts):
             raise ValueError(f"{len(class_names)} class names but {len(class_counts)} class counts")
-        if adapter_impl not in ADAPTER_IMPLS:
-            raise ValueError(f"adapter_impl must be one of {ADAPTER_IMPLS}, got {adapter_impl!r}")
+        # "auto": where the backbone lives now; `build_sage` resolves it for the target device.
+        adapter_impl = resolve_adapter_impl(adapter_impl, next(clip.parameters()).device)
 
         self.clip = clip
         self.dim = visual.transformer.width
@@ -217,8 +226,6 @@ class SageModel(nn.Module):
         self.adapters = nn.ModuleList(
             SGAdapter(self.dim, self.bottleneck, self.alpha) for _ in range(self.num_layers)
         )
-        if adapter_impl == "auto":  # where the backbone lives now; `build_sage` resolves it for the target device
-            adapter_impl = "fused" if next(clip.parameters()).is_cuda else "reference"
         if adapter_impl == "fused":
             self.set_adapter_impl("fused")
         # One finiteness check of all trainable parameters per forward (one host sync), instead of
@@ -413,10 +420,7 @@ def build_sage(
     adapter_impl "auto" takes the fused adapter on CUDA and the reference elsewhere.
     """
     device = torch.device(device)
-    if adapter_impl not in ADAPTER_IMPLS:
-        raise ValueError(f"adapter_impl must be one of {ADAPTER_IMPLS}, got {adapter_impl!r}")
-    if adapter_impl == "auto":
-        adapter_impl = "fused" if device.type == "cuda" else "reference"
+    adapter_impl = resolve_adapter_impl(adapter_impl, device)
     resolve_attention(attention, device)  # fail early on a bad choice
     clip = load_clip(model_name, pretrained, device)
     tokenizer = _tokenizer(model_name)
