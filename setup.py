@@ -6,6 +6,14 @@ installed as `sage_fast.kernels`, never as a top-level `kernels` module.
 from setuptools import setup
 
 setup(
-    packages=["sage_fast", "sage_fast.kernels"],
+    packages=[
+        "sage_fast",
+        "sage_fast.ops",
+        "sage_fast.model",
+        "sage_fast.training",
+        "sage_fast.training.data",
+        "sage_fast.kernels",
+    ],
     package_dir={"sage_fast": "sage_fast", "sage_fast.kernels": "kernels"},
+    package_data={"sage_fast.model": ["configs/*.json"]},
 )

@@ -2,7 +2,7 @@
 
 This is the call every Sage block makes (Eq. 9), so it is what the fused kernel has to beat.
 Implementations, same weights and inputs:
-  eager        sage_fast.adapter.SGAdapter (the literal reference of Eq. 7, 8)
+  eager        sage_fast.ops.reference.SGAdapter (the literal reference of Eq. 7, 8)
   compile      torch.compile of the reference (default mode, dynamic=False)
   fused_torch  SGAdapterFused(backend="torch"): the folded algebra of SAGE.md 1.2 in PyTorch
   fused        SGAdapterFused(backend="triton"): the Triton kernels (CUDA only)
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sage_fast.adapter import SGAdapter
+from sage_fast.ops.reference import SGAdapter
 
 from . import harness
 from .harness import CPU_NO_COMPILE, CPU_NO_TRITON, DEVICE, DTYPES, ON_GPU

@@ -4,7 +4,7 @@ kind "fit"), called as the model calls them: the public modules `CompensatedLALo
 Implementations, same inputs:
   eager    the module with backend="torch" (the PyTorch reference)
   compile  torch.compile of that module (default mode, dynamic=False)
-  fused    the module with backend="triton" (sage_fast.fused_loss; CUDA only)
+  fused    the module with backend="triton" (sage_fast.ops.la_loss; CUDA only)
 Each includes the module's input validation (NaN and label-range checks), as a user's call does.
 
 Shapes: batch 512, C in {100, 1000, 8142} (CIFAR-100-LT, ImageNet-LT, iNaturalist 2018) on CUDA,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sage_fast.losses import CompensatedLALoss, FITLoss
+from sage_fast import CompensatedLALoss, FITLoss
 
 from . import harness
 from .harness import CPU_NO_COMPILE, CPU_NO_TRITON, DEVICE, DTYPES, ON_GPU

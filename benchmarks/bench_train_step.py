@@ -4,7 +4,7 @@ CUDA: open_clip `ViT-B-16-quickgelu` at 224 px, batch 128, 1000 classes (ImageNe
 LIFT's rule), bf16 autocast, synthetic images and labels already on the GPU. The backbone has
 random weights (speed does not depend on them, and GPU machines may be offline); the classifier
 starts from random unit rows instead of the text-template init (which only costs build time).
-CPU: the tiny open_clip config of `sage_fast.model.register_tiny_clip_config` (32 px, 2 blocks),
+CPU: the tiny open_clip config of `sage-tiny` (sage_fast/model/configs: 32 px, 2 blocks),
 batch 4, 10 classes, fp32; a smoke test of the harness, not a measurement.
 
 Configurations ("impl", with the FIT setting as "case"):
@@ -27,8 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_fast.adapter import lift_bottleneck
-from sage_fast.losses import CompensatedLALoss
+from sage_fast.ops.reference import lift_bottleneck
+from sage_fast import CompensatedLALoss
 
 from . import harness
 from .harness import DEVICE, ON_GPU
@@ -41,10 +41,8 @@ LOGIT_SCALE = 25.0
 
 
 def _model_module():
-    try:
-        from sage_fast import model as model_module
-    except Exception as err:  # the model module is written in parallel with the benchmarks
-        pytest.skip(f"sage_fast.model is not importable: {type(err).__name__}: {err}")
+    from sage_fast import model as model_module
+
     return model_module
 
 
@@ -55,7 +53,7 @@ def e2e(e2e_settings):
     if ON_GPU:
         model_name = "ViT-B-16-quickgelu"
     else:
-        model_name = mm.register_tiny_clip_config()
+        model_name = "sage-tiny"
     clip = mm.load_clip(model_name, pretrained=None, device=DEVICE)
     visual = clip.visual
     size = visual.image_size
@@ -88,21 +86,13 @@ def _autocast():
 
 
 def build_sage(e2e, fit: bool, impl: str):
-    """A SageModel on the shared frozen CLIP. fused: fused adapters and the Triton loss (CUDA)."""
+    """A SageModel on the shared frozen CLIP. reference: backend "torch"; fused: backend "auto" (the
+    Triton adapters and loss on CUDA, the folded PyTorch adapter and the reference loss on CPU)."""
     mm = e2e["module"]
-    loss_backend = "triton" if (impl == "fused" and ON_GPU) else "torch"
+    backend = "torch" if impl == "reference" else "auto"
     model = mm.SageModel(
-        e2e["clip"], e2e["names"], e2e["counts"], e2e["init"], fit=fit, adapter_impl="reference",
-        loss_backend=loss_backend, attention=e2e["attention"],
+        e2e["clip"], e2e["names"], e2e["counts"], e2e["init"], fit=fit, backend=backend, attention=e2e["attention"],
     ).to(DEVICE)
-    if impl == "fused":
-        try:
-            model.set_adapter_impl("fused")
-        except Exception as err:
-            pytest.skip(f"fused adapters unavailable: {type(err).__name__}: {err}")
-        if not ON_GPU:
-            for adapter in model.adapters:  # "auto" would take the Triton interpreter under TRITON_INTERPRET=1
-                adapter.backend = "torch"
     model.train()
     return model
 
@@ -110,8 +100,9 @@ def build_sage(e2e, fit: bool, impl: str):
 def _backends(impl: str) -> dict:
     """What actually ran for a Sage configuration (the table says "fused" on CPU too)."""
     if impl == "fused":
-        backend = "triton" if ON_GPU else "torch"
-        return {"adapter_backend": backend, "loss_backend": backend}
+        if ON_GPU:
+            return {"adapter_backend": "triton", "loss_backend": "triton"}
+        return {"adapter_backend": "folded torch", "loss_backend": "torch"}
     return {"adapter_backend": "reference", "loss_backend": "torch"}
 
 

@@ -363,25 +363,19 @@ def add_ratios(record: dict, records: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# optional pieces (written in parallel with the benchmarks): import lazily, skip with a reason
+# the pieces under test
 
 
 def fused_adapter_class():
-    """sage_fast.fused_adapter.SGAdapterFused, or skip the case with the reason it is unavailable."""
-    try:
-        module = importlib.import_module("sage_fast.fused_adapter")
-        return module.SGAdapterFused
-    except Exception as err:  # ImportError, or an error inside the module while it is being written
-        pytest.skip(f"sage_fast.fused_adapter.SGAdapterFused is not importable: {type(err).__name__}: {err}")
+    """The fused adapter module under test."""
+    from sage_fast import SGAdapterFused
+
+    return SGAdapterFused
 
 
 def loss_backend_kwargs(cls, backend: str) -> dict:
-    """{"backend": backend} if the loss class takes one; the reference before the fused loss landed did not."""
-    if "backend" in inspect.signature(cls).parameters:
-        return {"backend": backend}
-    if backend == "torch":
-        return {}
-    pytest.skip(f"{cls.__name__} has no backend= keyword yet (sage_fast.fused_loss not wired in)")
+    """Keyword arguments that select `backend` ("auto" | "triton" | "torch") on a loss module."""
+    return {"backend": backend}
 
 
 def attention_backend() -> str:

@@ -1,12 +1,30 @@
-"""sage-fast: Sage (semantic-guided fine-tuning of CLIP for long-tailed recognition), fast and faithful."""
-from .adapter import SGAdapter, lift_bottleneck
-from .fused_adapter import SGAdapterFused, fold_adapter_weights, sg_adapter_torch
-from .fused_loss import fused_fit_loss, fused_la_loss
-from .losses import CompensatedLALoss, FITLoss, compensated_la_loss, compensated_log_prior
+"""sage-fast: Sage (semantic-guided fine-tuning of CLIP for long-tailed recognition), fast and faithful.
+
+Layers, each importing only those above it in this list:
+`sage_fast.ops` (reference math, fold, Triton glue, backend switch; kernels in `sage_fast.kernels`),
+`sage_fast.model` (Sage on a frozen open_clip ViT), `sage_fast.training` (config, data, trainer, CLI).
+"""
+from .ops import (
+    BACKENDS,
+    CompensatedLALoss,
+    FITLoss,
+    SGAdapter,
+    SGAdapterFused,
+    compensated_la_loss,
+    compensated_log_prior,
+    fold_adapter_weights,
+    fused_fit_loss,
+    fused_la_loss,
+    lift_bottleneck,
+    resolve_backend,
+    sg_adapter_torch,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
+    "resolve_backend",
     "SGAdapter",
     "SGAdapterFused",
     "fold_adapter_weights",

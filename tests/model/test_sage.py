@@ -3,10 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_fast.model import (
-    SageModel, build_sage, frozen_self_attention, load_clip, register_tiny_clip_config, text_classifier,
-)
-from sage_fast.templates import TEMPLATES, prompts_for
+from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip, text_classifier
+from sage_fast.model.templates import TEMPLATES, prompts_for
 
 NAMES = ["golden_retriever", "red fox", "tabby cat", "school bus"]
 COUNTS = [150, 60, 12, 3]
@@ -14,14 +12,13 @@ COUNTS = [150, 60, 12, 3]
 
 @pytest.fixture(scope="module")
 def tiny():
-    return register_tiny_clip_config()
+    return "sage-tiny"  # ships with the package (sage_fast/model/configs)
 
 
 @pytest.fixture(scope="module")
 def model(tiny):
     torch.manual_seed(0)
-    return build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, adapter_impl="reference",
-                      loss_backend="torch", progress=False)
+    return build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
 
 
 def randomise_adapters(model, seed=0):
@@ -121,7 +118,7 @@ def test_build_from_local_checkpoint(tmp_path, tiny):
     torch.save(state, pt_path)
     save_file(state, str(st_path))
     for path in (pt_path, st_path):
-        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=str(path), loss_backend="torch", progress=False)
+        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=str(path), backend="torch", progress=False)
         for k, v in m.clip.state_dict().items():
             assert torch.equal(v, state[k]), k
     with pytest.raises(FileNotFoundError):
@@ -133,8 +130,8 @@ def test_bad_arguments(tiny):
         build_sage(NAMES, COUNTS[:2], model_name=tiny, pretrained=None, progress=False)
     with pytest.raises(ValueError, match="unknown open_clip model"):
         build_sage(NAMES, COUNTS, model_name="no-such-model", pretrained=None, progress=False)
-    with pytest.raises(ValueError, match="adapter_impl"):
-        build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, adapter_impl="cuda", progress=False)
+    with pytest.raises(ValueError, match="backend"):
+        build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="cuda", progress=False)
     with pytest.raises(ValueError, match="attention"):
         build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, attention="flash", progress=False)
 
@@ -142,7 +139,7 @@ def test_bad_arguments(tiny):
 @pytest.mark.parametrize("fit", [True, False])
 def test_training_steps_lower_the_loss(tiny, fit):
     torch.manual_seed(2)
-    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, fit=fit, loss_backend="torch", progress=False)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, fit=fit, backend="torch", progress=False)
     images = torch.randn(8, 3, m.image_size, m.image_size)
     target = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     optim = torch.optim.SGD(m.trainable_parameters(), lr=0.01, momentum=0.9)
@@ -158,7 +155,7 @@ def test_training_steps_lower_the_loss(tiny, fit):
 
 def test_every_trainable_parameter_gets_a_gradient(tiny):
     torch.manual_seed(3)
-    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
     randomise_adapters(m)
     with torch.no_grad():
         m.criterion.s1.fill_(0.2)
@@ -172,7 +169,7 @@ def test_every_trainable_parameter_gets_a_gradient(tiny):
 
 
 def test_trainable_state_dict_round_trip(model, tiny):
-    other = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    other = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
     randomise_adapters(model, seed=9)
     other.load_trainable_state_dict(model.trainable_state_dict())
     for k, v in model.trainable_state_dict().items():
@@ -185,29 +182,30 @@ def test_trainable_state_dict_round_trip(model, tiny):
 def test_fused_and_reference_adapters_agree_in_the_model(tiny):
     """The model's fused path (Triton under the interpreter on CPU) against its reference path."""
     torch.manual_seed(4)
-    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
     randomise_adapters(m, seed=4)
     images = torch.randn(2, 3, m.image_size, m.image_size)
     target = torch.tensor([1, 3])
     results = {}
-    for impl in ("reference", "fused"):
-        m.set_adapter_impl(impl)
+    for impl in ("torch", "triton", "auto"):  # reference, Triton (interpreted on CPU), folded PyTorch
+        m.set_backend(impl)
         m.zero_grad()
         out = m(images)
         loss, _ = m.loss(out, target)
         loss.backward()
         results[impl] = (out.z.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
     assert type(m.adapters[0]).__name__ == "SGAdapterFused"
-    torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-4, atol=1e-4)
-    for name, grad in results["reference"][1].items():
-        torch.testing.assert_close(results["fused"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    for impl in ("triton", "auto"):
+        torch.testing.assert_close(results[impl][0], results["torch"][0], rtol=1e-4, atol=1e-4)
+        for name, grad in results["torch"][1].items():
+            torch.testing.assert_close(results[impl][1][name], grad, rtol=1e-3, atol=1e-5, msg=f"{impl}: {name}")
 
 
 def test_torch_compile_traces_the_fused_model_without_graph_breaks(tiny):
     """The fused adapter is a registered custom op: the whole adapted encoder is one graph."""
     torch.manual_seed(6)
-    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
-    m.set_adapter_impl("fused")
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
+    m.set_backend("triton")
     randomise_adapters(m, seed=6)
     m.attention = "sdpa"
     images = torch.randn(2, 3, m.image_size, m.image_size)
@@ -226,10 +224,9 @@ def test_default_fused_training_path_matches_the_reference(tiny):
     reference adapters and the PyTorch loss: loss and every gradient."""
     torch.manual_seed(7)
     results = {}
-    for impl, loss_backend in (("reference", "torch"), ("fused", "triton")):
+    for impl in ("torch", "triton"):
         torch.manual_seed(7)
-        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend=loss_backend, progress=False)
-        m.set_adapter_impl(impl)
+        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend=impl, progress=False)
         randomise_adapters(m, seed=7)
         with torch.no_grad():
             m.criterion.s1.fill_(0.3)
@@ -239,7 +236,7 @@ def test_default_fused_training_path_matches_the_reference(tiny):
         loss.backward()
         results[impl] = (loss.detach(), z_hat.detach(),
                          {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
-    (loss_r, zh_r, grads_r), (loss_f, zh_f, grads_f) = results["reference"], results["fused"]
+    (loss_r, zh_r, grads_r), (loss_f, zh_f, grads_f) = results["torch"], results["triton"]
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(zh_f, zh_r, rtol=1e-4, atol=1e-4)
     for name, grad in grads_r.items():
@@ -247,8 +244,8 @@ def test_default_fused_training_path_matches_the_reference(tiny):
 
 
 def test_nan_parameters_raise_a_clear_error(tiny):
-    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend="torch", progress=False)
-    m.set_adapter_impl("fused")
+    m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
+    m.set_backend("auto")
     with torch.no_grad():
         m.adapters[1].up.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or Inf: adapters\.1\.up\.weight"):
@@ -268,10 +265,9 @@ def test_torchscript_checkpoint_gets_a_clear_error(tmp_path, tiny):
 def test_fused_model_matches_reference_under_bf16_autocast_on_cuda(tiny):
     """The training setting on a GPU: bf16 autocast, fused adapters and loss vs the reference path."""
     results = {}
-    for impl, loss_backend in (("reference", "torch"), ("fused", "triton")):
+    for impl in ("torch", "triton"):
         torch.manual_seed(8)
-        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, loss_backend=loss_backend,
-                       adapter_impl=impl, device="cuda", progress=False)
+        m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend=impl, device="cuda", progress=False)
         randomise_adapters(m, seed=8)
         images = torch.randn(8, 3, m.image_size, m.image_size, device="cuda",
                              generator=torch.Generator(device="cuda").manual_seed(2))
@@ -280,8 +276,8 @@ def test_fused_model_matches_reference_under_bf16_autocast_on_cuda(tiny):
         loss, _ = m.loss(out, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device="cuda"))
         loss.backward()
         results[impl] = (out.z.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad})
-    z_r, grads_r = results["reference"]
-    z_f, grads_f = results["fused"]
+    z_r, grads_r = results["torch"]
+    z_f, grads_f = results["triton"]
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))  # noqa: E731
     assert rel(z_f, z_r) < 3e-2
     for name, grad in grads_r.items():

@@ -1,10 +1,10 @@
 """Training and evaluation of Sage: one process, several GPUs or several nodes (torchrun + DDP).
 
     sage-fast train --preset imagenet_lt data.root=/data/ImageNet_LT model.pretrained=/ckpt/clip.bin
-    torchrun --nproc_per_node 8 -m sage_fast.cli train --config run.yaml      # one node, 8 GPUs
+    torchrun --nproc_per_node 8 -m sage_fast train --config run.yaml      # one node, 8 GPUs
     sage-fast eval --weights runs/sage/adapters.safetensors
 
-Recipe (SAGE.md section 3): SGD with momentum on the trainable parameters only, a cosine schedule per
+Recipe (docs/method.md, "Training"): SGD with momentum on the trainable parameters only, a cosine schedule per
 step over all epochs with no warm-up, bf16 autocast on CUDA and fp32 on CPU.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) every process builds the same model (local rank 0
@@ -13,7 +13,7 @@ on CUDA, gloo on CPU) and reads its shard of every global batch (`optim.batch_si
 Only rank 0 writes files. A process that fails exits at once (no final barrier), so torchrun sees the
 failure and stops the others instead of the job hanging.
 
-Determinism and resume: augmentations are drawn from per-sample seeds (see `sage_fast.data`), so a
+Determinism and resume: augmentations are drawn from per-sample seeds (see `sage_fast.training.data`), so a
 run's batches do not depend on the number of processes or on interruptions. A checkpoint holds the
 trainable parameters, optimizer, scheduler, sampler position (epoch, step in epoch), RNG states and the
 config; it is written atomically every `train.ckpt_every_steps` steps and at each epoch end, and
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..model.clip import image_size
 from .config import SageConfig
 from .data import (
     GpuBatchTransform,
@@ -51,7 +52,6 @@ from .data import (
     build_loader,
 )
 
-TINY_MODEL_PREFIX = "sage-tiny"
 CHECKPOINT_VERSION = 1
 
 
@@ -223,7 +223,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def group_masks(group_counts: Sequence[int]) -> Dict[str, torch.Tensor]:
-    """many: > 100 training images, medium: 20 to 100, few: < 20 (SAGE.md section 3)."""
+    """many: > 100 training images, medium: 20 to 100, few: < 20 (the paper's groups; docs/method.md)."""
     c = torch.as_tensor(list(group_counts))
     return {"many": c > 100, "medium": (c >= 20) & (c <= 100), "few": c < 20}
 
@@ -317,32 +317,10 @@ def _fmt(v):
 # Model
 
 
-def clip_image_size(model_name: str) -> int:
-    """The input resolution of an open_clip architecture, from its config (no weights built)."""
-    import open_clip
-
-    if model_name.startswith(TINY_MODEL_PREFIX):
-        from .model import register_tiny_clip_config
-
-        register_tiny_clip_config(model_name)
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {model_name!r}")
-    size = cfg["vision_cfg"]["image_size"]
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
 def build_model_from_config(cfg: SageConfig, class_names, class_counts, device, progress: bool = True):
-    from .model import build_sage
+    from ..model import build_sage
 
-    m = cfg.model
-    clip_image_size(m.name)  # registers the tiny test config where asked for
-    return build_sage(
-        class_names, class_counts, model_name=m.name, pretrained=m.pretrained, bottleneck=m.bottleneck,
-        alpha=m.alpha, mu=m.mu, gamma=m.gamma, lambdas=tuple(m.lambdas), fit=m.fit, adapter_impl=m.adapter_impl,
-        loss_backend=m.loss_backend, attention=m.attention, logit_scale=m.logit_scale, device=device,
-        text_batch_size=m.text_batch_size, progress=progress,
-    )
+    return build_sage(class_names, class_counts, cfg.model, device=device, progress=progress)
 
 
 def cosine_lambda(total_steps: int) -> Callable[[int], float]:
@@ -402,7 +380,7 @@ class Trainer:
             raise ValueError(f"optim.batch_size={cfg.optim.batch_size} (global) is not divisible by the {world} processes")
         seed_everything(cfg.train.seed)
 
-        self.image_size = cfg.data.image_size or clip_image_size(cfg.model.name)
+        self.image_size = cfg.data.image_size or image_size(cfg.model.name)
         self.raw = bool(cfg.data.gpu_decode)
         self.data = data or build_data(cfg.data, self.image_size, raw=self.raw)
         # the same seed on every rank: identical initial adapters (DDP also broadcasts rank 0's)
@@ -777,8 +755,8 @@ def bench_input_pipeline(cfg: SageConfig, num_batches: int = 50) -> dict:
     """Images/s of the training input pipeline alone (read, decode, augment, collate; no model)."""
     from .data import measure_input_pipeline
 
-    image_size = cfg.data.image_size or clip_image_size(cfg.model.name)
-    data = build_data(cfg.data, image_size, raw=cfg.data.gpu_decode)
+    size = cfg.data.image_size or image_size(cfg.model.name)
+    data = build_data(cfg.data, size, raw=cfg.data.gpu_decode)
     sampler = TrainSampler(data.train, cfg.optim.batch_size, 1, 0, cfg.train.seed)
     loader = build_loader(data.train, cfg.optim.batch_size, sampler, cfg.data, pin_memory=False, train=True)
     out = measure_input_pipeline(loader, num_batches)

@@ -1,48 +1,28 @@
-"""Fused SG-Adapter: the algebra of SAGE.md section 1.2, with Triton kernels per token.
+"""Autograd glue of the fused SG-Adapter over the Triton kernels of `sage_fast.kernels.sg_adapter`.
 
-`SGAdapterFused` is a drop-in replacement for the reference `SGAdapter` (same constructor plus
-`backend`, same sub-modules, parameters and state_dict). Per forward:
+Per call, after `sage_fast.ops.fold.fold_adapter_weights` has folded the adapter into W_cat, b_cat:
 
-1. `fold_adapter_weights` (PyTorch, fp32, differentiable, weight-only work):
-   W_cat (d, 2r) and b_cat (2r,) absorb LN_a's affine, the text projection, the guidance and the
-   three down-projections.
-2. Per token, one Triton kernel (`sage_fast.kernels.sg_adapter`): LayerNorm statistics and
-   normalisation, h = xhat @ W_cat + b_cat, leaky activation (slope 1 - alpha), a = act @ W_up^T +
-   b_up, and either `a` (drop-in `forward`) or the Sage block epilogue `x + mlp_out + s * a`
-   (`forward_block`), so the block makes one pass over its activations.
-3. Backward (`SGAdapterFunction`, Triton): dx (LayerNorm backward included), dW_cat, db_cat, dW_up,
-   db_up, ds, and d mlp_out = dout; autograd carries dW_cat and db_cat back through the fold into
-   ln, proj, down_v, down_vt, down_t, s_vt and the guidance.
+* forward (one kernel): LayerNorm statistics and normalisation, h = xhat @ W_cat + b_cat, leaky
+  activation (slope 1 - alpha), a = act @ W_up^T + b_up, and either `a` (drop-in form) or the Sage
+  block epilogue `x + mlp_out + s * a` (block form), so the block makes one pass over its activations;
+* backward (a dx kernel with the LayerNorm backward, then a weight-gradient kernel): dx, dW_cat,
+  db_cat, dW_up, db_up, ds, and d mlp_out = dout; autograd carries dW_cat and db_cat back through
+  the fold into the adapter's parameters and the guidance.
 
-Saved for backward: x itself (the caller holds it anyway, so no extra memory), the folded
-weights (d x 2r, small) and two fp32 numbers per token row, mean and rstd: 8 bytes per row in
-all. h (2r values per row) is not saved: the backward must read x again for the LayerNorm
-backward anyway, and recomputing h = xhat @ W_cat in that same sweep costs a small GEMM instead of
-holding 2r values per row between forward and backward. mlp_out and the adapter output a are not
+Saved for backward: x itself (the caller holds it anyway), the folded weights (d x 2r, small) and
+two fp32 numbers per token row, mean and rstd: 8 bytes per row. h (2r values per row) is not saved:
+the backward reads x again for the LayerNorm backward anyway, and recomputing h in that sweep costs a
+small GEMM instead of holding 2r values per row between forward and backward. mlp_out and a are not
 saved either: d mlp_out = dout, and ds = sum(dout * a) is rebuilt as sum(act * (dout @ W_up)) +
 b_up . colsum(dout). The backward writes act and dh (M, 2r) as transients for the weight-gradient
-kernel, plus split-K partials of dW_cat and dW_up (split x d x 2r fp32); all are freed when
-backward returns.
+kernel, plus split-K partials of dW_cat and dW_up (split x d x 2r fp32), freed when backward returns.
 
-Dtypes: x may be fp32, fp16 or bf16 (fp64 runs the PyTorch path). GEMM operands use the compute
-dtype, x's dtype, with fp32 accumulation (fp32 operands without TF32); LayerNorm statistics, the
-activation and the epilogue run in fp32. mlp_out may have another float dtype; it is read as is.
-Outputs: `forward` returns the compute dtype (like the reference's last Linear), `forward_block`
-x's dtype. Under `torch.autocast` (the Sage model trains under bf16 autocast on CUDA) the compute
-dtype is autocast's dtype for x's device whatever x's dtype, as the reference's Linear layers would
-run; the fold stays in fp32 (autocast is disabled around it) and weight gradients come back fp32.
-Under the Triton interpreter (CPU), whose bf16 dot products are wrong, bf16 GEMM operands are kept
-in fp32 (outputs still bf16).
+Dtypes: GEMM operands use the compute dtype with fp32 accumulation (fp32 operands without TF32);
+LayerNorm statistics, the activation and the epilogue run in fp32. Under the Triton interpreter
+(CPU), whose bf16 dot products are wrong, bf16 GEMM operands are kept in fp32 (outputs still bf16).
 
 Registered as the custom ops `sage_fast::sg_adapter_fwd` and `sage_fast::sg_adapter_bwd`, so
 `torch.compile(fullgraph=True)` traces a model that uses the adapter without a graph break.
-
-Checks: input shapes, dtypes and devices as the reference (`check_adapter_inputs`); the folded
-weights, `up` and s must be finite, else ValueError. That check costs one host-device sync per
-forward (a few small reductions); set `module.check_finite = False` to skip it. It is skipped
-while `torch.compile` traces (a data-dependent branch would break the graph); NaN weights then
-give NaN outputs, never finite wrong ones. Non-contiguous x or mlp_out are copied to contiguous
-memory first (documented fallback, costs one copy).
 """
 from __future__ import annotations
 
@@ -50,15 +30,11 @@ import importlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ._triton_runtime import BACKENDS, HAS_TRITON, cannot_run_error, check_backend, device_ctx, triton_unavailable_reason  # noqa: F401
-from .adapter import SGAdapter, check_adapter_inputs
+from .backend import HAS_TRITON, device_ctx
 
 if HAS_TRITON:  # the launch configurations below use triton's integer helpers
     import triton
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _kernels = None
 
@@ -69,55 +45,6 @@ def _kernel_module():
     if _kernels is None:
         _kernels = importlib.import_module("sage_fast.kernels.sg_adapter")
     return _kernels
-
-
-# --------------------------------------------------------------------------------------------
-# The fold (PyTorch, fp32, differentiable)
-# --------------------------------------------------------------------------------------------
-
-
-def fold_adapter_weights(adapter: SGAdapter, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold LN_a's affine, the guidance and the down-projections into one d x 2r map.
-
-    Returns W_cat (d, 2r) and b_cat (2r,), fp32, with h = LN(x, no affine) @ W_cat + b_cat equal to
-    the reference's concat(down_v(fv), down_vt(fvt) + s_vt * down_t(ft)). Differentiable: autograd
-    takes gradients of W_cat and b_cat back to ln, proj, down_v, down_vt, down_t, s_vt, guidance.
-    """
-    d = adapter.dim
-    with torch.autocast(device_type=guidance.device.type, enabled=False):
-        gamma = adapter.ln.weight.float()
-        beta = adapter.ln.bias.float()
-        ft = F.layer_norm(guidance.float(), (d,), gamma, beta, adapter.eps)            # (d,)
-        m = F.linear(ft, adapter.proj.weight.float(), adapter.proj.bias.float())      # (d,)
-        w_dv = adapter.down_v.weight.float()                                          # (r, d)
-        w_dvt = adapter.down_vt.weight.float()                                        # (r, d)
-        c = adapter.down_vt.bias.float() + adapter.s_vt.float() * F.linear(
-            ft, adapter.down_t.weight.float(), adapter.down_t.bias.float()
-        )                                                                             # (r,)
-        w_cat = torch.cat([w_dv.t() * gamma[:, None], w_dvt.t() * (gamma * m)[:, None]], dim=1)
-        b_cat = torch.cat([w_dv @ beta + adapter.down_v.bias.float(), w_dvt @ (beta * m) + c])
-    return w_cat, b_cat
-
-
-def sg_adapter_torch(
-    x: torch.Tensor,
-    w_cat: torch.Tensor,
-    b_cat: torch.Tensor,
-    w_up: torch.Tensor,
-    b_up: torch.Tensor,
-    alpha: float,
-    eps: float,
-) -> torch.Tensor:
-    """The folded adapter in plain PyTorch (the CPU / fp64 fallback): a = leaky(xhat @ W_cat + b) @ W_up^T + b_up.
-
-    x: (..., d); w_cat: (d, 2r); b_cat: (2r,); w_up: (d, 2r) (nn.Linear layout); b_up: (d,).
-    Runs in x's dtype (or autocast's), like the reference.
-    """
-    xhat = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    dt = xhat.dtype
-    h = F.linear(xhat, w_cat.t().to(dt), b_cat.to(dt))
-    act = F.leaky_relu(h, negative_slope=1.0 - alpha)
-    return F.linear(act, w_up.to(act.dtype), b_up.to(act.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,108 +286,3 @@ class SGAdapterFunction(torch.autograd.Function):
         dmlp = dout.to(ctx.mlp_dtype) if ctx.mlp_dtype is not None else None
         dscale = ds if scale is not None else None
         return dx, dw_cat, db_cat, dw_up, db_up, dscale, dmlp, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# The module
-# --------------------------------------------------------------------------------------------
-
-
-class SGAdapterFused(SGAdapter):
-    """Semantic-guided adapter, fused (drop-in for `SGAdapter`).
-
-    Args:
-        dim, bottleneck, alpha, eps: as `SGAdapter`.
-        backend: "auto" (Triton on CUDA tensors or under TRITON_INTERPRET=1, else the folded
-            PyTorch path), "triton" (RuntimeError where Triton cannot run) or "torch" (folded
-            PyTorch path always).
-
-    Attributes:
-        check_finite: raise ValueError when the folded weights, `up` or s hold NaN/Inf (one
-            host-device sync per forward; default True).
-
-    Shapes:
-        forward(x (..., d), guidance (d,)) -> a (..., d)
-        forward_block(x (..., d), guidance (d,), mlp_out (..., d), scale 0-dim) -> (..., d)
-    """
-
-    check_finite: bool = True
-
-    def __init__(self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5, backend: str = "auto"):
-        super().__init__(dim, bottleneck, alpha=alpha, eps=eps)
-        self.backend = check_backend(backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
-
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        reason = triton_unavailable_reason(x.device)
-        if self.backend == "triton":
-            if reason is not None:
-                raise cannot_run_error(reason)
-            if x.dtype not in _TRITON_DTYPES:
-                raise TypeError(f"backend='triton' supports fp32, fp16 and bf16 inputs, got {x.dtype}")
-            return True
-        return reason is None and x.dtype in _TRITON_DTYPES  # "auto": fp64 takes the PyTorch path
-
-    def _check_finite(self, *tensors: torch.Tensor) -> None:
-        if not self.check_finite or torch.compiler.is_compiling():
-            return
-        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-        if not bool(ok):
-            raise ValueError(
-                "SGAdapterFused: NaN or Inf in the adapter weights, the guidance or the block scale "
-                "(checked on the folded W_cat, b_cat, up and s)"
-            )
-
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return x.dtype
-
-    def _run(self, x, guidance, mlp_out, scale):
-        w_cat, b_cat = fold_adapter_weights(self, guidance)
-        checked = [w_cat, b_cat, self.up.weight, self.up.bias] + ([scale] if scale is not None else [])
-        self._check_finite(*checked)
-        if not self._use_triton(x):
-            a = sg_adapter_torch(x, w_cat, b_cat, self.up.weight, self.up.bias, self.alpha, self.eps)
-            return a if scale is None else x + mlp_out + scale * a
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.dim).contiguous()
-        mlp2 = mlp_out.reshape(-1, self.dim).contiguous() if mlp_out is not None else None
-        scale32 = scale.float().reshape(()) if scale is not None else None
-        out = SGAdapterFunction.apply(
-            x2, w_cat, b_cat, self.up.weight.float(), self.up.bias.float(), scale32, mlp2,
-            self.alpha, self.eps, self._compute_dtype(x),
-        )
-        return out.reshape(*lead, self.dim)
-
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        check_adapter_inputs(x, guidance, self.dim)
-        return self._run(x, guidance, None, None)
-
-    def forward_block(
-        self, x: torch.Tensor, guidance: torch.Tensor, mlp_out: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
-        """Fused end of a Sage block: ``x + mlp_out + scale * adapter(x, guidance)`` in one pass.
-
-        x: (..., d), f~ (adapter input and residual); mlp_out: (..., d), any float dtype, same
-        device; scale: the block's scalar s (0-dim or 1-element tensor, or a Python number).
-        Returns x's dtype.
-        """
-        check_adapter_inputs(x, guidance, self.dim)
-        if not isinstance(mlp_out, torch.Tensor) or mlp_out.shape != x.shape:
-            got = tuple(mlp_out.shape) if isinstance(mlp_out, torch.Tensor) else type(mlp_out).__name__
-            raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {got}")
-        if not mlp_out.is_floating_point() or mlp_out.device != x.device:
-            raise ValueError(f"mlp_out must be a float tensor on {x.device}, got {mlp_out.dtype} on {mlp_out.device}")
-        if not isinstance(scale, torch.Tensor):
-            scale = torch.tensor(float(scale), device=x.device)
-        if scale.numel() != 1:
-            raise ValueError(f"scale must hold one number, got shape {tuple(scale.shape)}")
-        if scale.device != x.device:
-            raise ValueError(f"scale must be on {x.device}, got {scale.device}")
-        return self._run(x, guidance, mlp_out, scale)

@@ -54,7 +54,7 @@ def _train(argv):
         print(cfg.to_yaml(), end="")
         return 0
     if args.bench_data:
-        from .train import bench_input_pipeline
+        from .loop import bench_input_pipeline
 
         r = bench_input_pipeline(cfg, args.bench_data)
         print(f"input pipeline: {r['images_per_s']:.1f} images/s ({r['images']} images, {r['batches']} batches of "
@@ -62,7 +62,7 @@ def _train(argv):
         return 0
     from pathlib import Path
 
-    from .train import format_report, train
+    from .loop import format_report, train
 
     resume = args.resume
     if resume == "last":
@@ -90,7 +90,7 @@ def _eval(argv):
     p.add_argument("--config", help="YAML run config; default: the config stored with the weights")
     p.add_argument("--preset", choices=sorted(PRESETS))
     args, rest = p.parse_known_args(argv)
-    from .train import config_from_weights, evaluate_weights, format_report
+    from .loop import config_from_weights, evaluate_weights, format_report
 
     try:
         base = None if (args.config or args.preset) else config_from_weights(args.weights)

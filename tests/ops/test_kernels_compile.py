@@ -7,8 +7,8 @@ ptxas bundled with the triton wheel (no GPU, no CUDA driver needed), and reads p
 report (`-v`) for register spills.
 
 What gets compiled is exactly what the GPU launch path would launch: a child process calls the
-glue's launch functions (`sage_fast.fused_adapter.sg_adapter_fwd` / `sg_adapter_bwd`,
-`sage_fast.fused_loss._fit_la_loss_forward`) on small CPU tensors with the real (not interpreted)
+glue's launch functions (`sage_fast.ops.sg_adapter.sg_adapter_fwd` / `sg_adapter_bwd`,
+`sage_fast.ops.la_loss._fit_la_loss_forward`) on small CPU tensors with the real (not interpreted)
 kernel module, non-interpret mode, and the kernels swapped for recorders. Each recorded launch is
 specialised the way Triton's JIT specialises a launch (argument types, 16-divisibility of
 pointers and integers, integers equal to 1 as constants) and compiled once per distinct
@@ -83,8 +83,8 @@ def _record_launches() -> list:
 
     import torch
 
-    import sage_fast.fused_adapter as fa
-    import sage_fast.fused_loss as fl
+    import sage_fast.ops.sg_adapter as fa
+    import sage_fast.ops.la_loss as fl
     from sage_fast.kernels import la_loss as kl
     from sage_fast.kernels import sg_adapter as ka
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sage_fast.config import build_config
-from sage_fast.data import (
+from sage_fast.training.config import build_config
+from sage_fast.training.data import (
     GpuBatchTransform,
     ImageListDataset,
     ShardSampler,
@@ -98,7 +98,7 @@ def test_cifar100_lt_from_archive(cifar_root, ratio, total):
 
 
 def test_cifar100_lt_is_deterministic_and_seeded(cifar_root):
-    from sage_fast.data import load_cifar100
+    from sage_fast.training.data import load_cifar100
 
     _, labels, _ = load_cifar100(cifar_root / "cifar-100-python", "train")
     a, b = cifar100_lt_indices(labels, 100, seed=0), cifar100_lt_indices(labels, 100, seed=0)
@@ -113,7 +113,7 @@ def test_cifar_reader_refuses_foreign_pickles(tmp_path):
     with open(d / "train", "wb") as f:
         pickle.dump({b"data": os.getcwd}, f, protocol=2)  # a callable global: must not be resolved
     (d / "meta").write_bytes(pickle.dumps({b"fine_label_names": []}, protocol=2))
-    from sage_fast.data import load_cifar100
+    from sage_fast.training.data import load_cifar100
 
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
         load_cifar100(tmp_path, "train")

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_fast.losses import CompensatedLALoss, FITLoss, compensated_la_loss, compensated_log_prior
+from sage_fast import CompensatedLALoss, FITLoss, compensated_la_loss, compensated_log_prior
 
 
 def la_loss(logits, target, counts, tau):

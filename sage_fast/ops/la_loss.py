@@ -1,7 +1,7 @@
 """Fused compensated LA loss and FIT loss (Sage, Eq. 22 to 24): autograd glue for the Triton kernel.
 
 `fused_fit_loss` and `fused_la_loss` compute the same values as `FITLoss` / `compensated_la_loss`
-in `sage_fast.losses` (the PyTorch reference), in one kernel launch: the loss *and* the gradients
+in `sage_fast.ops.reference` (the PyTorch reference), in one kernel launch: the loss *and* the gradients
 to z, zv, zt, s1, s2 come out of the forward pass (as in Liger's fused cross-entropy), and the
 backward pass only multiplies the stored gradients by grad_output, in place.
 
@@ -12,7 +12,7 @@ into the returned z^ (rare: the loss is what is differentiated), whose backward 
 
 Input validation happens inside the kernel's first pass (no extra pass over the logits): one
 device-to-host sync per call reads the per-row status, and on a problem the error is raised
-with the messages of `sage_fast._checks` (labels out of range, NaN/Inf logits). Because of that
+with the messages of `sage_fast.ops.checks` (labels out of range, NaN/Inf logits). Because of that
 sync the call cannot be captured in a CUDA graph.
 
 Limitations, by design:
@@ -30,8 +30,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_finite, check_float, check_labels, check_same_device
-from ._triton_runtime import BACKENDS, cannot_run_error, check_backend, device_ctx, triton_unavailable_reason  # noqa: F401
+from .checks import check_finite, check_float, check_labels, check_same_device
+from .backend import device_ctx, resolve_backend
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -39,34 +39,9 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 def _kernels():
     # Imported lazily: `import sage_fast` must not need Triton, and Triton fixes interpret mode
     # when the kernel module is imported.
-    from .kernels import la_loss
+    from ..kernels import la_loss
 
     return la_loss
-
-
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """'triton' or 'torch' for inputs `tensors` (their first one's device decides).
-
-    'auto': Triton on CUDA, or on CPU under TRITON_INTERPRET=1, PyTorch otherwise and for fp64
-    inputs (the kernel computes in fp32, the reference in fp64). 'triton' where Triton cannot run
-    is a RuntimeError.
-    """
-    check_backend(backend)
-    if backend == "torch":
-        return "torch"
-    first = tensors[0] if tensors else None
-    if not isinstance(first, torch.Tensor):
-        if backend == "triton":
-            raise TypeError(f"expected a torch.Tensor, got {type(first).__name__}")
-        return "torch"  # the reference raises the clear error
-    reason = triton_unavailable_reason(first.device)
-    if backend == "triton":
-        if reason is not None:
-            raise cannot_run_error(reason)
-        return "triton"
-    if reason is not None or any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
-        return "torch"
-    return "triton"
 
 
 def _next_pow2(n: int) -> int:
@@ -303,7 +278,7 @@ def fused_fit_loss(
     if not (z.shape == zv.shape == zt.shape):
         raise ValueError(f"z, zv, zt must have the same shape, got {tuple(z.shape)}, {tuple(zv.shape)}, {tuple(zt.shape)}")
     check_same_device(z=z, zv=zv, zt=zt, target=target)
-    resolve_backend("triton", z)
+    resolve_backend("triton", z.device)  # a clear error where Triton cannot run
     target = _prepare_target(target, z.shape[0])
     log_prior = _prepare_log_prior(log_prior, z.device)
     s1 = _as_scalar_tensor("s1", s1, z.device)
@@ -331,7 +306,7 @@ def fused_la_loss(
     num_classes = _check_log_prior(log_prior)
     logits = _prepare_logits("logits", logits, num_classes)
     check_same_device(logits=logits, target=target)
-    resolve_backend("triton", logits)
+    resolve_backend("triton", logits.device)  # a clear error where Triton cannot run
     target = _prepare_target(target, logits.shape[0])
     log_prior = _prepare_log_prior(log_prior, logits.device)
     need_grad = torch.is_grad_enabled() and logits.requires_grad

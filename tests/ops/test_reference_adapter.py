@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sage_fast.adapter import SGAdapter, lift_bottleneck
+from sage_fast.ops.reference import SGAdapter, lift_bottleneck
 
 
 def eq7_eq8(x, g, p, alpha, eps):

@@ -1,9 +1,18 @@
-"""Where the Triton kernels can run: one answer for every fused op (adapter, loss).
+"""The one backend switch: which implementation runs, decided in `resolve_backend`.
 
-The fused modules take ``backend`` = "auto" | "triton" | "torch". Triton runs on CUDA tensors,
-and on CPU tensors only in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
-before triton is first imported: Triton decides interpret mode when a function is decorated, for
-its own standard library at that first import.
+Every op module (`SGAdapterFused`, `CompensatedLALoss`, `FITLoss`), the Sage model and the run
+config take ``backend`` = "auto" | "triton" | "torch":
+
+* "torch": the literal PyTorch reference (`sage_fast.ops.reference`), the oracle of the tests;
+* "triton": the fused Triton kernels; a RuntimeError where they cannot run;
+* "auto": the fastest correct path here. The kernels on CUDA (fp16, bf16, fp32); elsewhere, and for
+  fp64, PyTorch: for the adapter its folded form (`sage_fast.ops.fold.sg_adapter_torch`, the same
+  math as the kernels, several times faster than the literal reference on CPU), for the loss the
+  reference. "auto" never picks Triton's CPU interpreter, a test tool orders of magnitude slower.
+
+Triton runs on CUDA tensors, and on CPU tensors only in Triton's interpreter, which must be switched
+on (TRITON_INTERPRET=1) before triton is first imported: Triton decides interpret mode when a
+function is decorated, for its own standard library at that first import.
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 BACKENDS = ("auto", "triton", "torch")
+#: the dtypes the kernels take; other dtypes take PyTorch under "auto"
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpret_enabled() -> bool:
@@ -61,6 +72,25 @@ def check_backend(backend: str) -> str:
     if backend == "triton" and not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
     return backend
+
+
+def resolve_backend(backend: str, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> str:
+    """"triton" or "torch": whether the kernels run for inputs on `device` of `dtype` (see the module doc).
+
+    "auto" -> "triton" on CUDA for fp16 / bf16 / fp32 (dtype None: any of them), else "torch";
+    "triton" -> "triton", or RuntimeError where Triton cannot run; "torch" -> "torch".
+    """
+    check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    device = torch.device(device)
+    reason = triton_unavailable_reason(device)
+    if backend == "triton":
+        if reason is not None:
+            raise cannot_run_error(reason)
+        return "triton"
+    usable = device.type == "cuda" and reason is None
+    return "triton" if usable and (dtype is None or dtype in TRITON_DTYPES) else "torch"
 
 
 def cannot_run_error(reason: str) -> RuntimeError:

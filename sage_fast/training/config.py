@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
 
 import yaml
 
+from ..model.config import ModelConfig
+
 DATASETS = ("cifar100_lt", "imagenet_lt", "places_lt", "inat2018", "folder")
 
 
@@ -58,26 +60,6 @@ class DataConfig:
     #: decode JPEGs with nvJPEG on the GPU (torchvision.io.decode_jpeg) and crop/resize there;
     #: the workers then only read file bytes. Off by default; CPU decoding uses PIL.
     gpu_decode: bool = False
-
-
-@dataclass
-class ModelConfig:
-    #: open_clip architecture; "sage-tiny" is registered on the fly (tests, demo)
-    name: str = "ViT-B-16-quickgelu"
-    #: open_clip tag, a local checkpoint path, or null for random initialisation
-    pretrained: Optional[str] = "openai"
-    bottleneck: Optional[int] = None
-    alpha: float = 0.1
-    mu: float = 0.5
-    gamma: float = 0.05
-    lambdas: List[float] = field(default_factory=lambda: [0.015, 0.015, 0.4])
-    fit: bool = True
-    #: "auto": the fused Triton adapter on CUDA, the reference elsewhere
-    adapter_impl: Literal["auto", "fused", "reference"] = "auto"
-    loss_backend: Literal["auto", "triton", "torch"] = "auto"
-    attention: Literal["auto", "sdpa", "xformers", "open_clip"] = "auto"
-    logit_scale: float = 25.0
-    text_batch_size: int = 256
 
 
 @dataclass
@@ -135,7 +117,7 @@ def _table8(dataset, alpha, gamma, l1, l2, l3, epochs=10, **data):
     }
 
 
-#: Table 8 of the paper (SAGE.md section 3), one preset per row, with the section 3 recipe.
+#: Table 8 of the paper (docs/method.md, "Hyperparameters"), one preset per row, with the paper's recipe.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cifar100_lt_r100": _table8("cifar100_lt", 0.1, 0.050, 0.015, 0.015, 0.4, imbalance_ratio=100.0),
     "cifar100_lt_r50": _table8("cifar100_lt", 0.1, 0.060, 0.0001, 0.01, 0.6, imbalance_ratio=50.0),
@@ -343,6 +325,7 @@ def build_config(
         warnings.warn(f"preset {name!r} from the command line overrides the config file's preset {file_preset!r}")
     cfg = SageConfig()
     if base is not None:
+        base = upgrade_stored(base)
         _merge(cfg, base)
     if name is not None and (base is None or name != base.get("preset")):
         if not isinstance(name, str) or name not in PRESETS:
@@ -355,9 +338,24 @@ def build_config(
     return cfg
 
 
+def upgrade_stored(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config stored by an older version (checkpoint, export) in today's keys.
+
+    Before one ``model.backend``, runs stored ``model.adapter_impl`` (auto | fused | reference) and
+    ``model.loss_backend``: "reference" / "torch" become "torch", "fused" / "triton" become "triton".
+    """
+    d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    model = d.get("model")
+    if isinstance(model, dict) and ("adapter_impl" in model or "loss_backend" in model):
+        impl = {"reference": "torch", "fused": "triton"}.get(model.pop("adapter_impl", "auto"), "auto")
+        loss = model.pop("loss_backend", "auto")
+        model.setdefault("backend", impl if impl != "auto" else loss)
+    return d
+
+
 def config_from_dict(d: Mapping[str, Any]) -> SageConfig:
     """A full config dict (e.g. from a checkpoint) back to a validated `SageConfig`; presets are not re-applied."""
     cfg = SageConfig()
-    _merge(cfg, {k: v for k, v in d.items()})
+    _merge(cfg, upgrade_stored(d))
     _check_values(cfg)
     return cfg

@@ -19,9 +19,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from sage_fast.cli import main as cli_main
-from sage_fast.config import build_config
-from sage_fast.train import (
+from sage_fast.training.cli import main as cli_main
+from sage_fast.training.config import build_config
+from sage_fast.training.loop import (
     Trainer,
     accuracy_report,
     atomic_torch_save,
@@ -58,7 +58,7 @@ def run_overrides(data_root, out_dir, **extra):
     o = {
         "data.dataset": "folder", "data.root": str(data_root), "data.class_names": "classnames.txt",
         "data.num_workers": 0, "model.name": "sage-tiny", "model.pretrained": None,
-        "model.adapter_impl": "reference", "model.loss_backend": "torch", "model.text_batch_size": 64,
+        "model.backend": "torch", "model.text_batch_size": 64,
         "optim.epochs": 2, "optim.batch_size": 16, "optim.lr": 0.05, "train.output_dir": str(out_dir),
         "train.ckpt_every_steps": 3, "train.log_every_steps": 2, "train.eval_every_epochs": 1,
         "train.eval_batch_size": 16, "train.progress": False,
@@ -275,7 +275,7 @@ def test_torchrun_two_processes_match_single_process(tiny, reference, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sage_fast.cli", "train", "--config", str(cfg_file)]
+           "-m", "sage_fast", "train", "--config", str(cfg_file)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = load_file(str(out / "adapters.safetensors"))
@@ -291,8 +291,8 @@ def test_torchrun_two_processes_match_single_process(tiny, reference, tmp_path):
 
 _FAILING_RANK_SCRIPT = textwrap.dedent("""
     import sys
-    from sage_fast.config import build_config
-    from sage_fast.train import train
+    from sage_fast.training.config import build_config
+    from sage_fast.training.loop import train
 
     def fail(trainer, event, info):
         if event == "step" and info == 2 and trainer.dist.rank == 1:

@@ -1,8 +1,8 @@
 """`sage-fast demo`: Sage end to end with no download, on CPU, in about a minute.
 
 Builds a small open_clip architecture with random weights, writes a small long-tailed image data
-set to disk (an image folder with split files, the generic format of `sage_fast.data`), trains
-Sage with the project's trainer (`sage_fast.train`, the same code path as `sage-fast train`) and
+set to disk (an image folder with split files, the generic format of `sage_fast.training.data`), trains
+Sage with the project's trainer (`sage_fast.training.loop`, the same code path as `sage-fast train`) and
 prints overall, many-, medium- and few-shot accuracy. The run's outputs (metrics, per-class CSV and
 plot, logs, checkpoint, exported adapters) are written under ``--out``/run.
 """
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from .config import build_config
-    from .train import train
+    from .loop import train
 
     start = time.time()
     # 36 px images for the 32 px model: the test transform's Resize(32 * 256 / 224 = 36) is then the identity

@@ -1,18 +1,21 @@
-"""SG-Adapter: the literal PyTorch reference of Eq. 7 and 8 (see SAGE.md section 1).
+"""The literal PyTorch reference of the method's math: the oracle every fused path is tested against.
 
-This module is the oracle the fused implementation (`sage_fast.fused_adapter.SGAdapterFused`)
-is tested against. It is written for clarity, not speed: the text-guided projection runs once
-per token, and the three down-projections run separately.
+* `SGAdapter`: the SG-Adapter of Eq. 7 and 8 (docs/method.md, "The SG-Adapter"), written for clarity,
+  not speed: the text-guided projection runs once per token, the three down-projections separately.
+* `compensated_log_prior`, `compensated_la_loss` (Eq. 22) and `fit_loss` (Eq. 23, 24).
+
+Nothing here imports fused code; `sage_fast.ops.modules` chooses between this and the kernels.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_float, check_last_dim, check_same_device
+from .checks import check_class_counts, check_finite, check_float, check_labels, check_last_dim, check_same_device
 
 
 def lift_bottleneck(num_classes: int, num_layers: int = 12) -> int:
@@ -113,3 +116,99 @@ class SGAdapter(nn.Module):
         if mlp_out.shape != x.shape:
             raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {tuple(mlp_out.shape)}")
         return x + mlp_out + scale * self(x, guidance)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+
+
+def compensated_log_prior(class_counts, mu: float = 0.5, gamma: float = 0.05) -> torch.Tensor:
+    """log n_k + log Lambda_k, with Lambda_k = mu * n_k^gamma * S_N / (C * n_min).   Shape (C,), fp32.
+
+    mu and S_N / (C n_min) add the same constant to every class and cancel in the softmax;
+    they are kept so that the adjusted logits are the paper's, not only their softmax.
+    """
+    counts = check_class_counts(class_counts)
+    if not mu > 0:
+        raise ValueError(f"mu must be positive, got {mu}")
+    num_classes = counts.numel()
+    lam = mu * counts.pow(gamma) * counts.sum() / (num_classes * counts.min())
+    return (counts.log() + lam.log()).to(torch.float32)
+
+
+def _check_logits(name: str, logits: torch.Tensor, num_classes: int) -> None:
+    check_float(name, logits)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"{name} must have shape (batch, {num_classes}), got {tuple(logits.shape)}")
+    check_finite(name, logits)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 to fp32 for the loss math; fp32 and fp64 stay as they are (gradcheck runs in fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _adjusted_ce(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    logits = _upcast(logits)
+    adjusted = logits + log_prior.to(device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(adjusted, target.long(), ignore_index=ignore_index)
+
+
+def logit_adjusted_loss(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Logit-adjusted cross-entropy with a given log-prior (C,): mean over rows whose label is not `ignore_index`.
+
+    With `compensated_log_prior` this is Eq. 22; logits: (B, C) float; target: (B,) integer in [0, C).
+    """
+    _check_logits("logits", logits, log_prior.numel())
+    check_labels(target, log_prior.numel(), logits.shape[0], ignore_index)
+    check_same_device(logits=logits, target=target)
+    return _adjusted_ce(logits, target, log_prior, ignore_index)
+
+
+def fit_combine(z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """z^ = z + s1 * zv + s2 * zt (Eq. 23), in z's dtype."""
+    return z + s1.to(z.dtype) * zv + s2.to(z.dtype) * zt
+
+
+def fit_loss(
+    z: torch.Tensor,
+    zv: torch.Tensor,
+    zt: torch.Tensor,
+    target: torch.Tensor,
+    log_prior: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    lambdas: Sequence[float],
+    ignore_index: int = -100,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FIT's loss (Eq. 24): l(z) + lambda1 l(zv) + lambda2 l(zt) + lambda3 l(z^), l the adjusted CE.
+
+    z, zv, zt: (B, C); s1, s2: 0-dim. Returns (loss, z^ in z's dtype); fp16 / bf16 logits are upcast.
+    """
+    num_classes = log_prior.numel()
+    for name, t in (("z", z), ("zv", zv), ("zt", zt)):
+        _check_logits(name, t, num_classes)
+    if not (z.shape == zv.shape == zt.shape):
+        raise ValueError(f"z, zv, zt must have the same shape, got {tuple(z.shape)}, {tuple(zv.shape)}, {tuple(zt.shape)}")
+    check_labels(target, num_classes, z.shape[0], ignore_index)
+    check_same_device(z=z, zv=zv, zt=zt, target=target)
+    z_hat = fit_combine(_upcast(z), _upcast(zv), _upcast(zt), s1, s2)
+    l1, l2, l3 = lambdas
+    ce = lambda t: _adjusted_ce(t, target, log_prior, ignore_index)  # noqa: E731
+    loss = ce(z) + l1 * ce(zv) + l2 * ce(zt) + l3 * ce(z_hat)
+    return loss, z_hat.to(z.dtype)
+
+
+def compensated_la_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_counts,
+    mu: float = 0.5,
+    gamma: float = 0.05,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Compensated LA cross-entropy, mean over the rows whose label is not `ignore_index`.
+
+    logits: (B, C) float; target: (B,) integer in [0, C); class_counts: C positive training counts.
+    """
+    return logit_adjusted_loss(logits, target, compensated_log_prior(class_counts, mu, gamma), ignore_index)

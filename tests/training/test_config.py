@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from sage_fast.cli import main as cli_main
-from sage_fast.config import PRESETS, ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
+from sage_fast.training.cli import main as cli_main
+from sage_fast.training.config import PRESETS, ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
 
 # SAGE.md section 3, Table 8: dataset -> (alpha, mu, gamma, lambda1, lambda2, lambda3, epochs)
 TABLE8 = {
@@ -67,7 +67,7 @@ def test_int_for_float_and_null_for_optional():
         (["optim.lr=abc"], "optim.lr: expected float, got 'abc'"),
         (["optim.epochs=2.5"], "optim.epochs: expected int"),
         (["train.amp=1"], "train.amp: expected bool"),
-        (["model.adapter_impl=cuda"], "model.adapter_impl: expected one of"),
+        (["model.backend=cuda"], "model.backend: expected one of"),
         (["model.lambdas=0.1"], "model.lambdas: expected list of float"),
         (["model.lambdas=[0.1, 0.2]"], "model.lambdas must hold 3 numbers"),
         (["optim.lr=-0.1"], "optim.lr must be positive"),

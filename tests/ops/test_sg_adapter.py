@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_fast import _triton_runtime
-from sage_fast import fused_adapter as fa
-from sage_fast.adapter import SGAdapter
-from sage_fast.fused_adapter import SGAdapterFused, fold_adapter_weights
+from sage_fast.ops import backend as _triton_runtime
+from sage_fast.ops import sg_adapter as fa
+from sage_fast.ops.reference import SGAdapter
+from sage_fast import SGAdapterFused, fold_adapter_weights
 
 # (leading shape, d, r): awkward token counts (1, 3 x 197, 257), r from 1 to 256, one wide d.
 CASES = [
@@ -31,14 +31,15 @@ TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _random_pair(d: int, r: int, alpha: float = 0.3, seed: int = 0, **kw):
-    """A reference adapter with every parameter random (a fresh one has up = 0) and a fused copy."""
+def _random_pair(d: int, r: int, alpha: float = 0.3, seed: int = 0, backend: str = "triton", **kw):
+    """A reference adapter with every parameter random (a fresh one has up = 0) and a fused copy
+    (backend "triton": the kernels, interpreted on CPU)."""
     torch.manual_seed(seed)
     ref = SGAdapter(d, r, alpha=alpha)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 1.0 / d**0.5))
-    fused = SGAdapterFused(d, r, alpha=alpha, **kw)
+    fused = SGAdapterFused(d, r, alpha=alpha, backend=backend, **kw)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -164,17 +165,40 @@ def test_fresh_adapter_outputs_zero():
     torch.testing.assert_close(fused.forward_block(x, g, mlp, torch.tensor(2.0)), x + mlp, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("mode", ["adapter", "block"])
-def test_torch_backend_matches_reference(mode):
+def test_auto_on_cpu_is_the_folded_path_and_matches_reference(mode, dtype, monkeypatch):
+    """backend="auto" off CUDA: the folded PyTorch form (no kernel, even with the interpreter on)."""
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("the Triton path must not run")
+
+    monkeypatch.setattr(fa.SGAdapterFunction, "apply", no_kernels)
     lead, d, r = (3, 17), 24, 5
-    ref, fused = _random_pair(d, r, backend="torch")
-    x, g, mlp, up = _inputs(lead, d, torch.float32)
-    kw = dict(mlp=mlp, scale=torch.tensor(-0.4)) if mode == "block" else {}
-    out_f, grads_f = _run(fused, x, g, upstream=up, **kw)
-    out_r, grads_r = _run(ref, x, g, upstream=up, **kw)
+    ref, fused = _random_pair(d, r, backend="auto")
+    x, g, mlp, up = _inputs(lead, d, dtype)
+    kw = dict(mlp=mlp.to(dtype), scale=torch.tensor(-0.4, dtype=dtype)) if mode == "block" else {}
+    out_f, grads_f = _run(fused, x, g.to(dtype), upstream=up, **kw)
+    out_r, grads_r = _run(ref.to(dtype), x, g.to(dtype), upstream=up, **kw)
+    # fp64 too is fp32-accurate: the fold computes its weights in fp32
     _assert_close("out", out_f, out_r, 1e-5)
     for name in grads_r:
         _assert_close(f"grad {name}", grads_f[name], grads_r[name], 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "block"])
+def test_torch_backend_is_the_literal_reference(mode, monkeypatch):
+    """backend="torch" runs SGAdapter's own forward: bit-identical to the reference, no fold."""
+    import sage_fast.ops.modules as modules
+
+    monkeypatch.setattr(modules, "fold_adapter_weights", lambda *a: pytest.fail("the fold must not run"))
+    ref, fused = _random_pair(24, 5, backend="torch")
+    x, g, mlp, _ = _inputs((3, 17), 24, torch.float32)
+    with torch.no_grad():
+        if mode == "block":
+            s = torch.tensor(-0.4)
+            assert torch.equal(fused.forward_block(x, g, mlp, s), ref.forward_block(x, g, mlp, s))
+        else:
+            assert torch.equal(fused(x, g), ref(x, g))
 
 
 def test_fold_reproduces_reference_hidden_layer():
@@ -279,7 +303,7 @@ def test_empty_input():
 
 
 def test_fp64_auto_falls_back_to_torch_and_triton_refuses():
-    ref, fused = _random_pair(16, 2)
+    ref, fused = _random_pair(16, 2, backend="auto")
     x, g, _, _ = _inputs((6,), 16, torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x, g), ref.double()(x, g.double()), rtol=1e-6, atol=1e-6)
@@ -297,7 +321,7 @@ def test_cpu_without_interpreter_uses_torch_path(monkeypatch):
         raise AssertionError("the Triton path must not run")
 
     monkeypatch.setattr(fa.SGAdapterFunction, "apply", no_kernels)
-    ref, fused = _random_pair(16, 2)
+    ref, fused = _random_pair(16, 2, backend="auto")
     x, g, mlp, _ = _inputs((3, 4), 16, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x, g), ref(x, g), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The fused compensated LA / FIT loss (Triton) against the PyTorch reference in sage_fast.losses.
+"""The fused compensated LA / FIT loss (Triton) against the PyTorch reference in sage_fast.ops.reference.
 
 On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in
 fp32 and fp16; bf16 and the memory check need a GPU.
@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import sage_fast.fused_loss as fused_loss_module
-import sage_fast.losses as losses_module
-from sage_fast.fused_loss import fused_fit_loss, fused_la_loss, resolve_backend
-from sage_fast.losses import CompensatedLALoss, FITLoss, compensated_la_loss, compensated_log_prior
+import sage_fast.ops.backend as fused_loss_module
+import sage_fast.ops.modules as losses_module
+from sage_fast.ops.backend import resolve_backend
+from sage_fast.ops.la_loss import fused_fit_loss, fused_la_loss
+from sage_fast import CompensatedLALoss, FITLoss, compensated_la_loss, compensated_log_prior
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAMBDAS = (0.015, 0.02, 0.4)
@@ -293,7 +294,8 @@ def test_modules_agree_across_backends(backend):
     assert_grads_close(got[4], want[4], torch.float32)
 
 
-def test_auto_uses_the_kernel_where_it_can_and_torch_otherwise(monkeypatch):
+def test_auto_takes_the_kernel_on_cuda_only(monkeypatch):
+    """"auto": the kernel on CUDA for fp16 / bf16 / fp32, never the CPU interpreter; "triton" forces it."""
     calls = []
     real = losses_module.fused_la_loss
     monkeypatch.setattr(losses_module, "fused_la_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -301,14 +303,18 @@ def test_auto_uses_the_kernel_where_it_can_and_torch_otherwise(monkeypatch):
     module = CompensatedLALoss(counts)
     (logits,) = make_logits(4, 6, torch.float32, seed=15, n=1)
     target = make_target(4, 6, seed=15)
-    module(logits, target)
+    want = module(logits, target)
+    assert calls == []  # CPU: the reference, although the interpreter is on (conftest)
+    module.backend = "triton"
+    torch.testing.assert_close(module(logits, target), want, rtol=1e-5, atol=1e-6)
     assert calls == [1]
-    module(logits.detach().double(), target)  # fp64: the kernel would compute in fp32
-    assert calls == [1]
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("triton", "cpu") == "triton"
+    monkeypatch.setattr(fused_loss_module, "triton_unavailable_reason", lambda device: None)
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == "triton"
+    assert resolve_backend("auto", "cuda", torch.float64) == "torch"  # the kernel would compute in fp32
     monkeypatch.setattr(fused_loss_module, "triton_unavailable_reason", lambda device: "no Triton device (test)")
-    module(logits, target)
-    assert calls == [1]
-    assert resolve_backend("auto", logits) == "torch"
+    assert resolve_backend("auto", "cuda", torch.float32) == "torch"
 
 
 def test_backend_triton_where_triton_cannot_run_is_a_clear_error(monkeypatch):

@@ -1,0 +1,124 @@
+"""open_clip, frozen: loading a model (tag or local checkpoint) and its attention with a choice of kernel.
+
+The architectures in ``configs/`` beside this file (``sage-tiny``: 32 px images, 2 blocks of width 64,
+for the demo and tests; it builds in a fraction of a second with random weights) are registered with
+open_clip on first use, so they are model names like any other.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "open_clip")
+_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip():
+    """open_clip with this package's architectures registered (once per process)."""
+    import open_clip
+
+    open_clip.add_model_config(_CONFIG_DIR)
+    return open_clip
+
+
+def model_config(model_name: str) -> dict:
+    """The open_clip architecture config of `model_name` (no weights built); ValueError when unknown."""
+    cfg = _open_clip().get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; known: e.g. ViT-B-16-quickgelu, ViT-B-16, sage-tiny")
+    return cfg
+
+
+def image_size(model_name: str) -> int:
+    """The input resolution of an open_clip architecture, from its config."""
+    size = model_config(model_name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer(model_name: str):
+    """open_clip's tokenizer, built once per model name (loading the BPE vocabulary takes seconds)."""
+    return _open_clip().get_tokenizer(model_name)
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def _looks_like_path(pretrained: Optional[str]) -> bool:
+    if not pretrained:
+        return False
+    text = str(pretrained)
+    return os.path.exists(text) or os.path.sep in text or text.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] = "openai", device="cpu"):
+    """Create an open_clip model, frozen and in eval mode.
+
+    pretrained: an open_clip tag (e.g. "openai", downloaded by open_clip), a local checkpoint file
+    (.safetensors, or a .pt / .bin / .pth state dict, read with ``weights_only=True``), or None for
+    random weights. OpenAI's weights need QuickGELU: use ``ViT-B-16-quickgelu``.
+    """
+    open_clip = _open_clip()
+    model_config(model_name)
+    if _looks_like_path(pretrained):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"checkpoint file not found: {pretrained}")
+        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        # open_clip's loader reads safetensors or torch.load(weights_only=True), never a full unpickle.
+        try:
+            open_clip.load_checkpoint(model, str(pretrained), strict=True, weights_only=True)
+        except RuntimeError as err:
+            if "TorchScript" not in str(err):
+                raise
+            raise ValueError(
+                f"{pretrained} is a TorchScript archive (OpenAI's original .pt): save its state_dict as a "
+                "plain .pt or .safetensors file, or use pretrained='openai'"
+            ) from err
+    else:
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_available() -> bool:
+    # Cached: visual_features resolves the attention backend on every forward.
+    return importlib.util.find_spec("xformers") is not None
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    if attention == "auto":
+        return "xformers" if (device.type == "cuda" and _xformers_available()) else "sdpa"
+    if attention == "xformers" and not _xformers_available():
+        raise RuntimeError("attention='xformers' but xformers is not installed (pip install 'sage-fast[xformers]')")
+    return attention
+
+
+def frozen_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Self-attention of open_clip's nn.MultiheadAttention on x (B, N, d), no mask.
+
+    Same weights and result as ``mha(x, x, x, need_weights=False)[0]``; the kernel is PyTorch SDPA
+    (FlashAttention / memory-efficient on CUDA) or xformers' memory-efficient attention.
+    """
+    b, n, d = x.shape
+    heads = mha.num_heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, heads, d // heads)
+    if backend == "xformers" and x.is_cuda:
+        import xformers.ops as xops
+
+        q, k, v = qkv.unbind(2)                               # (B, N, H, hd) each
+        out = xops.memory_efficient_attention(q, k, v)
+    else:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)        # (B, H, N, hd) each
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return mha.out_proj(out.reshape(b, n, d))

@@ -1,0 +1,35 @@
+"""The model's hyperparameters: one dataclass, the single source of their names, types and defaults.
+
+`build_sage` builds from it, `SageModel` keeps it, and the run config (`sage_fast.training.config`)
+uses it as its ``model`` section, so a hyperparameter is declared here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    #: open_clip architecture; "sage-tiny" (32 px, 2 blocks) ships with the package for the demo and tests
+    name: str = "ViT-B-16-quickgelu"
+    #: open_clip tag, a local checkpoint path, or null for random initialisation
+    pretrained: Optional[str] = "openai"
+    #: adapter bottleneck r; null: LIFT's rule from the number of classes (sage_fast.lift_bottleneck)
+    bottleneck: Optional[int] = None
+    #: the adapter's activation mix alpha * relu(h) + (1 - alpha) * h
+    alpha: float = 0.1
+    #: compensation factor Lambda_k = mu * n_k^gamma * S_N / (C n_min) of the loss
+    mu: float = 0.5
+    gamma: float = 0.05
+    #: FIT's weights of l(zv), l(zt), l(z^)
+    lambdas: List[float] = field(default_factory=lambda: [0.015, 0.015, 0.4])
+    #: train with FIT (the frozen zero-shot path and its four-term loss)
+    fit: bool = True
+    #: "auto": the Triton kernels on CUDA, the folded PyTorch adapter elsewhere; "triton"; "torch": the reference
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    attention: Literal["auto", "sdpa", "xformers", "open_clip"] = "auto"
+    #: the cosine classifier's logit scale
+    logit_scale: float = 25.0
+    #: prompts per text-encoder batch when the classifier is initialised from the templates
+    text_batch_size: int = 256

@@ -1,0 +1,250 @@
+"""Sage on a frozen open_clip ViT: an SG-Adapter and a learnable scale in every visual block (Eq. 9),
+a cosine classifier initialised from the 60 templates, and FIT's frozen zero-shot path (docs/method.md).
+
+`build_sage` loads CLIP, freezes it, initialises the classifier and builds `SageModel` from a
+`ModelConfig` (the one list of hyperparameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
+from ..ops.backend import check_backend
+from .classifier import text_classifier
+from .clip import frozen_self_attention, load_clip, resolve_attention, tokenizer
+from .config import ModelConfig
+
+
+class SageOutput(NamedTuple):
+    """Logits of one forward pass, each (B, C) fp32.
+
+    z = W f, zv = W f_zs, zt = W_zs f and z_hat = z + s1 zv + s2 zt. Without FIT, zv and zt are
+    None and z_hat is z.
+    """
+
+    z: torch.Tensor
+    zv: Optional[torch.Tensor]
+    zt: Optional[torch.Tensor]
+    z_hat: torch.Tensor
+
+
+_ALIASES = {"model_name": "name"}
+
+
+def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
+    """`config` (default: `ModelConfig()`) with `fields` replaced; ``model_name`` is an alias of ``name``.
+
+    An unknown field is a TypeError naming the valid ones.
+    """
+    config = config or ModelConfig()
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {_ALIASES.get(k, k): v for k, v in fields.items()}
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        raise TypeError(f"unknown model settings {unknown}; valid: {sorted(valid)}")
+    if "lambdas" in fields:
+        fields["lambdas"] = [float(v) for v in fields["lambdas"]]
+    return dataclasses.replace(config, **fields)
+
+
+class SageModel(nn.Module):
+    """Sage: frozen CLIP ViT with an SG-Adapter and a scale s per visual block, a cosine classifier,
+    and FIT's frozen zero-shot path.
+
+    Build with `build_sage`. Trainable: `adapters`, `block_scales`, `classifier` and, with FIT,
+    `criterion.s1`, `criterion.s2`; everything under `clip` is frozen and stays in eval mode.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        class_names: Sequence[str],
+        class_counts: Sequence[int],
+        classifier_init: torch.Tensor,
+        config: Optional[ModelConfig] = None,
+        **fields,
+    ):
+        super().__init__()
+        cfg = model_config(config, **fields)
+        check_backend(cfg.backend)
+        if len(cfg.lambdas) != 3:
+            raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {cfg.lambdas}")
+        visual = clip.visual
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks is None or not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
+            raise ValueError("Sage needs an open_clip VisionTransformer with standard ResidualAttentionBlocks")
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ValueError("Sage uses the class token: the visual tower must have pool_type='tok' and no attention pool")
+        if len(class_names) != len(class_counts):
+            raise ValueError(f"{len(class_names)} class names but {len(class_counts)} class counts")
+        self.config = cfg
+        self.clip = clip
+        self.dim = visual.transformer.width
+        self.num_layers = len(blocks)
+        self.class_names = list(class_names)
+        self.class_counts = [int(c) for c in class_counts]
+        self.bottleneck = int(cfg.bottleneck) if cfg.bottleneck else lift_bottleneck(len(class_names), self.num_layers)
+        self.alpha = float(cfg.alpha)
+        self.fit = bool(cfg.fit)
+        self.logit_scale = float(cfg.logit_scale)
+        self.attention = cfg.attention
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+        if classifier_init.shape != (len(class_names), self.dim):
+            raise ValueError(f"classifier_init must be ({len(class_names)}, {self.dim}), got {tuple(classifier_init.shape)}")
+        self.adapters = nn.ModuleList(
+            SGAdapterFused(self.dim, self.bottleneck, self.alpha, backend=cfg.backend) for _ in range(self.num_layers)
+        )
+        for adapter in self.adapters:
+            adapter.check_finite = False  # the model checks all its parameters at once per forward
+        # One finiteness check of all trainable parameters per forward (one host sync), instead of
+        # one per fused adapter: NaN weights raise a clear error rather than giving NaN logits.
+        self.check_finite = True
+        self.block_scales = nn.Parameter(torch.ones(self.num_layers))   # LIFT: learnable, starts at 1
+        self.classifier = nn.Parameter(classifier_init.detach().clone().float())
+        self.register_buffer("zs_classifier", classifier_init.detach().clone().float())  # W_zs, frozen
+        if self.fit:
+            self.criterion = FITLoss(class_counts, cfg.mu, cfg.gamma, cfg.lambdas, backend=cfg.backend)
+        else:
+            self.criterion = CompensatedLALoss(class_counts, cfg.mu, cfg.gamma, backend=cfg.backend)
+        self.clip.requires_grad_(False)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen backbone: always eval
+        return self
+
+    @property
+    def backend(self) -> str:
+        """"auto" | "triton" | "torch" of the adapters and the loss (see `sage_fast.ops.backend`)."""
+        return self.config.backend
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the adapters and the loss to another backend; the modules and weights stay as they are."""
+        check_backend(backend)
+        self.config = dataclasses.replace(self.config, backend=backend)
+        for adapter in self.adapters:
+            adapter.backend = backend
+        self.criterion.backend = backend
+
+    def trainable_parameters(self) -> list:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def trainable_state_dict(self) -> dict:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        own = dict(self.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise KeyError(f"trainable state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                if own[n].shape != t.shape:
+                    raise ValueError(f"{n}: shape {tuple(t.shape)} does not match {tuple(own[n].shape)}")
+                own[n].copy_(t)
+
+    def check_parameters_finite(self) -> None:
+        """Raise ValueError naming the first trainable parameter that holds NaN or Inf (one host sync)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # foreach max-abs: one fused pass over all parameters; NaN and Inf propagate into the maxima.
+        maxima = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
+        finite = torch.isfinite(torch.stack(maxima))
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            raise ValueError(f"trainable parameters hold NaN or Inf: {', '.join(bad[:5])}")
+
+    # -- forward ------------------------------------------------------------------------------
+    def guidance(self) -> torch.Tensor:
+        """g: the mean of the L2-normalised classifier rows, (d,). Gradients reach W through it."""
+        return F.normalize(self.classifier, dim=-1).mean(dim=0)
+
+    def visual_features(self, images: torch.Tensor, adapters: bool = True) -> torch.Tensor:
+        """ln_post of the class token, without the visual projection: (B, d).
+
+        adapters=False is the frozen zero-shot encoder (f_zs).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        visual = self.clip.visual
+        backend = resolve_attention(self.attention, images.device)
+        if adapters and self.check_finite and not torch.compiler.is_compiling():
+            self.check_parameters_finite()
+        x = visual._embeds(images)                                   # (B, N, d)
+        g = self.guidance() if adapters else None
+        for i, block in enumerate(visual.transformer.resblocks):
+            if backend == "open_clip":
+                attn = block.attention(block.ln_1(x))
+            else:
+                attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
+            f = x + block.ls_1(attn)                                 # f~
+            mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
+            if adapters:
+                x = self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
+            else:
+                x = f + mlp_out
+        return visual.ln_post(x[:, 0])
+
+    def _cosine(self, weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            return self.logit_scale * F.normalize(feats.float(), dim=-1) @ F.normalize(weight.float(), dim=-1).t()
+
+    def forward(self, images: torch.Tensor) -> SageOutput:
+        feats = self.visual_features(images, adapters=True)
+        z = self._cosine(self.classifier, feats)
+        if not self.fit:
+            return SageOutput(z, None, None, z)
+        with torch.no_grad():  # f_zs is frozen: no graph for the second pass
+            feats_zs = self.visual_features(images, adapters=False)
+        zv = self._cosine(self.classifier, feats_zs)
+        zt = self._cosine(self.zs_classifier, feats)
+        return SageOutput(z, zv, zt, self.criterion.combine(z, zv, zt))
+
+    def loss(self, out: SageOutput, target: torch.Tensor):
+        """(scalar loss, z_hat): FIT's four-term loss, or the compensated LA loss without FIT."""
+        if self.fit:
+            return self.criterion(out.z, out.zv, out.zt, target)
+        return self.criterion(out.z, target), out.z
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """z_hat (B, C): the logits predictions take the argmax of."""
+        return self(images).z_hat
+
+
+def build_sage(
+    class_names: Sequence[str],
+    class_counts: Sequence[int],
+    config: Optional[ModelConfig] = None,
+    *,
+    device="cpu",
+    progress: bool = True,
+    **fields,
+) -> SageModel:
+    """Load CLIP, initialise the classifier from the templates and build `SageModel` on `device`.
+
+    config: a `ModelConfig`; keyword arguments replace its fields (``model_name`` is an alias of
+    ``name``), e.g. ``build_sage(names, counts, model_name="ViT-B-16-quickgelu", pretrained="openai")``.
+    """
+    cfg = model_config(config, **fields)
+    device = torch.device(device)
+    check_backend(cfg.backend)
+    resolve_attention(cfg.attention, device)  # fail early on a bad choice
+    clip = load_clip(cfg.name, cfg.pretrained, device)
+    init = text_classifier(clip, tokenizer(cfg.name), class_names, batch_size=cfg.text_batch_size, progress=progress)
+    return SageModel(clip, class_names, class_counts, init.cpu(), cfg).to(device)

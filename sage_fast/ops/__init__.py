@@ -1,0 +1,42 @@
+"""The ops layer: the method's math, the Triton glue and the one backend switch. Imports nothing above it.
+
+| module        | what                                                                        |
+| ------------- | --------------------------------------------------------------------------- |
+| `reference`   | the literal PyTorch math: SG-Adapter (Eq. 7, 8), the losses (Eq. 22 to 24)  |
+| `fold`        | the fold of the adapter's weights, and the folded adapter in PyTorch        |
+| `sg_adapter`  | autograd glue and custom ops over `sage_fast.kernels.sg_adapter`            |
+| `la_loss`     | autograd glue over `sage_fast.kernels.la_loss`                              |
+| `modules`     | `SGAdapterFused`, `CompensatedLALoss`, `FITLoss`: the backend switch        |
+| `backend`     | "auto" / "triton" / "torch": `resolve_backend`, where Triton can run        |
+| `checks`      | input validation and its error messages                                     |
+"""
+from .backend import BACKENDS, resolve_backend
+from .fold import fold_adapter_weights, sg_adapter_torch
+from .la_loss import fused_fit_loss, fused_la_loss
+from .modules import CompensatedLALoss, FITLoss, SGAdapterFused
+from .reference import (
+    SGAdapter,
+    compensated_la_loss,
+    compensated_log_prior,
+    fit_loss,
+    logit_adjusted_loss,
+    lift_bottleneck,
+)
+
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "SGAdapter",
+    "SGAdapterFused",
+    "fold_adapter_weights",
+    "sg_adapter_torch",
+    "lift_bottleneck",
+    "CompensatedLALoss",
+    "FITLoss",
+    "compensated_la_loss",
+    "compensated_log_prior",
+    "fit_loss",
+    "logit_adjusted_loss",
+    "fused_fit_loss",
+    "fused_la_loss",
+]

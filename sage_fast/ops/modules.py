@@ -1,0 +1,218 @@
+"""The nn.Module layer of the ops: one `backend` switch between the reference and the kernels.
+
+* `SGAdapterFused`: drop-in for the reference `SGAdapter` (same constructor plus `backend`, same
+  sub-modules, parameters and state_dict).
+* `CompensatedLALoss` (Eq. 22) and `FITLoss` (Eq. 23, 24), each holding its log-prior (and FIT's s1, s2).
+
+`backend` is "auto" | "triton" | "torch", resolved per call by `sage_fast.ops.backend.resolve_backend`.
+
+SGAdapterFused, dtypes: x may be fp32, fp16 or bf16 on the Triton path (fp64 takes the folded
+PyTorch path under "auto"). `forward` returns the compute dtype (like the reference's last Linear),
+`forward_block` x's dtype. Under `torch.autocast` the compute dtype is autocast's dtype for x's
+device, as the reference's Linear layers would run; the fold stays in fp32 and weight gradients come
+back fp32. mlp_out may have another float dtype; it is read as is.
+
+SGAdapterFused, checks: input shapes, dtypes and devices as the reference; the folded weights, `up`
+and s must be finite, else ValueError. That check costs one host-device sync per forward; set
+`module.check_finite = False` to skip it (the Sage model does, and checks all its parameters at once).
+It is skipped while `torch.compile` traces; NaN weights then give NaN outputs, never finite wrong
+ones. Non-contiguous x or mlp_out are copied to contiguous memory first (one copy).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .backend import TRITON_DTYPES, check_backend, resolve_backend
+from .fold import fold_adapter_weights, sg_adapter_torch
+from .la_loss import fused_fit_loss, fused_la_loss
+from .reference import SGAdapter, check_adapter_inputs, compensated_log_prior, fit_combine, fit_loss, logit_adjusted_loss
+from .sg_adapter import SGAdapterFunction
+
+
+def _loss_backend(backend: str, *tensors) -> str:
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        return "torch"  # the reference raises the clear error
+    dtype = torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else first.dtype
+    return resolve_backend(backend, first.device, dtype)
+
+
+class CompensatedLALoss(nn.Module):
+    """The compensated LA loss (Eq. 22) as a module; the log-prior is computed once and kept as a buffer.
+
+    backend: "auto" (the fused Triton kernel on CUDA, the PyTorch reference elsewhere and for fp64
+    logits), "triton" (a RuntimeError at forward where Triton cannot run) or "torch" (the reference).
+    See `sage_fast.ops.la_loss` for the fused path's limits.   logits: (B, C); target: (B,).
+    """
+
+    def __init__(
+        self, class_counts, mu: float = 0.5, gamma: float = 0.05, ignore_index: int = -100, backend: str = "auto"
+    ):
+        super().__init__()
+        self.mu, self.gamma, self.ignore_index = float(mu), float(gamma), int(ignore_index)
+        self.backend = check_backend(backend)
+        self.register_buffer("log_prior", compensated_log_prior(class_counts, mu, gamma), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.log_prior.numel()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, backend={self.backend!r}"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if _loss_backend(self.backend, logits) == "triton":
+            return fused_la_loss(logits, target, self.log_prior, self.ignore_index)
+        return logit_adjusted_loss(logits, target, self.log_prior, self.ignore_index)
+
+
+class FITLoss(nn.Module):
+    """FIT's loss: L = l(z) + lambda1 l(zv) + lambda2 l(zt) + lambda3 l(z^), l the compensated LA loss.
+
+    Holds the learnable scalars s1, s2 (both start at 0, so z^ = z at the start) of
+    z^ = z + s1 * zv + s2 * zt.   z, zv, zt: (B, C); target: (B,).
+    forward returns (total loss, z^); predictions are argmax z^.
+    backend: "auto" | "triton" | "torch", as in `CompensatedLALoss`.
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        mu: float = 0.5,
+        gamma: float = 0.05,
+        lambdas: Sequence[float] = (0.015, 0.015, 0.4),
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.backend = check_backend(backend)
+        lambdas = tuple(float(v) for v in lambdas)
+        if len(lambdas) != 3:
+            raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {lambdas}")
+        self.mu, self.gamma, self.lambdas, self.ignore_index = float(mu), float(gamma), lambdas, int(ignore_index)
+        self.register_buffer("log_prior", compensated_log_prior(class_counts, mu, gamma), persistent=False)
+        self.s1 = nn.Parameter(torch.zeros(()))
+        self.s2 = nn.Parameter(torch.zeros(()))
+
+    @property
+    def num_classes(self) -> int:
+        return self.log_prior.numel()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, lambdas={self.lambdas}, "
+            f"backend={self.backend!r}"
+        )
+
+    def combine(self, z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+        """z^ = z + s1 * zv + s2 * zt, in z's dtype."""
+        return fit_combine(z, zv, zt, self.s1, self.s2)
+
+    def forward(
+        self, z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor, target: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if _loss_backend(self.backend, z, zv, zt) == "triton":
+            return fused_fit_loss(z, zv, zt, target, self.log_prior, self.s1, self.s2, self.lambdas, self.ignore_index)
+        return fit_loss(z, zv, zt, target, self.log_prior, self.s1, self.s2, self.lambdas, self.ignore_index)
+
+
+class SGAdapterFused(SGAdapter):
+    """Semantic-guided adapter, fused (drop-in for `SGAdapter`).
+
+    Args:
+        dim, bottleneck, alpha, eps: as `SGAdapter`.
+        backend: "auto" (the Triton kernels on CUDA, the folded PyTorch path elsewhere and for
+            fp64), "triton" (the kernels; a RuntimeError where they cannot run) or "torch" (the
+            literal reference, `SGAdapter`'s own forward). See `sage_fast.ops.backend`.
+
+    Attributes:
+        check_finite: raise ValueError when the folded weights, `up` or s hold NaN/Inf (one
+            host-device sync per forward; default True).
+
+    Shapes:
+        forward(x (..., d), guidance (d,)) -> a (..., d)
+        forward_block(x (..., d), guidance (d,), mlp_out (..., d), scale 0-dim) -> (..., d)
+    """
+
+    check_finite: bool = True
+
+    def __init__(self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5, backend: str = "auto"):
+        super().__init__(dim, bottleneck, alpha=alpha, eps=eps)
+        self.backend = check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if resolve_backend(self.backend, x.device, x.dtype) != "triton":
+            return False
+        if x.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports fp32, fp16 and bf16 inputs, got {x.dtype}")
+        return True
+
+    def _check_finite(self, *tensors: torch.Tensor) -> None:
+        if not self.check_finite or torch.compiler.is_compiling():
+            return
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        if not bool(ok):
+            raise ValueError(
+                "SGAdapterFused: NaN or Inf in the adapter weights, the guidance or the block scale "
+                "(checked on the folded W_cat, b_cat, up and s)"
+            )
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return x.dtype
+
+    def _run(self, x, guidance, mlp_out, scale):
+        w_cat, b_cat = fold_adapter_weights(self, guidance)
+        checked = [w_cat, b_cat, self.up.weight, self.up.bias] + ([scale] if scale is not None else [])
+        self._check_finite(*checked)
+        if not self._use_triton(x):
+            a = sg_adapter_torch(x, w_cat, b_cat, self.up.weight, self.up.bias, self.alpha, self.eps)
+            return a if scale is None else x + mlp_out + scale * a
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.dim).contiguous()
+        mlp2 = mlp_out.reshape(-1, self.dim).contiguous() if mlp_out is not None else None
+        scale32 = scale.float().reshape(()) if scale is not None else None
+        out = SGAdapterFunction.apply(
+            x2, w_cat, b_cat, self.up.weight.float(), self.up.bias.float(), scale32, mlp2,
+            self.alpha, self.eps, self._compute_dtype(x),
+        )
+        return out.reshape(*lead, self.dim)
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return SGAdapter.forward(self, x, guidance)
+        check_adapter_inputs(x, guidance, self.dim)
+        return self._run(x, guidance, None, None)
+
+    def forward_block(
+        self, x: torch.Tensor, guidance: torch.Tensor, mlp_out: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused end of a Sage block: ``x + mlp_out + scale * adapter(x, guidance)`` in one pass.
+
+        x: (..., d), f~ (adapter input and residual); mlp_out: (..., d), any float dtype, same
+        device; scale: the block's scalar s (0-dim or 1-element tensor, or a Python number).
+        Returns x's dtype.
+        """
+        if self.backend == "torch":
+            return SGAdapter.forward_block(self, x, guidance, mlp_out, scale)
+        check_adapter_inputs(x, guidance, self.dim)
+        if not isinstance(mlp_out, torch.Tensor) or mlp_out.shape != x.shape:
+            got = tuple(mlp_out.shape) if isinstance(mlp_out, torch.Tensor) else type(mlp_out).__name__
+            raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {got}")
+        if not mlp_out.is_floating_point() or mlp_out.device != x.device:
+            raise ValueError(f"mlp_out must be a float tensor on {x.device}, got {mlp_out.dtype} on {mlp_out.device}")
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), device=x.device)
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold one number, got shape {tuple(scale.shape)}")
+        if scale.device != x.device:
+            raise ValueError(f"scale must be on {x.device}, got {scale.device}")
+        return self._run(x, guidance, mlp_out, scale)
