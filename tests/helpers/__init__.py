@@ -1,0 +1,5 @@
+"""Shared test helpers (importable as `helpers`: tests/ is on sys.path through tests/conftest.py).
+
+One module per concern: `helpers.images` (image folders and split files on disk), `helpers.adapters`
+(randomised adapters and model weights).
+"""
