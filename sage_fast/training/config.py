@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 import warnings
@@ -143,6 +144,9 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp) -> Any:
     """Return `value` checked against the annotation `tp` (int is accepted for float, nothing else is)."""
     origin = typing.get_origin(tp)
@@ -173,6 +177,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 1e-2 and 5e-4 (no dot in the mantissa) as strings: they are meant as numbers
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -152,3 +152,16 @@ def test_cli_resume_from_missing_checkpoint_is_a_usage_error(tmp_path, capsys):
     assert exc.value.code == 2
     assert "last.pt" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_floats_in_scientific_notation(tmp_path):
+    """YAML 1.1 reads 1e-2 (no dot) as a string; wherever a float is expected it is a number."""
+    cfg = build_config(overrides=["optim.lr=1e-2", "optim.weight_decay=5e-4", "model.lambdas=[1e-7, 2E-1, 3]"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.model.lambdas) == (0.01, 0.0005, [1e-7, 0.2, 3.0])
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-2\n  weight_decay: 5e-4\n")
+    assert (build_config(path).optim.lr, build_config(path).optim.weight_decay) == (0.01, 0.0005)
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        build_config(overrides=["optim.lr=1e-2x"])
+    with pytest.raises(ConfigError, match="optim.epochs: expected int"):
+        build_config(overrides=["optim.epochs=1e1"])  # not an int, even though it is a whole number
