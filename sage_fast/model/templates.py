@@ -1,4 +1,4 @@
-"""The 60 prompt templates used to initialise the classifier (SAGE.md section 6)."""
+"""The 60 prompt templates used to initialise the classifier (docs/method.md, "The classifier and guidance")."""
 
 TEMPLATES = (
     "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
