@@ -21,16 +21,10 @@ from safetensors.torch import load_file
 
 from sage_fast.training.cli import main as cli_main
 from sage_fast.training.config import build_config
-from sage_fast.training.loop import (
-    Trainer,
-    accuracy_report,
-    atomic_torch_save,
-    cosine_lambda,
-    load_weights,
-    plot_per_class,
-    resolve_device,
-    train,
-)
+from sage_fast.training.checkpoint import atomic_torch_save, load_weights
+from sage_fast.training.distributed import resolve_device
+from sage_fast.training.loop import Trainer, cosine_lambda, train
+from sage_fast.training.metrics import accuracy_report, plot_per_class
 
 COUNTS = (105, 30, 20, 8, 4, 3)
 TEST_PER_CLASS = 4
