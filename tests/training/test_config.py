@@ -97,6 +97,7 @@ def test_int_for_float_and_null_for_optional():
         (["train.device=tpu"], "train.device must be"),
         (["data.crop_scale=[0.5, 0.2]"], "data.crop_scale must be [min, max]"),
         (["data.train_augment=mixup"], "data.train_augment: expected one of"),
+        (["data.dataset=imagenet"], "data.dataset: expected one of 'cifar100_lt' | 'imagenet_lt'"),
     ],
 )
 def test_bad_values_raise_clear_errors(override, message):

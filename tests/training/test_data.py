@@ -29,10 +29,12 @@ from sage_fast.training.data import (
     cifar100_lt_indices,
     cifar_lt_counts,
     collate_skip,
+    dataset_names,
     measure_input_pipeline,
     read_class_names,
     read_inat_json,
     read_split_file,
+    register_dataset,
     sample_seed,
 )
 
@@ -212,6 +214,30 @@ def test_folder_with_class_names_file_and_missing_class(tmp_path):
         build_data(_data_cfg(dataset="folder", root=tmp_path, class_names="names.txt"), 32)
     with pytest.raises(ValueError, match="data.root is empty"):
         build_data(_data_cfg(dataset="folder"), 32)
+
+
+def test_a_registered_data_set_is_valid_in_the_config_and_built_by_build_data(tmp_path, monkeypatch):
+    from sage_fast.training.config import ConfigError
+    from sage_fast.training.data import registry
+
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # registrations end with the test
+    with pytest.raises(ConfigError, match="data.dataset: expected one of 'cifar100_lt' .* got 'toy'"):
+        _data_cfg(dataset="toy")
+    seen = []
+
+    @register_dataset("toy")
+    def build_toy(ctx):
+        seen.append(ctx)
+        return "built"
+
+    assert dataset_names()[-1] == "toy"
+    write_class_names(tmp_path / "names.txt", ["a", "b"])
+    assert build_data(_data_cfg(dataset="toy", root=tmp_path, class_names="names.txt"), 32) == "built"
+    (ctx,) = seen
+    assert (ctx.name, ctx.root, ctx.user_names, ctx.raw) == ("toy", tmp_path, ["a", "b"], False)
+    assert ctx.train_transform is not None and ctx.path("", "x.txt") == tmp_path / "x.txt"
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("toy")(build_toy)
 
 
 # ---------------------------------------------------------------- transforms, samplers, unreadable images
