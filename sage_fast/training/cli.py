@@ -62,7 +62,8 @@ def _train(argv):
         return 0
     from pathlib import Path
 
-    from .loop import format_report, train
+    from .loop import train
+    from .metrics import format_report
 
     resume = args.resume
     if resume == "last":
@@ -90,7 +91,9 @@ def _eval(argv):
     p.add_argument("--config", help="YAML run config; default: the config stored with the weights")
     p.add_argument("--preset", choices=sorted(PRESETS))
     args, rest = p.parse_known_args(argv)
-    from .loop import config_from_weights, evaluate_weights, format_report
+    from .checkpoint import config_from_weights
+    from .loop import evaluate_weights
+    from .metrics import format_report
 
     try:
         base = None if (args.config or args.preset) else config_from_weights(args.weights)

@@ -20,22 +20,28 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from ..model.config import ModelConfig
-
-DATASETS = ("cifar100_lt", "imagenet_lt", "places_lt", "inat2018", "folder")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run: unknown key, wrong type, or an inconsistent value."""
 
 
+def _dataset_names() -> Tuple[str, ...]:
+    # imported when a value is checked, not with this module, which stays free of the data stack (PIL, loaders)
+    from .data.registry import dataset_names
+
+    return dataset_names()
+
+
 @dataclass
 class DataConfig:
-    dataset: Literal["cifar100_lt", "imagenet_lt", "places_lt", "inat2018", "folder"] = "folder"
+    #: a data set registered in `sage_fast.training.data.registry` (the one list of names)
+    dataset: str = field(default="folder", metadata={"choices": _dataset_names})
     #: image root; for cifar100_lt the directory holding (or being) ``cifar-100-python/``
     root: str = ""
     #: split files (``relative/path label`` lines, or iNaturalist's official JSON); relative paths are
@@ -196,7 +202,8 @@ def _merge(obj, updates: Mapping[str, Any], prefix: str = "") -> None:
     if not isinstance(updates, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = list(fields)
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
@@ -206,8 +213,14 @@ def _merge(obj, updates: Mapping[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.")
-        else:
-            setattr(obj, key, _coerce(full, value, hints[key]))
+            continue
+        choices = fields[key].metadata.get("choices")
+        if choices is not None:
+            # a str field whose values live elsewhere (a registry): checked like a Literal, same message
+            allowed = tuple(choices())
+            if value not in allowed:
+                raise ConfigError(f"{full}: expected one of {' | '.join(repr(a) for a in allowed)}, got {value!r}")
+        setattr(obj, key, _coerce(full, value, hints[key]))
 
 
 def _check_values(cfg: SageConfig) -> None:

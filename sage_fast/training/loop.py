@@ -16,32 +16,39 @@ failure and stops the others instead of the job hanging.
 Determinism and resume: augmentations are drawn from per-sample seeds (see `sage_fast.training.data`), so a
 run's batches do not depend on the number of processes or on interruptions. A checkpoint holds the
 trainable parameters, optimizer, scheduler, sampler position (epoch, step in epoch), RNG states and the
-config; it is written atomically every `train.ckpt_every_steps` steps and at each epoch end, and
-``--resume`` continues from it to the same final weights as an uninterrupted run.
+config (format: `sage_fast.training.checkpoint`); it is written atomically every `train.ckpt_every_steps`
+steps and at each epoch end, and ``--resume`` continues from it to the same final weights as an
+uninterrupted run.
 
 Outputs in `train.output_dir` (rank 0): ``config.yaml``, ``last.pt`` (checkpoint), ``train_log.csv``
 and ``eval_log.csv``, ``tb/`` (TensorBoard), ``metrics.json``, ``per_class.csv``,
-``per_class_accuracy.png`` and ``adapters.safetensors`` (the trained parameters, a small file).
+``per_class_accuracy.png`` (see `sage_fast.training.metrics`) and ``adapters.safetensors`` (the trained
+parameters, a small file).
+
+This module holds the loop itself; the process set-up is in `distributed`, the files in `checkpoint`,
+the accuracy and reports in `metrics`.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
+import copy
 import math
-import os
-import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..model.clip import image_size
+from .checkpoint import (
+    atomic_torch_save,
+    atomic_write_text,
+    checkpoint_state,
+    load_weights,
+    restore_checkpoint,
+    save_adapters,
+)
 from .config import SageConfig
 from .data import (
     GpuBatchTransform,
@@ -50,271 +57,10 @@ from .data import (
     TrainSampler,
     build_data,
     build_loader,
+    measure_input_pipeline,
 )
-
-CHECKPOINT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(device: str, world_size: int, local_rank: int, cuda_available: bool) -> str:
-    """The device string one process uses: "auto" -> cuda:LOCAL_RANK (or cpu), "cuda" -> cuda:LOCAL_RANK.
-
-    Under torchrun (world_size > 1) an explicit index (``cuda:1``) would put every process on that one GPU,
-    so it is refused; use "cuda" or "auto" and let LOCAL_RANK pick the GPU.
-    """
-    if device == "auto":
-        return f"cuda:{local_rank}" if cuda_available else "cpu"
-    if device == "cuda":
-        return f"cuda:{local_rank}"
-    d = torch.device(device)
-    if world_size > 1 and d.type == "cuda" and d.index is not None:
-        raise ValueError(f"train.device={device!r} names one GPU, but this is one of {world_size} processes "
-                         "(WORLD_SIZE > 1): every process would use that GPU. Use train.device=cuda (or auto): "
-                         "each process then takes cuda:LOCAL_RANK")
-    return device
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device, world, local_rank, torch.cuda.is_available())
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={device!r} but CUDA is not available")
-        torch.cuda.set_device(dev)
-    info = DistInfo(rank, world, local_rank, dev)
-    if world > 1:
-        if dist.is_initialized():
-            if dist.get_world_size() != world:
-                raise RuntimeError("a process group of another size is already initialized")
-        else:
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-            info.initialized_here = True
-    return info
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.device.type == "cuda":
-        dist.barrier(device_ids=[info.device.index])
-    else:
-        dist.barrier()
-
-
-def cleanup_distributed(info: DistInfo, ok: bool = True) -> None:
-    """After a successful run: barrier (rank 0 may still be writing files), then destroy the process group.
-
-    After a failure (`ok` False) nothing is done: the other processes may be waiting in a collective (DDP's
-    all-reduce) that this one will never join, so a barrier here would hang the whole job, and destroying an
-    NCCL group can block on their pending work. The exception propagates, the process exits non-zero and
-    torchrun stops the other processes.
-    """
-    if ok and info.initialized_here and dist.is_initialized():
-        _barrier(info)
-        dist.destroy_process_group()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        # numpy's legacy state holds an ndarray, which weights_only loading refuses: store it as a tensor
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: some platforms / file systems cannot open or fsync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass  # the original error matters more than a leftover temporary file
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it.
-
-    Readers never see a half-written file, and an existing `path` survives a failed write (an
-    exception, Ctrl-C)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save through `atomic_path`, fsynced, so a checkpoint is whole or absent, even after a crash."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-# --------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def group_masks(group_counts: Sequence[int]) -> Dict[str, torch.Tensor]:
-    """many: > 100 training images, medium: 20 to 100, few: < 20 (the paper's groups; docs/method.md)."""
-    c = torch.as_tensor(list(group_counts))
-    return {"many": c > 100, "medium": (c >= 20) & (c <= 100), "few": c < 20}
-
-
-def accuracy_report(correct: torch.Tensor, total: torch.Tensor, group_counts: Sequence[int]) -> dict:
-    """Top-1 accuracies in percent from per-class correct / total counts (C,).
-
-    overall: over samples; many / medium / few: the mean of the group's per-class accuracies (classes
-    without test images are left out; a group with no class is NaN); per_class: C values (NaN: no test image).
-    """
-    correct, total = correct.double().cpu(), total.double().cpu()
-    per_class = torch.where(total > 0, correct / total.clamp(min=1), torch.full_like(total, float("nan")))
-    out = {"overall": 100.0 * float(correct.sum() / total.sum()) if total.sum() > 0 else float("nan")}
-    for name, mask in group_masks(group_counts).items():
-        sel = mask & (total > 0)
-        out[name] = 100.0 * float(per_class[sel].mean()) if bool(sel.any()) else float("nan")
-    out["per_class"] = (100.0 * per_class).tolist()
-    out["test_images"] = int(total.sum())
-    return out
-
-
-def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int], title: str = "",
-                   group_counts: Optional[Sequence[int]] = None) -> None:
-    """PNG: per-class test accuracy against the class's training count (log x), coloured by group.
-
-    group_counts: the counts that define many / medium / few (default `train_counts`). The group borders
-    (20 and 100) are drawn only when the groups follow the plotted counts; CIFAR-100-LT ratios 50 and 10 use
-    ratio 100's counts, which the x label then says.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    x = np.asarray(train_counts)
-    y = np.asarray(accuracy, dtype=float)
-    same = group_counts is None or list(group_counts) == list(train_counts)
-    masks = group_masks(train_counts if group_counts is None else group_counts)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for (name, mask), colour in zip(masks.items(), ("tab:blue", "tab:orange", "tab:green")):
-        sel = mask.numpy()
-        if sel.any():
-            ax.scatter(x[sel], y[sel], s=10, alpha=0.7, color=colour, label=name)
-    if same:
-        for border in (20, 100):
-            ax.axvline(border, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xlabel("training images of the class")
-    else:
-        ax.set_xlabel("training images of the class (groups by the ratio-100 counts: group_count in per_class.csv)")
-    ax.set_xscale("log")
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title or "per-class accuracy")
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-
-
-class CSVLog:
-    """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, fields: Sequence[str], resume_step: Optional[int] = None):
-        self.path, self.fields = Path(path), list(fields)
-        if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            self._rewrite(rows)
-        elif not self.path.is_file() or resume_step is None:
-            self._rewrite([])
-
-    def _rewrite(self, rows) -> None:
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, **row) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-# --------------------------------------------------------------------------------------------------
-# Model
+from .distributed import DistInfo, barrier, cleanup_distributed, reduce_sum, seed_everything, setup_distributed
+from .metrics import CSVLog, accuracy_report, write_report
 
 
 def build_model_from_config(cfg: SageConfig, class_names, class_counts, device, progress: bool = True):
@@ -327,36 +73,6 @@ def cosine_lambda(total_steps: int) -> Callable[[int], float]:
     """lr factor at step t: 0.5 (1 + cos(pi t / T)), no warm-up; reaches 0 after the last step."""
     total = max(int(total_steps), 1)
     return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
-
-
-def load_weights(path) -> Dict[str, torch.Tensor]:
-    """Trainable parameters from ``adapters.safetensors`` or a checkpoint ``.pt`` (weights_only loading)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt["trainable"] if isinstance(ckpt, dict) and "trainable" in ckpt else ckpt
-
-
-def config_from_weights(path) -> Optional[dict]:
-    """The run config stored in a checkpoint or in the safetensors export's metadata, if any."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta["config"]) if "config" in meta else None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt.get("config") if isinstance(ckpt, dict) else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainer
 
 
 class Trainer:
@@ -389,11 +105,11 @@ class Trainer:
         # other processes of the node then read; every process passes exactly one barrier
         first = self.dist.local_rank == 0
         if self.dist.distributed and not first:
-            _barrier(self.dist)
+            barrier(self.dist)
         self.model = build_model_from_config(cfg, self.data.class_names, self.data.class_counts, self.device,
                                              progress=self.progress)
         if self.dist.distributed and first:
-            _barrier(self.dist)
+            barrier(self.dist)
         if self.model.image_size != self.image_size:
             raise ValueError(f"data.image_size={self.image_size} but {cfg.model.name} takes {self.model.image_size} px "
                              "images (its position embeddings are fixed): leave data.image_size null")
@@ -429,20 +145,11 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "version": CHECKPOINT_VERSION,
-            "trainable": {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "skipped_total": self.skipped_total,
-            "rng": _rng_state(),
-            "config": self.cfg.to_dict(),
-            "class_names": list(self.data.class_names),
-            "class_counts": list(self.data.class_counts),
-        }
+        """The checkpoint (format: `sage_fast.training.checkpoint`)."""
+        progress = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                    "skipped_total": self.skipped_total}
+        return checkpoint_state(self.model, self.optimizer, self.scheduler, progress, self.cfg.to_dict(),
+                                self.data.class_names, self.data.class_counts)
 
     def save_checkpoint(self, path=None) -> Optional[Path]:
         """Rank 0 writes `last.pt` atomically; other ranks do nothing."""
@@ -453,36 +160,19 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
-        if len(ckpt["class_counts"]) != self.model.num_classes or ckpt["class_counts"] != list(self.data.class_counts):
-            raise ValueError(f"{path}: checkpoint was trained on other classes / counts than this data set")
-        old = ckpt["config"]
-        for section in ("model", "optim"):
-            if old[section] != self.cfg.to_dict()[section]:
-                warnings.warn(f"resuming with a different '{section}' config than the checkpoint's; "
-                              "the result will not match an uninterrupted run")
-        self.model.load_trainable_state_dict({k: v.to(self.device) for k, v in ckpt["trainable"].items()})
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
-        self.global_step, self.skipped_total = int(ckpt["global_step"]), int(ckpt["skipped_total"])
-        _set_rng_state(ckpt["rng"])
+        """Continue from `path`: weights, optimizer, scheduler, sampler position and RNG states."""
+        progress = restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.cfg.to_dict(),
+                                      self.data.class_counts, self.device)
+        self.epoch, self.step_in_epoch = progress["epoch"], progress["step_in_epoch"]
+        self.global_step, self.skipped_total = progress["global_step"], progress["skipped_total"]
 
     def export_adapters(self, path=None) -> Optional[Path]:
         """The trainable parameters (adapters, block scales, classifier, FIT s1 / s2) as safetensors, with the
         config and class names in the metadata."""
         if not self.dist.is_main:
             return None
-        from safetensors.torch import save_file
-
         path = Path(path) if path else self.out_dir / "adapters.safetensors"
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.model.trainable_state_dict().items()}
-        meta = {"config": json.dumps(self.cfg.to_dict()), "class_names": json.dumps(list(self.data.class_names)),
-                "class_counts": json.dumps(list(self.data.class_counts)), "format": "sage-fast adapters v1"}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        save_adapters(path, self.model, self.cfg.to_dict(), self.data.class_names, self.data.class_counts)
         return path
 
     # -- logging ------------------------------------------------------------------------------
@@ -490,7 +180,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+        atomic_write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
         self._logs["train"] = CSVLog(self.out_dir / "train_log.csv",
                                      ["step", "epoch", "loss", "lr", "images_per_s"], resume_step)
         self._logs["eval"] = CSVLog(self.out_dir / "eval_log.csv",
@@ -626,14 +316,10 @@ class Trainer:
         return result
 
     def _reduce_sum(self, value: float) -> float:
-        if not self.dist.distributed:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item())
+        return reduce_sum(self.dist, value)
 
     def _reduce_mean(self, t: torch.Tensor) -> float:
-        return self._reduce_sum(float(t)) / self.dist.world_size
+        return reduce_sum(self.dist, float(t)) / self.dist.world_size
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -681,23 +367,8 @@ class Trainer:
         return report
 
     def write_report(self, report: dict) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        summary = {k: v for k, v in report.items() if k != "per_class"}
-        summary["dataset"] = self.data.name
-        # NaN (a group without classes) is not JSON: written as null
-        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-        _atomic_write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-        masks = group_masks(self.data.group_counts)
-        # group_count: the count that decides the group (CIFAR-100-LT ratios 50 / 10: ratio 100's count)
-        rows = ["class,name,train_count,group_count,group,accuracy"]
-        for k, (name, count, gcount, acc) in enumerate(zip(self.data.class_names, self.data.class_counts,
-                                                           self.data.group_counts, report["per_class"])):
-            group = next(g for g, m in masks.items() if bool(m[k]))
-            rows.append(f"{k},{json.dumps(name)},{count},{gcount},{group},{'' if math.isnan(acc) else f'{acc:.4f}'}")
-        _atomic_write_text(self.out_dir / "per_class.csv", "\n".join(rows) + "\n")
-        plot_per_class(self.out_dir / "per_class_accuracy.png", report["per_class"], self.data.class_counts,
-                       f"{self.data.name}: overall {report['overall']:.1f}%, many {report['many']:.1f}, "
-                       f"medium {report['medium']:.1f}, few {report['few']:.1f}", group_counts=self.data.group_counts)
+        """metrics.json, per_class.csv and per_class_accuracy.png in the output folder (`metrics.write_report`)."""
+        write_report(self.out_dir, report, self.data)
 
     def close(self, ok: bool = True) -> None:
         """Release the process group; `ok` False after a failure (no barrier, see `cleanup_distributed`)."""
@@ -706,16 +377,9 @@ class Trainer:
 
 def _no_persist(data_cfg):
     """Evaluation loaders are built per call: persistent workers would outlive them."""
-    import copy
-
     c = copy.copy(data_cfg)
     c.persistent_workers = False
     return c
-
-
-def format_report(r: dict) -> str:
-    return (f"top-1 overall {r['overall']:.2f}%  many {r['many']:.2f}%  medium {r['medium']:.2f}%  "
-            f"few {r['few']:.2f}%  ({r['test_images']} test images, {r['skipped']} skipped)")
 
 
 def train(cfg: SageConfig, resume=None, callbacks: Sequence[Callable] = ()) -> dict:
@@ -753,8 +417,6 @@ def evaluate_weights(cfg: SageConfig, weights) -> dict:
 
 def bench_input_pipeline(cfg: SageConfig, num_batches: int = 50) -> dict:
     """Images/s of the training input pipeline alone (read, decode, augment, collate; no model)."""
-    from .data import measure_input_pipeline
-
     size = cfg.data.image_size or image_size(cfg.model.name)
     data = build_data(cfg.data, size, raw=cfg.data.gpu_decode)
     sampler = TrainSampler(data.train, cfg.optim.batch_size, 1, 0, cfg.train.seed)

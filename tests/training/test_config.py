@@ -1,39 +1,58 @@
 """Run config: Table 8 presets, layering (defaults < preset < YAML < CLI), validation errors, the CLI."""
+import numpy as np
 import pytest
 import yaml
 
 from sage_fast.training.cli import main as cli_main
 from sage_fast.training.config import PRESETS, ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
-
-# SAGE.md section 3, Table 8: dataset -> (alpha, mu, gamma, lambda1, lambda2, lambda3, epochs)
-TABLE8 = {
-    "cifar100_lt_r100": (0.1, 0.5, 0.050, 0.015, 0.015, 0.4, 10),
-    "cifar100_lt_r50": (0.1, 0.5, 0.060, 0.0001, 0.01, 0.6, 10),
-    "cifar100_lt_r10": (0.1, 0.5, 0.060, 0.002, 0.005, 0.2, 10),
-    "places_lt": (0.8, 0.5, 0.050, 0.003, 0.01, 0.2, 10),
-    "imagenet_lt": (0.8, 0.5, 0.050, 0.005, 0.01, 0.2, 10),
-    "inat2018": (1.0, 0.5, 0.085, 1e-7, 1e-7, 1e-7, 20),
-}
+from sage_fast.training.data import ArrayDataset, LTData, dataset_names
+from sage_fast.training.loop import Trainer
 
 
-@pytest.mark.parametrize("name", sorted(TABLE8))
-def test_presets_are_table8(name):
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_builds_a_valid_config_with_its_values(name):
+    """Every value a preset sets is in the built, validated config; every other key keeps its default."""
     cfg = build_config(preset=name)
-    alpha, mu, gamma, l1, l2, l3, epochs = TABLE8[name]
-    assert (cfg.model.alpha, cfg.model.mu, cfg.model.gamma) == (alpha, mu, gamma)
-    assert cfg.model.lambdas == [l1, l2, l3]
-    assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr) == (epochs, 128, 0.01)
-    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.schedule) == (0.9, 5e-4, "cosine")
-    assert cfg.preset == name
-    if name.startswith("cifar"):
-        assert cfg.data.dataset == "cifar100_lt"
-        assert cfg.data.imbalance_ratio == float(name.split("_r")[1])
-    else:
-        assert cfg.data.dataset == name
+    assert cfg.preset == name and cfg.data.dataset in dataset_names()
+    built, default = cfg.to_dict(), SageConfig().to_dict()
+    for section in ("data", "model", "optim", "train"):
+        given = PRESETS[name].get(section, {})
+        for key, value in built[section].items():
+            assert value == given.get(key, default[section][key]), f"{name}: {section}.{key}"
+    assert config_from_dict(built) == cfg
 
 
-def test_every_preset_is_tested():
-    assert set(PRESETS) == set(TABLE8)
+def _in_memory_data(n: int, num_classes: int = 3) -> LTData:
+    """n random 32 px images over `num_classes` classes, enough for one batch of n."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = [k % num_classes for k in range(n)]
+    names = [f"class {k}" for k in range(num_classes)]
+    counts = [labels.count(k) for k in range(num_classes)]
+    train, test = ArrayDataset(images, labels, names), ArrayDataset(images[:num_classes], labels[:num_classes], names)
+    return LTData("memory", train, test, names, counts, counts, num_classes)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_reaches_the_model_and_the_optimizer(name, tmp_path):
+    """The preset's hyperparameters are the ones the Trainer's model, loss, optimizer and schedule use
+    (on the tiny random-weight architecture, with the preset's batch size)."""
+    cfg = build_config(preset=name, overrides={
+        "model.name": "sage-tiny", "model.pretrained": None, "model.backend": "torch", "train.device": "cpu",
+        "train.output_dir": str(tmp_path), "train.progress": False, "data.num_workers": 0})
+    trainer = Trainer(cfg, data=_in_memory_data(cfg.optim.batch_size))
+    model = trainer.model
+    assert model.config == cfg.model
+    assert {a.alpha for a in model.adapters} == {cfg.model.alpha}
+    loss = model.criterion
+    assert (loss.mu, loss.gamma, list(loss.lambdas)) == (cfg.model.mu, cfg.model.gamma, cfg.model.lambdas)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (cfg.optim.lr, cfg.optim.momentum,
+                                                                      cfg.optim.weight_decay)
+    assert trainer.local_batch == cfg.optim.batch_size
+    assert trainer.total_steps == cfg.optim.epochs * trainer.steps_per_epoch == cfg.optim.epochs
+    assert trainer.scheduler.lr_lambdas[0](trainer.total_steps) == pytest.approx(0.0)  # cosine over all epochs
+    assert not any(tmp_path.iterdir())  # building writes nothing
 
 
 def test_layering_preset_yaml_overrides(tmp_path):
@@ -78,6 +97,7 @@ def test_int_for_float_and_null_for_optional():
         (["train.device=tpu"], "train.device must be"),
         (["data.crop_scale=[0.5, 0.2]"], "data.crop_scale must be [min, max]"),
         (["data.train_augment=mixup"], "data.train_augment: expected one of"),
+        (["data.dataset=imagenet"], "data.dataset: expected one of 'cifar100_lt' | 'imagenet_lt'"),
     ],
 )
 def test_bad_values_raise_clear_errors(override, message):

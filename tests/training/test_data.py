@@ -7,6 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.images import (
+    write_cifar100_archive,
+    write_class_names,
+    write_image,
+    write_images,
+    write_inat_json,
+    write_split_file,
+)
 from PIL import Image
 
 from sage_fast.training.config import build_config
@@ -21,19 +29,14 @@ from sage_fast.training.data import (
     cifar100_lt_indices,
     cifar_lt_counts,
     collate_skip,
+    dataset_names,
     measure_input_pipeline,
     read_class_names,
     read_inat_json,
     read_split_file,
+    register_dataset,
     sample_seed,
 )
-
-
-def _png(path, value, size=32, fmt="PNG"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rng = np.random.default_rng(value)
-    arr = np.clip(rng.integers(0, 60, (size, size, 3)) + value, 0, 255).astype(np.uint8)
-    Image.fromarray(arr).save(path, format=fmt)
 
 
 def _data_cfg(**kw):
@@ -54,36 +57,31 @@ def test_cifar_lt_counts_match_paper():
 
 
 @pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    """A fake CIFAR-100 python archive in the official format (Python-2-style pickles, bytes keys).
+def _cifar_archive(tmp_path_factory):
+    return write_cifar100_archive(tmp_path_factory.mktemp("cifar"))
 
-    Pixel (0, 0) of each image encodes its label (R) and its rank within the class (G = position % 251);
-    B of pixel (0, 0) is 7 for every image, to check the channel-major layout.
+
+@pytest.fixture()
+def cifar_root(_cifar_archive):
+    """The fake CIFAR-100 archive (`helpers.images.write_cifar100_archive`), shared by the module's tests.
+
+    It is written once (180 MB: too big to copy per test), so a test must only read it; a test that
+    changed it would fail here instead of leaving the next test a different archive.
     """
-    root = tmp_path_factory.mktemp("cifar")
-    d = root / "cifar-100-python"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 500), ("test", 100)):
-        labels = np.repeat(np.arange(100), per_class)
-        rng.shuffle(labels)
-        data = np.zeros((len(labels), 3072), np.uint8)
-        data[:, 0] = labels
-        data[:, 1024] = np.arange(len(labels)) % 251
-        data[:, 2048] = 7
-        obj = {b"filenames": [b"x.png"] * len(labels), b"batch_label": split.encode(),
-               b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(), b"data": data}
-        with open(d / split, "wb") as f:
-            pickle.dump(obj, f, protocol=2)
-    meta = {b"fine_label_names": [f"name_{k}".encode() for k in range(100)], b"coarse_label_names": []}
-    with open(d / "meta", "wb") as f:
-        pickle.dump(meta, f, protocol=2)
-    return root
+    before = _fingerprint(_cifar_archive)
+    yield _cifar_archive
+    assert _fingerprint(_cifar_archive) == before, "this test changed the shared CIFAR archive: copy it first"
 
 
-@pytest.mark.parametrize("ratio, total", [(100, 10847), (50, 12608), (10, 19573)])
-def test_cifar100_lt_from_archive(cifar_root, ratio, total):
-    data = build_data(_data_cfg(dataset="cifar100_lt", root=cifar_root, imbalance_ratio=ratio), 32)
+def _fingerprint(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("preset, ratio, total", [("cifar100_lt_r100", 100, 10847), ("cifar100_lt_r50", 50, 12608),
+                                                   ("cifar100_lt_r10", 10, 19573)])
+def test_cifar100_lt_from_archive(cifar_root, preset, ratio, total):
+    """The preset's imbalance ratio reaches the data: the paper's training-set sizes."""
+    data = build_data(build_config(preset=preset, overrides={"data.root": str(cifar_root)}).data, 32)
     assert len(data.train) == total and sum(data.class_counts) == total
     assert data.class_counts == cifar_lt_counts(ratio)
     assert data.class_counts[0] == 500 and data.class_counts[99] == {100: 5, 50: 10, 10: 50}[ratio]
@@ -135,17 +133,11 @@ def test_read_split_file(tmp_path):
 
 def test_imagenet_lt_split_files_and_synset_names(tmp_path):
     wnids = ["n01440764", "n01443537", "n01484850"]
-    train, test = [], []
-    for k, w in enumerate(wnids):
-        for i in range(3 - k):
-            rel = f"train/{w}/{w}_{i}.JPEG"
-            _png(tmp_path / rel, 10 * k + i, fmt="JPEG")
-            train.append(f"{rel} {k}")
-        rel = f"val/ILSVRC2012_val_{k:08d}.JPEG"
-        _png(tmp_path / rel, 50 + k, fmt="JPEG")
-        test.append(f"{rel} {k}")
-    (tmp_path / "ImageNet_LT_train.txt").write_text("\n".join(train) + "\n")
-    (tmp_path / "ImageNet_LT_test.txt").write_text("\n".join(test) + "\n")
+    train = [(f"train/{w}/{w}_{i}.JPEG", k) for k, w in enumerate(wnids) for i in range(3 - k)]
+    test = [(f"val/ILSVRC2012_val_{k:08d}.JPEG", k) for k in range(len(wnids))]
+    write_images(tmp_path, train + test, fmt="JPEG")
+    write_split_file(tmp_path / "ImageNet_LT_train.txt", train)
+    write_split_file(tmp_path / "ImageNet_LT_test.txt", test)
     (tmp_path / "LOC_synset_mapping.txt").write_text(
         "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n")
     data = build_data(_data_cfg(dataset="imagenet_lt", root=tmp_path), 32)
@@ -156,13 +148,11 @@ def test_imagenet_lt_split_files_and_synset_names(tmp_path):
 
 
 def test_places_lt_category_names(tmp_path):
-    lines = []
-    for k, cat in enumerate(["a/airfield", "a/apartment_building/outdoor"]):
-        rel = f"data_256/{cat}/00000001.jpg"
-        _png(tmp_path / rel, k, fmt="JPEG")
-        lines.append(f"{rel} {k}")
-    (tmp_path / "Places_LT_train.txt").write_text("\n".join(lines))
-    (tmp_path / "Places_LT_test.txt").write_text("\n".join(lines))
+    categories = ["a/airfield", "a/apartment_building/outdoor"]
+    samples = [(f"data_256/{cat}/00000001.jpg", k) for k, cat in enumerate(categories)]
+    write_images(tmp_path, samples, fmt="JPEG")
+    write_split_file(tmp_path / "Places_LT_train.txt", samples)
+    write_split_file(tmp_path / "Places_LT_test.txt", samples)
     data = build_data(_data_cfg(dataset="places_lt", root=tmp_path), 32)
     assert data.class_names == ["airfield", "apartment_building outdoor"]  # from the paths (letter dropped)
     (tmp_path / "categories_places365.txt").write_text("/a/airfield 0\n/a/apartment_building/outdoor 1\n")
@@ -170,21 +160,13 @@ def test_places_lt_category_names(tmp_path):
     assert data.class_names == ["airfield", "apartment_building outdoor"]
 
 
-def _inat_json(path, files, cats):
-    images = [{"id": 100 + i, "file_name": f, "width": 32, "height": 32} for i, (f, _) in enumerate(files)]
-    anns = [{"id": i, "image_id": 100 + i, "category_id": c} for i, (_, c) in enumerate(files)]
-    path.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": c, "name": n, "supercategory": "x"} for c, n in cats]}))
-
-
 def test_inat2018_official_json_and_lift_lists(tmp_path):
     cats = [(3, "Aa bb"), (7, "Cc dd")]  # sparse ids map to 0..C-1 in id order
     train = [(f"train_val2018/Plantae/{c}/{i}.jpg", c) for c, n in ((3, 3), (7, 1)) for i in range(n)]
     val = [(f"train_val2018/Plantae/{c}/v.jpg", c) for c, _ in cats]
-    for rel, c in train + val:
-        _png(tmp_path / rel, c, fmt="JPEG")
-    _inat_json(tmp_path / "train2018.json", train, cats)
-    _inat_json(tmp_path / "val2018.json", val, cats)
+    write_images(tmp_path, train + val, fmt="JPEG")
+    write_inat_json(tmp_path / "train2018.json", train, cats)
+    write_inat_json(tmp_path / "val2018.json", val, cats)
     samples, names = read_inat_json(tmp_path / "train2018.json")
     assert samples[0] == (train[0][0], 3) and names == {3: "Aa bb", 7: "Cc dd"}
     data = build_data(_data_cfg(dataset="inat2018", root=tmp_path), 32)
@@ -193,8 +175,8 @@ def test_inat2018_official_json_and_lift_lists(tmp_path):
     # LIFT-style lists (labels are the category ids) with categories.json beside them
     for f in ("train2018.json", "val2018.json"):
         (tmp_path / f).unlink()
-    (tmp_path / "iNaturalist18_train.txt").write_text("\n".join(f"{p} {c}" for p, c in train))
-    (tmp_path / "iNaturalist18_val.txt").write_text("\n".join(f"{p} {c}" for p, c in val))
+    write_split_file(tmp_path / "iNaturalist18_train.txt", train)
+    write_split_file(tmp_path / "iNaturalist18_val.txt", val)
     (tmp_path / "categories.json").write_text(json.dumps([{"id": c, "name": n} for c, n in cats]))
     data = build_data(_data_cfg(dataset="inat2018", root=tmp_path), 32)
     assert data.class_names == ["Aa bb", "Cc dd"] and data.class_counts == [3, 1]
@@ -205,10 +187,9 @@ def test_inat2018_prefers_categories_json_over_obfuscated_names(tmp_path):
     cats = [(3, "3"), (7, "7")]
     train = [(f"train_val2018/Plantae/{c}/{i}.jpg", c) for c, n in ((3, 2), (7, 1)) for i in range(n)]
     val = [(f"train_val2018/Plantae/{c}/v.jpg", c) for c, _ in cats]
-    for rel, c in train + val:
-        _png(tmp_path / rel, c, fmt="JPEG")
-    _inat_json(tmp_path / "train2018.json", train, cats)
-    _inat_json(tmp_path / "val2018.json", val, cats)
+    write_images(tmp_path, train + val, fmt="JPEG")
+    write_inat_json(tmp_path / "train2018.json", train, cats)
+    write_inat_json(tmp_path / "val2018.json", val, cats)
     with pytest.warns(UserWarning, match="most class names are just numbers"):
         data = build_data(_data_cfg(dataset="inat2018", root=tmp_path), 32)
     assert data.class_names == ["3", "7"]
@@ -220,19 +201,43 @@ def test_inat2018_prefers_categories_json_over_obfuscated_names(tmp_path):
 
 
 def test_folder_with_class_names_file_and_missing_class(tmp_path):
-    for k in range(3):
-        _png(tmp_path / f"img/{k}.png", k)
-    (tmp_path / "train.txt").write_text("img/0.png 0\nimg/1.png 1\nimg/2.png 2\n")
-    (tmp_path / "test.txt").write_text("img/0.png 0\n")
-    (tmp_path / "names.txt").write_text("cat\ndog\nn01440764 tench, Tinca tinca\n")
+    samples = [(f"img/{k}.png", k) for k in range(3)]
+    write_images(tmp_path, samples)
+    write_split_file(tmp_path / "train.txt", samples)
+    write_split_file(tmp_path / "test.txt", samples[:1])
+    write_class_names(tmp_path / "names.txt", ["cat", "dog", "n01440764 tench, Tinca tinca"])
     assert read_class_names(tmp_path / "names.txt") == ["cat", "dog", "tench"]
     data = build_data(_data_cfg(dataset="folder", root=tmp_path, class_names="names.txt"), 32)
     assert data.class_names == ["cat", "dog", "tench"] and data.class_counts == [1, 1, 1]
-    (tmp_path / "train.txt").write_text("img/0.png 0\nimg/2.png 2\n")
+    write_split_file(tmp_path / "train.txt", [samples[0], samples[2]])
     with pytest.raises(ValueError, match="no training image"):
         build_data(_data_cfg(dataset="folder", root=tmp_path, class_names="names.txt"), 32)
     with pytest.raises(ValueError, match="data.root is empty"):
         build_data(_data_cfg(dataset="folder"), 32)
+
+
+def test_a_registered_data_set_is_valid_in_the_config_and_built_by_build_data(tmp_path, monkeypatch):
+    from sage_fast.training.config import ConfigError
+    from sage_fast.training.data import registry
+
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # registrations end with the test
+    with pytest.raises(ConfigError, match="data.dataset: expected one of 'cifar100_lt' .* got 'toy'"):
+        _data_cfg(dataset="toy")
+    seen = []
+
+    @register_dataset("toy")
+    def build_toy(ctx):
+        seen.append(ctx)
+        return "built"
+
+    assert dataset_names()[-1] == "toy"
+    write_class_names(tmp_path / "names.txt", ["a", "b"])
+    assert build_data(_data_cfg(dataset="toy", root=tmp_path, class_names="names.txt"), 32) == "built"
+    (ctx,) = seen
+    assert (ctx.name, ctx.root, ctx.user_names, ctx.raw) == ("toy", tmp_path, ["a", "b"], False)
+    assert ctx.train_transform is not None and ctx.path("", "x.txt") == tmp_path / "x.txt"
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("toy")(build_toy)
 
 
 # ---------------------------------------------------------------- transforms, samplers, unreadable images
@@ -240,11 +245,8 @@ def test_folder_with_class_names_file_and_missing_class(tmp_path):
 
 @pytest.fixture()
 def folder(tmp_path):
-    samples = []
-    for i in range(12):
-        rel = f"c{i % 3}/{i}.png"
-        _png(tmp_path / rel, i, size=40)
-        samples.append((rel, i % 3))
+    samples = [(f"c{i % 3}/{i}.png", i % 3) for i in range(12)]
+    write_images(tmp_path, samples, size=40)
     return tmp_path, samples
 
 
@@ -326,7 +328,7 @@ def test_measure_input_pipeline(folder):
 
 def test_gpu_decode_path_on_cpu(folder):
     root, samples = folder
-    _png(root / "c0/j.jpg", 5, size=48, fmt="JPEG")
+    write_image(root / "c0/j.jpg", 5, size=48, fmt="JPEG")
     samples = samples[:3] + [("c0/j.jpg", 0)]
     ds = ImageListDataset(root, samples, ["a", "b", "c"], raw=True)
     raw = [ds[(i, 9)] for i in range(4)]

@@ -3,8 +3,10 @@
 The tiny set: 6 classes with 105 / 30 / 20 / 8 / 4 / 3 training images (one many-, two medium-, three
 few-shot classes), 4 test images each, 32x32 PNG; the tiny open_clip config (random weights).
 """
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,42 +18,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from helpers.images import make_image_folder
 from safetensors.torch import load_file
 
 from sage_fast.training.cli import main as cli_main
 from sage_fast.training.config import build_config
-from sage_fast.training.loop import (
-    Trainer,
-    accuracy_report,
-    atomic_torch_save,
-    cosine_lambda,
-    load_weights,
-    plot_per_class,
-    resolve_device,
-    train,
-)
+from sage_fast.training.checkpoint import atomic_torch_save, load_weights
+from sage_fast.training.distributed import resolve_device
+from sage_fast.training.loop import Trainer, cosine_lambda, train
+from sage_fast.training.metrics import accuracy_report, plot_per_class
 
 COUNTS = (105, 30, 20, 8, 4, 3)
 TEST_PER_CLASS = 4
-
-
-def make_folder(root: Path, counts=COUNTS, test=TEST_PER_CLASS, size=32, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    lines = {"train": [], "test": []}
-    for k, n in enumerate(counts):
-        colour = np.array([(k * 70) % 256, (k * 150 + 40) % 256, (k * 30 + 120) % 256])
-        for split, m in (("train", n), ("test", test)):
-            (root / split / f"c{k}").mkdir(parents=True, exist_ok=True)
-            for i in range(m):
-                img = np.clip(colour + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-                rel = f"{split}/c{k}/{i}.png"
-                Image.fromarray(img).save(root / rel)
-                lines[split].append(f"{rel} {k}")
-    for split, rows in lines.items():
-        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
-    (root / "classnames.txt").write_text("\n".join(f"colour_{k}" for k in range(len(counts))) + "\n")
-    return root
 
 
 def run_overrides(data_root, out_dir, **extra):
@@ -71,17 +49,33 @@ def cfg_for(data_root, out_dir, **extra):
     return build_config(overrides=run_overrides(data_root, out_dir, **extra))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("tiny_data"))
+# The tiny set and the reference run are made once per module; each test gets its own copy of them, so
+# no test can see what another one changed (or wrote next to them).
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
-    """One uninterrupted two-epoch run: (output dir, final report)."""
+def _tiny_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("tiny_data"), COUNTS, TEST_PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def _reference_run(_tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref_run")
-    report = train(cfg_for(tiny, out))
+    report = train(cfg_for(_tiny_data, out))
     return out, report
+
+
+@pytest.fixture()
+def tiny(_tiny_data, tmp_path):
+    """This test's copy of the tiny image folder."""
+    return Path(shutil.copytree(_tiny_data, tmp_path / "tiny_data"))
+
+
+@pytest.fixture()
+def reference(_reference_run, tmp_path):
+    """One uninterrupted two-epoch run on the tiny set: (this test's copy of its output folder, its report)."""
+    out, report = _reference_run
+    return Path(shutil.copytree(out, tmp_path / "ref_run")), copy.deepcopy(report)
 
 
 # ---------------------------------------------------------------- metrics
@@ -176,9 +170,9 @@ def test_train_writes_metrics_logs_plot_checkpoint(reference):
     assert not list(out.glob(".*tmp*"))
 
 
-def test_eval_command_reproduces_the_metrics(reference, capsys):
+def test_eval_command_reproduces_the_metrics(reference, tmp_path, capsys):
     out, report = reference
-    eval_dir = out.parent / (out.name + "_eval")
+    eval_dir = tmp_path / "eval"
     assert cli_main(["eval", "--weights", str(out / "adapters.safetensors"), f"train.output_dir={eval_dir}",
                      "train.progress=false"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -243,7 +237,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny, reference, tmp_path, kill_s
 
 
 def test_unreadable_training_images_do_not_stop_training(tmp_path):
-    root = make_folder(tmp_path / "data", counts=(12, 6, 4), test=2)
+    root = make_image_folder(tmp_path / "data", (12, 6, 4), test=2)
     (root / "train/c0/0.png").write_bytes(b"garbage")
     (root / "train/c1/1.png").unlink()
     with warnings.catch_warnings(record=True) as caught:
@@ -254,8 +248,8 @@ def test_unreadable_training_images_do_not_stop_training(tmp_path):
     assert report["test_images"] == 6 and (tmp_path / "run/adapters.safetensors").is_file()
 
 
-def test_resume_refuses_other_classes(tiny, reference, tmp_path):
-    other = make_folder(tmp_path / "other", counts=(5, 4, 3), test=1)
+def test_resume_refuses_other_classes(reference, tmp_path):
+    other = make_image_folder(tmp_path / "other", (5, 4, 3), test=1)
     trainer = Trainer(cfg_for(other, tmp_path / "run", **{"optim.batch_size": 4}))
     with pytest.raises(ValueError, match="other classes"):
         trainer.load_checkpoint(reference[0] / "last.pt")
@@ -334,7 +328,7 @@ def test_torchrun_job_fails_instead_of_hanging_when_one_process_raises(tiny, tmp
 
 def test_gpu_decode_option_runs_on_cpu(tmp_path):
     """data.gpu_decode: workers read bytes, the step decodes and augments (here on the CPU device)."""
-    root = make_folder(tmp_path / "data", counts=(10, 6, 4), test=2)
+    root = make_image_folder(tmp_path / "data", (10, 6, 4), test=2)
     report = train(cfg_for(root, tmp_path / "run", **{"optim.epochs": 1, "optim.batch_size": 4,
                                                        "train.eval_every_epochs": 0, "data.gpu_decode": True,
                                                        "data.num_workers": 1}))

@@ -1,5 +1,54 @@
-"""Long-tailed data sets, CLIP transforms, samplers and loaders (see `datasets` for the formats)."""
-from .datasets import *  # noqa: F401,F403
-from .datasets import (  # noqa: F401  (private helpers the tests use)
-    _CifarUnpickler,
-)
+"""Long-tailed data sets, CLIP transforms, samplers and loaders.
+
+| module          | what                                                                                  |
+| --------------- | ------------------------------------------------------------------------------------- |
+| `registry`      | the data-set names, `register_dataset`, `build_data(cfg.data, image_size)`            |
+| `datasets`      | `Sample`, `LTDataset`, `ImageListDataset`, `ArrayDataset`, `LTData`                   |
+| `transforms`    | CLIP mean / std, `build_transform`, the test resize, per-sample augmentation seeds     |
+| `loaders`       | `TrainSampler`, `ShardSampler`, `collate_skip`, `build_loader`, input-pipeline speed   |
+| `gpu_decode`    | `GpuBatchTransform`: decode and augment a raw batch on the GPU                        |
+| `cifar`         | the CIFAR-100 python archive (restricted unpickler) and the CIFAR-100-LT subsampling  |
+| `split_files`   | ``relative/path label`` split files (ImageNet-LT, Places-LT, LIFT lists, folder)      |
+| `inaturalist`   | iNaturalist 2018's JSON annotations and ``categories.json``                           |
+| `class_names`   | class names from a names file, synset / Places365 category files or directories       |
+"""
+from .cifar import cifar100_lt_indices, cifar_lt_counts, load_cifar100
+from .class_names import read_class_names
+from .datasets import ArrayDataset, ImageListDataset, LTData, LTDataset, Sample
+from .gpu_decode import GpuBatchTransform
+from .inaturalist import read_inat_categories, read_inat_json
+from .loaders import Batch, ShardSampler, TrainSampler, build_loader, collate_skip, measure_input_pipeline
+from .registry import BuildContext, build_data, dataset_names, register_dataset
+from .split_files import read_split_file
+from .transforms import CLIP_MEAN, CLIP_STD, build_transform, sample_seed, test_resize_size
+
+__all__ = [
+    "ArrayDataset",
+    "Batch",
+    "BuildContext",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "GpuBatchTransform",
+    "ImageListDataset",
+    "LTData",
+    "LTDataset",
+    "Sample",
+    "ShardSampler",
+    "TrainSampler",
+    "build_data",
+    "build_loader",
+    "build_transform",
+    "cifar100_lt_indices",
+    "cifar_lt_counts",
+    "collate_skip",
+    "dataset_names",
+    "load_cifar100",
+    "measure_input_pipeline",
+    "read_class_names",
+    "read_inat_categories",
+    "read_inat_json",
+    "read_split_file",
+    "register_dataset",
+    "sample_seed",
+    "test_resize_size",
+]

@@ -1,0 +1,118 @@
+"""Samplers, the collate function that drops unreadable images, DataLoaders and their throughput."""
+from __future__ import annotations
+
+import time
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from .datasets import Sample
+from .transforms import sample_seed
+
+
+class TrainSampler(DistributedSampler):
+    """`DistributedSampler` (shuffle, drop_last) that yields ``(index, augmentation seed)`` and can start mid-epoch.
+
+    With R processes of per-process batch b, step t's R local batches are together exactly the global
+    batch t (of size R * b) of a single-process run with the same seed: rank r takes every R-th index of
+    one permutation. `set_epoch(epoch, start_batch)` skips the first `start_batch` batches (resume).
+    """
+
+    def __init__(self, dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = int(batch_size)
+        self.start_batch = 0
+        if self.num_samples < self.batch_size:
+            raise ValueError(f"{len(dataset)} training images give {self.num_samples} per process, "
+                             f"fewer than one batch of {self.batch_size}")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_batch = int(start_batch)
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_batch * self.batch_size:]
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start_batch * self.batch_size, 0)
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+
+class ShardSampler(Sampler):
+    """Evaluation: rank r reads indices r, r + R, r + 2R, ... (no padding, no sample seen twice)."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class Batch(NamedTuple):
+    images: object  # (B, 3, S, S) float, or a list of B raw uint8 tensors; None when every image was unreadable
+    labels: torch.Tensor  # (B,) int64
+    indices: torch.Tensor  # (B,) int64
+    seeds: torch.Tensor  # (B,) int64, -1 without augmentation seed
+    skipped: int  # unreadable images dropped from this batch
+
+
+def collate_skip(items: Sequence[Optional[Sample]]) -> Batch:
+    """Stack the readable samples; unreadable ones (None) are dropped and counted."""
+    good = [s for s in items if s is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return Batch(None, empty, empty, empty, skipped)
+    raw = not torch.is_floating_point(good[0].image)
+    images = [s.image for s in good] if raw else torch.stack([s.image for s in good])
+    return Batch(
+        images,
+        torch.tensor([s.label for s in good], dtype=torch.int64),
+        torch.tensor([s.index for s in good], dtype=torch.int64),
+        torch.tensor([s.seed for s in good], dtype=torch.int64),
+        skipped,
+    )
+
+
+def build_loader(dataset, batch_size: int, sampler, cfg, pin_memory: bool, train: bool) -> DataLoader:
+    """A DataLoader with the `DataConfig`'s workers, pinned memory, persistent workers and prefetching."""
+    workers = int(cfg.num_workers)
+    kw = {}
+    if workers > 0:
+        kw = dict(persistent_workers=bool(cfg.persistent_workers), prefetch_factor=int(cfg.prefetch_factor))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=train,
+        collate_fn=collate_skip,
+        **kw,
+    )
+
+
+def measure_input_pipeline(loader: DataLoader, num_batches: int = 50, warmup: int = 2) -> Dict[str, float]:
+    """Images per second the loader delivers (decode + augment + collate), after `warmup` batches."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it, None)
+    n_img = n_batch = skipped = 0
+    t0 = time.perf_counter()
+    for batch in it:
+        n_img += len(batch.labels)
+        skipped += batch.skipped
+        n_batch += 1
+        if n_batch >= num_batches:
+            break
+    dt = time.perf_counter() - t0
+    return {"images": n_img, "batches": n_batch, "seconds": dt, "images_per_s": n_img / dt if dt > 0 else float("nan"),
+            "skipped": skipped}

@@ -1,0 +1,143 @@
+"""Accuracy by many / medium / few-shot group, the run's CSV logs and the report files.
+
+`write_report` writes, into a run's output folder:
+
+* ``metrics.json``: the report without ``per_class``, plus ``dataset``; NaN (a group without classes) as null;
+* ``per_class.csv``: ``class,name,train_count,group_count,group,accuracy`` (accuracy empty without test images);
+* ``per_class_accuracy.png``: `plot_per_class`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_path, atomic_write_text
+
+
+def group_masks(group_counts: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """many: > 100 training images, medium: 20 to 100, few: < 20 (the paper's groups; docs/method.md)."""
+    c = torch.as_tensor(list(group_counts))
+    return {"many": c > 100, "medium": (c >= 20) & (c <= 100), "few": c < 20}
+
+
+def accuracy_report(correct: torch.Tensor, total: torch.Tensor, group_counts: Sequence[int]) -> dict:
+    """Top-1 accuracies in percent from per-class correct / total counts (C,).
+
+    overall: over samples; many / medium / few: the mean of the group's per-class accuracies (classes
+    without test images are left out; a group with no class is NaN); per_class: C values (NaN: no test image).
+    """
+    correct, total = correct.double().cpu(), total.double().cpu()
+    per_class = torch.where(total > 0, correct / total.clamp(min=1), torch.full_like(total, float("nan")))
+    out = {"overall": 100.0 * float(correct.sum() / total.sum()) if total.sum() > 0 else float("nan")}
+    for name, mask in group_masks(group_counts).items():
+        sel = mask & (total > 0)
+        out[name] = 100.0 * float(per_class[sel].mean()) if bool(sel.any()) else float("nan")
+    out["per_class"] = (100.0 * per_class).tolist()
+    out["test_images"] = int(total.sum())
+    return out
+
+
+def format_report(r: dict) -> str:
+    """One line for the terminal: overall / many / medium / few top-1, test images and skipped ones."""
+    return (f"top-1 overall {r['overall']:.2f}%  many {r['many']:.2f}%  medium {r['medium']:.2f}%  "
+            f"few {r['few']:.2f}%  ({r['test_images']} test images, {r['skipped']} skipped)")
+
+
+def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int], title: str = "",
+                   group_counts: Optional[Sequence[int]] = None) -> None:
+    """PNG: per-class test accuracy against the class's training count (log x), coloured by group.
+
+    group_counts: the counts that define many / medium / few (default `train_counts`). The group borders
+    (20 and 100) are drawn only when the groups follow the plotted counts; CIFAR-100-LT ratios 50 and 10 use
+    ratio 100's counts, which the x label then says.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(train_counts)
+    y = np.asarray(accuracy, dtype=float)
+    same = group_counts is None or list(group_counts) == list(train_counts)
+    masks = group_masks(train_counts if group_counts is None else group_counts)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for (name, mask), colour in zip(masks.items(), ("tab:blue", "tab:orange", "tab:green")):
+        sel = mask.numpy()
+        if sel.any():
+            ax.scatter(x[sel], y[sel], s=10, alpha=0.7, color=colour, label=name)
+    if same:
+        for border in (20, 100):
+            ax.axvline(border, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("training images of the class")
+    else:
+        ax.set_xlabel("training images of the class (groups by the ratio-100 counts: group_count in per_class.csv)")
+    ax.set_xscale("log")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "per-class accuracy")
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def write_report(out_dir, report: dict, data) -> None:
+    """metrics.json, per_class.csv and per_class_accuracy.png in `out_dir` (see the module docstring).
+
+    report: an `accuracy_report` (plus ``skipped``, ``epoch``, ``step``); data: an `LTData` (its name,
+    class names, class counts and group counts).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in report.items() if k != "per_class"}
+    summary["dataset"] = data.name
+    # NaN is not JSON
+    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    masks = group_masks(data.group_counts)
+    # group_count: the count that decides the group (CIFAR-100-LT ratios 50 / 10: ratio 100's count)
+    rows = ["class,name,train_count,group_count,group,accuracy"]
+    for k, (name, count, gcount, acc) in enumerate(zip(data.class_names, data.class_counts, data.group_counts,
+                                                       report["per_class"])):
+        group = next(g for g, m in masks.items() if bool(m[k]))
+        rows.append(f"{k},{json.dumps(name)},{count},{gcount},{group},{'' if math.isnan(acc) else f'{acc:.4f}'}")
+    atomic_write_text(out_dir / "per_class.csv", "\n".join(rows) + "\n")
+    plot_per_class(out_dir / "per_class_accuracy.png", report["per_class"], data.class_counts,
+                   f"{data.name}: overall {report['overall']:.1f}%, many {report['many']:.1f}, "
+                   f"medium {report['medium']:.1f}, few {report['few']:.1f}", group_counts=data.group_counts)
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, fields: Sequence[str], resume_step: Optional[int] = None):
+        self.path, self.fields = Path(path), list(fields)
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._rewrite(rows)
+        else:
+            self._rewrite([])
+
+    def _rewrite(self, rows) -> None:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
