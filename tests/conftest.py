@@ -1,11 +1,18 @@
 """Test set-up: without a GPU, Triton kernels run in the interpreter.
 
 TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test module
-imports `sage_fast.kernels`.
+imports `sage_fast.kernels`. The classifier cache goes to a temporary folder for the session, so
+tests never write into the repository or the home folder, nor read a user's cache.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
+
+os.environ["SAGE_FAST_CACHE"] = tempfile.mkdtemp(prefix="sage-fast-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SAGE_FAST_CACHE"], ignore_errors=True)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

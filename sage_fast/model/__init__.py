@@ -5,10 +5,17 @@
 | `config`      | `ModelConfig`: every hyperparameter of the model, once                |
 | `sage`        | `SageModel`, `build_sage`                                             |
 | `clip`        | loading open_clip (tag or local file), attention kernels, `sage-tiny` |
-| `classifier`  | the classifier's initialisation from the text encoder                 |
+| `classifier`  | the classifier's initialisation from the text encoder, its disk cache |
 | `templates`   | the 60 prompt templates                                               |
 """
-from .classifier import text_classifier
+from .classifier import (
+    cached_text_classifier,
+    classifier_cache_key,
+    encode_text_trimmed,
+    resolve_cache_dir,
+    text_classifier,
+    trimmable,
+)
 from .clip import ATTENTION_BACKENDS, frozen_self_attention, image_size, load_clip, resolve_attention, tokenizer
 from .config import ModelConfig
 from .sage import SageModel, SageOutput, build_sage, model_config
@@ -21,12 +28,17 @@ __all__ = [
     "SageOutput",
     "TEMPLATES",
     "build_sage",
+    "cached_text_classifier",
+    "classifier_cache_key",
+    "encode_text_trimmed",
     "frozen_self_attention",
     "image_size",
     "load_clip",
     "model_config",
     "prompts_for",
     "resolve_attention",
+    "resolve_cache_dir",
     "text_classifier",
     "tokenizer",
+    "trimmable",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..ops import CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
 from ..ops.backend import check_backend
-from .classifier import text_classifier
+from .classifier import cached_text_classifier
 from .clip import frozen_self_attention, load_clip, resolve_attention, tokenizer
 from .config import ModelConfig
 
@@ -234,17 +234,23 @@ def build_sage(
     *,
     device="cpu",
     progress: bool = True,
+    cache_dir=None,
     **fields,
 ) -> SageModel:
     """Load CLIP, initialise the classifier from the templates and build `SageModel` on `device`.
 
     config: a `ModelConfig`; keyword arguments replace its fields (``model_name`` is an alias of
     ``name``), e.g. ``build_sage(names, counts, model_name="ViT-B-16-quickgelu", pretrained="openai")``.
+    cache_dir: where the initialised classifier is cached (`cached_text_classifier`): a folder; None:
+    $SAGE_FAST_CACHE, else ~/.cache/sage-fast; False: no cache. Random weights (pretrained=None) are
+    never cached.
     """
     cfg = model_config(config, **fields)
     device = torch.device(device)
     check_backend(cfg.backend)
     resolve_attention(cfg.attention, device)  # fail early on a bad choice
     clip = load_clip(cfg.name, cfg.pretrained, device)
-    init = text_classifier(clip, tokenizer(cfg.name), class_names, batch_size=cfg.text_batch_size, progress=progress)
-    return SageModel(clip, class_names, class_counts, init.cpu(), cfg).to(device)
+    init = cached_text_classifier(clip, tokenizer(cfg.name), class_names, model_name=cfg.name,
+                                  pretrained=cfg.pretrained, cache_dir=cache_dir,
+                                  batch_size=cfg.text_batch_size, progress=progress)
+    return SageModel(clip, class_names, class_counts, init, cfg).to(device)
