@@ -101,6 +101,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    #: test-time ensembling (LIFT's): resize to image_size + 24, then "fivecrop" (corners and centre) or
+    #: "tencrop" (and their horizontal flips); the crops' logits z^ are averaged (sage_fast.training.tte)
+    tte: Literal["none", "fivecrop", "tencrop"] = "none"
+
+
+@dataclass
 class SageConfig:
     #: a row of Table 8 (see config.PRESETS); its values sit under the YAML file and the overrides
     preset: Optional[str] = None
@@ -108,6 +115,7 @@ class SageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,6 +263,9 @@ def _check_values(cfg: SageConfig) -> None:
         non_negative(f"train.{k}", getattr(t, k))
     for k in ("log_every_steps", "eval_batch_size"):
         positive(f"train.{k}", getattr(t, k))
+    if cfg.eval.tte != "none" and d.gpu_decode:
+        # checked here rather than at the end of training: the crops are cut on the CPU (sage_fast.training.tte)
+        raise ConfigError(f"eval.tte={cfg.eval.tte!r} needs data.gpu_decode=false (the crops are cut on the CPU)")
     if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
         raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda[:i]', got {t.device!r}")
 

@@ -61,6 +61,7 @@ from .data import (
 )
 from .distributed import DistInfo, barrier, cleanup_distributed, reduce_sum, seed_everything, setup_distributed
 from .metrics import CSVLog, accuracy_report, write_report
+from .tte import tte_dataset, tte_logits
 
 
 def build_model_from_config(cfg: SageConfig, class_names, class_counts, device, progress: bool = True):
@@ -331,7 +332,8 @@ class Trainer:
         cfg = self.cfg
         num_classes = self.model.num_classes
         sampler = ShardSampler(len(self.data.test), self.dist.world_size, self.dist.rank)
-        loader = build_loader(self.data.test, cfg.train.eval_batch_size, sampler,
+        test_set = tte_dataset(self.data.test, cfg.eval.tte, self.image_size)  # eval.tte: n crops per image
+        loader = build_loader(test_set, cfg.train.eval_batch_size, sampler,
                               _no_persist(cfg.data), cfg.data.pin_memory and self.device.type == "cuda", train=False)
         correct = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         total = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
@@ -345,7 +347,7 @@ class Trainer:
             if images is None:
                 continue
             with self._autocast():
-                pred = self.model.predict(images).argmax(dim=-1)
+                pred = tte_logits(self.model, images).argmax(dim=-1)
             total += torch.bincount(labels, minlength=num_classes).double()
             correct += torch.bincount(labels[pred == labels], minlength=num_classes).double()
             n += len(labels)
