@@ -9,6 +9,7 @@
 | `distributed`  | one process of a torchrun job: device, process group, barrier, seeding               |
 | `metrics`      | many / medium / few accuracy, CSV logs, metrics.json, per_class.csv and the plot     |
 | `tte`          | test-time ensembling (``eval.tte``: five / ten crops, logits averaged)               |
-| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`)                                    |
+| `predict`      | `sage-fast predict`: top-k classes of images; `load_trained` (weights -> model)      |
+| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`)                         |
 | `demo`         | `sage-fast demo`: a tiny generated data set, trained on CPU                          |
 """

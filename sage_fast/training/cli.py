@@ -1,4 +1,4 @@
-"""The `sage-fast` command: `sage-fast demo`, `sage-fast train`, `sage-fast eval`."""
+"""The `sage-fast` command: `sage-fast demo`, `train`, `eval`, `predict` (see `COMMANDS`)."""
 from __future__ import annotations
 
 import argparse
@@ -111,10 +111,17 @@ def _eval(argv):
     return 0
 
 
+def _predict(argv):
+    from .predict import main as predict_main
+
+    return predict_main(argv)
+
+
 COMMANDS = {
     "demo": (_demo, "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
     "train": (_train, "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
     "eval": (_eval, "evaluate trained weights: overall, many, medium, few and per-class top-1"),
+    "predict": (_predict, "top-k classes and probabilities of images (files or folders), as a table or JSON"),
 }
 
 
