@@ -10,6 +10,7 @@
 | `metrics`      | many / medium / few accuracy, CSV logs, metrics.json, per_class.csv and the plot     |
 | `tte`          | test-time ensembling (``eval.tte``: five / ten crops, logits averaged)               |
 | `predict`      | `sage-fast predict`: top-k classes of images; `load_trained` (weights -> model)      |
-| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`)                         |
+| `attention_maps` | `sage-fast attention`: class-token attention, zero-shot CLIP vs fine-tuned   |
+| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`, `attention`)            |
 | `demo`         | `sage-fast demo`: a tiny generated data set, trained on CPU                          |
 """
