@@ -11,6 +11,7 @@
 | `tte`          | test-time ensembling (``eval.tte``: five / ten crops, logits averaged)               |
 | `predict`      | `sage-fast predict`: top-k classes of images; `load_trained` (weights -> model)      |
 | `attention_maps` | `sage-fast attention`: class-token attention, zero-shot CLIP vs fine-tuned   |
-| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`, `attention`)            |
+| `sweep`        | `sage-fast sweep`: one run per value of one or two keys; `run_or_reuse`              |
+| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`, `attention`, `sweep`)   |
 | `demo`         | `sage-fast demo`: a tiny generated data set, trained on CPU                          |
 """

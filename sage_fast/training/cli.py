@@ -1,4 +1,4 @@
-"""The `sage-fast` command: `sage-fast demo`, `train`, `eval`, `predict`, `attention` (see `COMMANDS`)."""
+"""The `sage-fast` command: `sage-fast demo`, `train`, `eval`, `predict`, `attention`, `sweep` (see `COMMANDS`)."""
 from __future__ import annotations
 
 import argparse
@@ -123,12 +123,19 @@ def _attention(argv):
     return attention_main(argv)
 
 
+def _sweep(argv):
+    from .sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 COMMANDS = {
     "demo": (_demo, "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
     "train": (_train, "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
     "eval": (_eval, "evaluate trained weights: overall, many, medium, few and per-class top-1"),
     "predict": (_predict, "top-k classes and probabilities of images (files or folders), as a table or JSON"),
     "attention": (_attention, "class-token attention maps of zero-shot CLIP and the fine-tuned model, as a PNG"),
+    "sweep": (_sweep, "one training run per value of one or two config keys; sweep.csv and sweep.png"),
 }
 
 
