@@ -1,0 +1,340 @@
+"""The experiment commands on the tiny model: test-time ensembling, predict, attention, sweep.
+
+One tiny run (3 classes with 40 / 12 / 6 training images, 3 test images each, two epochs on `sage-tiny`)
+is trained once for the module; no test writes into it or changes the model loaded from it.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers.images import make_image_folder
+from PIL import Image
+
+from sage_fast.training.attention_maps import (
+    attention_maps,
+    cls_attention,
+    figure_pixels,
+    grid_shape,
+    patch_grid,
+)
+from sage_fast.training.checkpoint import load_weights
+from sage_fast.training.cli import main as cli_main
+from sage_fast.training.config import ConfigError, build_config, config_from_dict
+from sage_fast.training.data import CLIP_MEAN, CLIP_STD, build_transform
+from sage_fast.training.loop import evaluate_weights, train
+from sage_fast.training.predict import load_trained, resolve_run_config
+from sage_fast.training.sweep import finished_report, folder_name, split_axes
+from sage_fast.training.tte import TTE_EXPAND, tte_dataset, tte_logits, tte_transform
+
+COUNTS = (40, 12, 6)
+TEST_PER_CLASS = 3
+
+
+def overrides(data_root, out_dir, **extra):
+    o = {
+        "data.dataset": "folder", "data.root": str(data_root), "data.class_names": "classnames.txt",
+        "data.num_workers": 0, "model.name": "sage-tiny", "model.pretrained": None, "model.backend": "torch",
+        "model.text_batch_size": 64, "optim.epochs": 2, "optim.batch_size": 16, "optim.lr": 0.05,
+        "train.output_dir": str(out_dir), "train.ckpt_every_steps": 0, "train.eval_batch_size": 4,
+        "train.progress": False, "train.tensorboard": False,
+    }
+    o.update(extra)
+    return o
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("cmd_data"), COUNTS, TEST_PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def run(data_root, tmp_path_factory):
+    """(output folder, report) of the module's trained run. Read only."""
+    out = tmp_path_factory.mktemp("cmd_run")
+    return out, train(build_config(overrides=overrides(data_root, out)))
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    """The trained model, loaded as `sage-fast predict` loads it. Not to be changed."""
+    weights = run[0] / "adapters.safetensors"
+    return load_trained(weights, resolve_run_config(weights))
+
+
+def images_of(data_root):
+    """The test images, in the order predict lists the class folders."""
+    return sorted((data_root / "test").glob("c*/*.png"))
+
+
+# ---------------------------------------------------------------- test-time ensembling
+
+
+def test_tte_crops_as_torchvision_cuts_them(data_root):
+    """fivecrop: Resize(S + 24) then FiveCrop(S); tencrop adds the five flips."""
+    from torchvision import transforms as T
+
+    s = 32
+    with Image.open(images_of(data_root)[0]) as im:
+        img = im.convert("RGB")
+    five, ten = tte_transform(s, "fivecrop")(img), tte_transform(s, "tencrop")(img)
+    assert five.shape == (5, 3, s, s) and ten.shape == (10, 3, s, s)
+    resized = T.Resize(s + TTE_EXPAND, interpolation=T.InterpolationMode.BICUBIC)(img)
+    norm = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    for k, crop in enumerate(T.FiveCrop(s)(resized)):
+        assert torch.equal(five[k], norm(crop))
+    # TenCrop crops the flipped image: its top-left crop is the flipped top-right one, and so on
+    assert torch.equal(ten[:5], five) and torch.equal(ten[5:], five[[1, 0, 3, 2, 4]].flip(-1))
+    assert torch.equal(tte_transform(s, "none")(img), build_transform(s, train=False)(img))
+
+
+def test_tte_fivecrop_logits_are_the_mean_of_the_crops_one_by_one(model, data_root):
+    tf = tte_transform(model.image_size, "fivecrop")
+    batch = []
+    for path in images_of(data_root)[:3]:
+        with Image.open(path) as im:
+            batch.append(tf(im.convert("RGB")))
+    batch = torch.stack(batch)                                        # (3, 5, 3, S, S)
+    got = tte_logits(model, batch)
+    one_by_one = torch.stack([torch.stack([model.predict(crop[None])[0] for crop in crops]).mean(0)
+                              for crops in batch])
+    torch.testing.assert_close(got, one_by_one, rtol=1e-5, atol=1e-5)
+
+    class Spy:  # all 3 x 5 crops go through the model in one forward
+        def predict(self, x):
+            sizes.append(len(x))
+            return model.predict(x)
+
+    sizes = []
+    torch.testing.assert_close(tte_logits(Spy(), batch), got)
+    assert sizes == [15]
+    plain = batch[:, 4]
+    assert torch.equal(tte_logits(model, plain), model.predict(plain))  # 4-D input: the model itself
+
+
+def test_tte_none_leaves_the_evaluation_unchanged_and_fivecrop_evaluates_the_crops(run, model, data_root,
+                                                                                   tmp_path):
+    out, report = run
+    weights = out / "adapters.safetensors"
+    base = resolve_run_config(weights, overrides=[f"train.output_dir={tmp_path / 'none'}"])
+    assert base.eval.tte == "none"
+    plain = evaluate_weights(base, weights)
+    assert plain["per_class"] == report["per_class"]  # what the run itself measured at its end
+
+    cfg = resolve_run_config(weights, overrides=[f"train.output_dir={tmp_path / 'five'}", "eval.tte=fivecrop"])
+    five = evaluate_weights(cfg, weights)
+    # the same accuracy from the crops' mean logits, image by image
+    tf = tte_transform(model.image_size, "fivecrop")
+    correct = [0] * len(COUNTS)
+    for path in images_of(data_root):
+        with Image.open(path) as im:
+            crops = tf(im.convert("RGB"))
+        label = int(path.parent.name[1:])
+        correct[label] += int(tte_logits(model, crops[None]).argmax(-1)) == label
+    assert five["per_class"] == pytest.approx([100.0 * c / TEST_PER_CLASS for c in correct])
+    assert json.loads((tmp_path / "five" / "metrics.json").read_text())["test_images"] == len(images_of(data_root))
+
+
+def test_tte_config():
+    assert build_config().eval.tte == "none"
+    assert build_config(overrides=["eval.tte=tencrop"]).eval.tte == "tencrop"
+    with pytest.raises(ConfigError, match="eval.tte"):
+        build_config(overrides=["eval.tte=sixcrop"])
+    with pytest.raises(ConfigError, match="gpu_decode"):
+        build_config(overrides=["eval.tte=fivecrop", "data.gpu_decode=true"])
+    stored = build_config().to_dict()
+    del stored["eval"]                                    # a config saved before the eval section existed
+    assert config_from_dict(stored).eval.tte == "none"
+    ds = object()
+    assert tte_dataset(ds, "none", 32) is ds
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_table_and_json(run, data_root, tmp_path, capsys):
+    out, _ = run
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    weights = str(out / "adapters.safetensors")
+    assert cli_main(["predict", "--weights", weights, "--topk", "2", str(data_root / "test" / "c0"), str(bad)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split() == ["image", "top-1", "p", "top-2", "p"]
+    assert len(lines) == 1 + TEST_PER_CLASS + 1 and "unreadable" in lines[-1] and "broken.png" in lines[-1]
+    assert "1 of 4 images could not be read" in captured.err
+
+    # JSON, every test image, all classes: the top-1 predictions give the run's own per-class accuracy
+    assert cli_main(["predict", "--weights", str(out / "last.pt"), "--json", "--topk", "9",
+                     str(data_root / "test" / "c0"), str(data_root / "test" / "c1"), str(data_root / "test" / "c2"),
+                     str(bad), "train.eval_batch_size=4"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results[:-1]] == [str(p) for p in images_of(data_root)]
+    assert "error" in results[-1] and results[-1]["image"] == str(bad)
+    names = (data_root / "classnames.txt").read_text().split()
+    correct = [0] * len(COUNTS)
+    for r in results[:-1]:
+        preds = r["predictions"]
+        probs = [p["probability"] for p in preds]
+        assert len(preds) == len(COUNTS) and probs == sorted(probs, reverse=True) and math.isclose(sum(probs), 1.0,
+                                                                                                  rel_tol=1e-5)
+        assert all(names[p["index"]] == p["class"] for p in preds)
+        label = int(r["image"].split("/")[-2][1:])
+        correct[label] += preds[0]["index"] == label
+    per_class = [line.split(",")[-1] for line in (out / "per_class.csv").read_text().splitlines()[1:]]
+    assert [100.0 * c / TEST_PER_CLASS for c in correct] == pytest.approx([float(v) for v in per_class])
+
+
+def test_predict_errors(run, data_root, tmp_path, capsys):
+    out, _ = run
+    weights = str(out / "adapters.safetensors")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"")
+    assert cli_main(["predict", "--weights", weights, str(bad), str(tmp_path / "missing.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sage-fast predict: error: none of the 2 images could be read")
+    assert cli_main(["predict", "--weights", str(tmp_path / "none.safetensors"), str(bad)]) == 1
+    assert "weights not found" in capsys.readouterr().err
+    assert cli_main(["predict", "--weights", weights, str(bad), "optim.lrr=1"]) == 1
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["predict", "--help"])
+    assert e.value.code == 0 and "IMAGE_OR_FOLDER" in capsys.readouterr().out
+
+
+def test_predict_bare_weights_take_classes_from_the_config(run, data_root, tmp_path, capsys):
+    """A state dict without metadata: model from --config, class names from its data set."""
+    out, _ = run
+    bare = tmp_path / "bare.pt"
+    torch.save(load_weights(out / "adapters.safetensors"), bare)
+    img = images_of(data_root)[0]
+    assert cli_main(["predict", "--weights", str(bare), "--config", str(out / "config.yaml"), "--json", str(img)]) == 0
+    bare_result = json.loads(capsys.readouterr().out)
+    assert cli_main(["predict", "--weights", str(out / "adapters.safetensors"), "--json", str(img)]) == 0
+    assert json.loads(capsys.readouterr().out) == bare_result
+    assert cli_main(["predict", "--weights", str(bare), str(img)]) == 1
+    assert "holds no run config: give the run's --config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- attention
+
+
+def test_class_token_attention_is_row_0_of_the_full_softmax():
+    torch.manual_seed(0)
+    d, heads, n, b = 64, 4, 17, 3
+    attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+    with torch.no_grad():
+        attn.in_proj_bias.normal_()  # nonzero key bias: the softmax must still drop it
+    h = torch.randn(b, n, d)
+    q, k, _ = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k))   # (B, H, N, hd)
+    reference = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)[:, :, 0]
+    got = cls_attention(attn, h)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    weights = attn(h, h, h, need_weights=True, average_attn_weights=False)[1][:, :, 0]
+    torch.testing.assert_close(got, weights, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_maps_of_the_frozen_encoder_follow_open_clip_blocks(model, data_root):
+    """The hook on ln_1 sees the block input of the normal (fast attention) forward: compared with open_clip's
+    own blocks run one by one and PyTorch's attention weights."""
+    tf = build_transform(model.image_size, train=False)
+    images = []
+    for path in images_of(data_root)[:2]:
+        with Image.open(path) as im:
+            images.append(tf(im.convert("RGB")))
+    images = torch.stack(images)
+    visual = model.clip.visual
+    gh, gw = patch_grid(model)
+    for block in (0, 1, -1):
+        maps, feats = attention_maps(model, images, block, adapters=False)
+        with torch.no_grad():
+            x = visual._embeds(images)
+            blocks = visual.transformer.resblocks
+            for blk in blocks[:block % len(blocks)]:
+                x = blk(x)
+            h = blocks[block].ln_1(x)
+            ref = blocks[block].attn(h, h, h, need_weights=True, average_attn_weights=False)[1][:, :, 0, 1:]
+        assert maps.shape == (2, blocks[block].attn.num_heads, gh, gw)
+        torch.testing.assert_close(maps.flatten(2), ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(feats, model.visual_features(images, adapters=False))
+    # no adapter acts before block 0: its maps are the same in the fine-tuned model
+    torch.testing.assert_close(attention_maps(model, images, 0, adapters=True)[0],
+                               attention_maps(model, images, 0, adapters=False)[0])
+
+
+def test_attention_png(run, data_root, tmp_path, capsys):
+    out, _ = run
+    weights = str(out / "adapters.safetensors")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"nope")
+    imgs = [str(p) for p in images_of(data_root)[:2]]
+    png = tmp_path / "maps" / "attention.png"
+    assert cli_main(["attention", "--weights", weights, "--images", *imgs, str(bad), "--out", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped unreadable image" in captured.err and "block 1" in captured.out
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        assert im.size == figure_pixels(*grid_shape(2, 4, heads=False)) == (3 * 220, 2 * 270 + 40)
+
+    heads = tmp_path / "heads.png"
+    assert cli_main(["attention", "--weights", weights, "--images", imgs[0], "--out", str(heads), "--heads",
+                     "--block", "0", "train.device=cpu"]) == 0
+    with Image.open(heads) as im:
+        assert im.size == figure_pixels(*grid_shape(1, 4, heads=True)) == figure_pixels(2, 6)
+    capsys.readouterr()
+    assert cli_main(["attention", "--weights", weights, "--images", imgs[0], "--out", str(heads), "--block", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the model has 2 blocks" in err[0]
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def test_sweep_arguments():
+    over, axes = split_axes(["model.lambdas=[0,0,1],[0.1,0.1,1]", "optim.lr=0.1", "data.root=/x", "model.fit=true",
+                             "--model.alpha=0.1,0.5"])
+    assert over == ["optim.lr=0.1", "data.root=/x", "model.fit=true"]
+    assert [(a.key, a.values) for a in axes] == [("model.lambdas", [[0, 0, 1], [0.1, 0.1, 1]]),
+                                                 ("model.alpha", [0.1, 0.5])]
+    assert folder_name({"model.lambdas": [0.0, 0.0, 1.0], "data.root": "a/b c"}) == \
+        "model.lambdas=[0.0,0.0,1.0],data.root=a_b_c"
+
+
+def test_sweep_trains_each_value_once(data_root, tmp_path, capsys, monkeypatch):
+    cfg_file = tmp_path / "base.yaml"
+    cfg_file.write_text(build_config(overrides=overrides(data_root, tmp_path / "unused")).to_yaml())
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(cfg_file), f"train.output_dir={out}", "optim.epochs=1", "model.alpha=0.1,0.5"]
+    assert cli_main(argv) == 0
+    assert "2 runs (2 trained, 0 finished earlier)" in capsys.readouterr().out
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0] == "model.alpha,overall,many,medium,few,run"
+    assert [r.split(",")[0] for r in rows[1:]] == ["0.1", "0.5"]
+    for value, row in zip(("0.1", "0.5"), rows[1:]):
+        folder = out / f"model.alpha={value}"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert row.split(",")[1] == f"{metrics['overall']:.4f}" and row.endswith(f"model.alpha={value}")
+        assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["alpha"] == float(value)
+    with Image.open(out / "sweep.png") as im:
+        assert im.format == "PNG"
+
+    # the same command again: both runs are found finished, nothing trains
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("sage_fast.training.loop.train", no_training)
+    assert cli_main(argv) == 0
+    assert "2 runs (0 trained, 2 finished earlier)" in capsys.readouterr().out
+    # another base config is another run
+    changed = build_config(str(cfg_file), [f"train.output_dir={out / 'model.alpha=0.1'}", "optim.epochs=1",
+                                           "model.alpha=0.1", "optim.lr=0.02"])
+    assert finished_report(changed, out / "model.alpha=0.1") is None
+    same = build_config(str(cfg_file), ["optim.epochs=1", "model.alpha=0.1", "train.eval_batch_size=64"])
+    assert finished_report(same, out / "model.alpha=0.1")["epoch"] == 1
+
+    with pytest.raises(SystemExit) as e:  # no key with several values
+        cli_main(["sweep", "--config", str(cfg_file), "model.alpha=0.1"])
+    assert e.value.code == 2
