@@ -9,17 +9,17 @@
 
 `backend` is "auto" | "triton" | "torch", resolved per call by `sage_fast.ops.backend.resolve_backend`.
 
-SGAdapterFused and AdaptFormerFused, dtypes: x may be fp32, fp16 or bf16 on the Triton path (fp64 takes the folded
-PyTorch path under "auto"). `forward` returns the compute dtype (like the reference's last Linear),
-`forward_block` x's dtype. Under `torch.autocast` the compute dtype is autocast's dtype for x's
-device, as the reference's Linear layers would run; the fold stays in fp32 and weight gradients come
-back fp32. mlp_out may have another float dtype; it is read as is.
+SGAdapterFused and AdaptFormerFused, dtypes: x may be fp32, fp16 or bf16 on the Triton path (fp64
+takes the folded PyTorch path under "auto"). `forward` returns the compute dtype (like the
+reference's last Linear), `forward_block` x's dtype. Under `torch.autocast` the compute dtype is
+autocast's dtype for x's device, as the reference's Linear layers would run; the fold stays in fp32
+and weight gradients come back fp32. mlp_out may have another float dtype; it is read as is.
 
-SGAdapterFused and AdaptFormerFused, checks: input shapes, dtypes and devices as the reference; the folded weights, `up`
-and s must be finite, else ValueError. That check costs one host-device sync per forward; set
-`module.check_finite = False` to skip it (the Sage model does, and checks all its parameters at once).
-It is skipped while `torch.compile` traces; NaN weights then give NaN outputs, never finite wrong
-ones. Non-contiguous x or mlp_out are copied to contiguous memory first (one copy).
+SGAdapterFused and AdaptFormerFused, checks: input shapes, dtypes and devices as the reference; the
+folded weights, `up` and s must be finite, else ValueError. That check costs one host-device sync
+per forward; set `module.check_finite = False` to skip it (the Sage model does, and checks all its
+parameters at once). It is skipped while `torch.compile` traces; NaN weights then give NaN outputs,
+never finite wrong ones. Non-contiguous x or mlp_out are copied to contiguous memory first (one copy).
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ class _FoldedAdapter:
         ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         if not bool(ok):
             raise ValueError(
-                f"{type(self).__name__}: NaN or Inf in the adapter weights, the guidance or the block scale "
+                f"{type(self).__name__}: NaN or Inf in the adapter weights, the guidance (SG-Adapter) or the block scale "
                 "(checked on the folded W_cat, b_cat, up and s)"
             )
 
