@@ -6,7 +6,7 @@
 | `sage`        | `SageModel`, `build_sage`                                             |
 | `clip`        | loading open_clip (tag or local file), attention kernels, `sage-tiny` |
 | `classifier`  | the classifier's initialisation from the text encoder, its disk cache |
-| `templates`   | the 60 prompt templates                                               |
+| `templates`   | the 60 prompt templates, LIFT's single prompt                         |
 """
 from .classifier import (
     cached_text_classifier,
@@ -19,13 +19,15 @@ from .classifier import (
 from .clip import ATTENTION_BACKENDS, frozen_self_attention, image_size, load_clip, resolve_attention, tokenizer
 from .config import ModelConfig
 from .sage import SageModel, SageOutput, build_sage, model_config
-from .templates import TEMPLATES, prompts_for
+from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "CLASSIFIER_TEMPLATES",
     "ModelConfig",
     "SageModel",
     "SageOutput",
+    "SINGLE_TEMPLATE",
     "TEMPLATES",
     "build_sage",
     "cached_text_classifier",

@@ -22,10 +22,21 @@ class ModelConfig:
     #: compensation factor Lambda_k = mu * n_k^gamma * S_N / (C n_min) of the loss
     mu: float = 0.5
     gamma: float = 0.05
+    #: the loss l: "compensated" (Eq. 22), "la" (logit adjustment with log n_k, tau = 1, no compensation
+    #: factor) or "ce" (plain cross-entropy); with FIT, each of its four terms. mu, gamma: "compensated" only
+    loss: Literal["compensated", "la", "ce"] = "compensated"
     #: FIT's weights of l(zv), l(zt), l(z^)
     lambdas: List[float] = field(default_factory=lambda: [0.015, 0.015, 0.4])
     #: train with FIT (the frozen zero-shot path and its four-term loss)
     fit: bool = True
+    #: the adapter in every block: "sg" (the SG-Adapter) or "adaptformer" (LIFT's AdaptFormer: LayerNorm,
+    #: down, ReLU, up; no guidance, alpha and text_proj unused). Ablations of Tables 5, 6, 10, 11
+    adapter: Literal["sg", "adaptformer"] = "sg"
+    #: the SG-Adapter's text projection W_proj^vt; false: f_vt = f_t * f_v (Tables 10 to 12)
+    text_proj: bool = True
+    #: the classifier's initial rows: "templates" (the mean over the 60 templates) or "single"
+    #: (LIFT's one prompt "a photo of a {}.")
+    classifier_init: Literal["templates", "single"] = "templates"
     #: "auto": the Triton kernels on CUDA, the folded PyTorch adapter elsewhere; "triton"; "torch": the reference
     backend: Literal["auto", "triton", "torch"] = "auto"
     attention: Literal["auto", "sdpa", "xformers", "open_clip"] = "auto"

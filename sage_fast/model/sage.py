@@ -2,22 +2,25 @@
 a cosine classifier initialised from the 60 templates, and FIT's frozen zero-shot path (docs/method.md).
 
 `build_sage` loads CLIP, freezes it, initialises the classifier and builds `SageModel` from a
-`ModelConfig` (the one list of hyperparameters).
+`ModelConfig` (the one list of hyperparameters). Its ablation switches (``adapter``, ``text_proj``,
+``classifier_init``, ``loss``; docs/method.md, "Ablation switches") choose what is built, once.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Sequence
+import typing
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
+from ..ops import AdaptFormerFused, CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
 from ..ops.backend import check_backend
 from .classifier import cached_text_classifier
 from .clip import frozen_self_attention, load_clip, resolve_attention, tokenizer
 from .config import ModelConfig
+from .templates import CLASSIFIER_TEMPLATES
 
 
 class SageOutput(NamedTuple):
@@ -39,7 +42,8 @@ _ALIASES = {"model_name": "name"}
 def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     """`config` (default: `ModelConfig()`) with `fields` replaced; ``model_name`` is an alias of ``name``.
 
-    An unknown field is a TypeError naming the valid ones.
+    An unknown field is a TypeError naming the valid ones; a value outside a field's choices (its
+    Literal type) is a ValueError naming them.
     """
     config = config or ModelConfig()
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -49,7 +53,11 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
         raise TypeError(f"unknown model settings {unknown}; valid: {sorted(valid)}")
     if "lambdas" in fields:
         fields["lambdas"] = [float(v) for v in fields["lambdas"]]
-    return dataclasses.replace(config, **fields)
+    config = dataclasses.replace(config, **fields)
+    for name, tp in typing.get_type_hints(ModelConfig).items():
+        if typing.get_origin(tp) is typing.Literal and getattr(config, name) not in typing.get_args(tp):
+            raise ValueError(f"{name} must be one of {typing.get_args(tp)}, got {getattr(config, name)!r}")
+    return config
 
 
 class SageModel(nn.Module):
@@ -58,6 +66,8 @@ class SageModel(nn.Module):
 
     Build with `build_sage`. Trainable: `adapters`, `block_scales`, `classifier` and, with FIT,
     `criterion.s1`, `criterion.s2`; everything under `clip` is frozen and stays in eval mode.
+    `adapters` are `SGAdapterFused` (config ``adapter="sg"``, with or without ``text_proj``) or
+    `AdaptFormerFused` (``adapter="adaptformer"``, which takes no guidance).
     """
 
     def __init__(
@@ -91,6 +101,8 @@ class SageModel(nn.Module):
         self.bottleneck = int(cfg.bottleneck) if cfg.bottleneck else lift_bottleneck(len(class_names), self.num_layers)
         self.alpha = float(cfg.alpha)
         self.fit = bool(cfg.fit)
+        # AdaptFormer takes no guidance: the classifier is then trained through the logits only.
+        self.guided = cfg.adapter == "sg"
         self.logit_scale = float(cfg.logit_scale)
         self.attention = cfg.attention
         size = visual.image_size
@@ -98,9 +110,13 @@ class SageModel(nn.Module):
 
         if classifier_init.shape != (len(class_names), self.dim):
             raise ValueError(f"classifier_init must be ({len(class_names)}, {self.dim}), got {tuple(classifier_init.shape)}")
-        self.adapters = nn.ModuleList(
-            SGAdapterFused(self.dim, self.bottleneck, self.alpha, backend=cfg.backend) for _ in range(self.num_layers)
-        )
+        if self.guided:
+            make = lambda: SGAdapterFused(  # noqa: E731
+                self.dim, self.bottleneck, self.alpha, backend=cfg.backend, text_proj=cfg.text_proj
+            )
+        else:
+            make = lambda: AdaptFormerFused(self.dim, self.bottleneck, backend=cfg.backend)  # noqa: E731
+        self.adapters = nn.ModuleList(make() for _ in range(self.num_layers))
         for adapter in self.adapters:
             adapter.check_finite = False  # the model checks all its parameters at once per forward
         # One finiteness check of all trainable parameters per forward (one host sync), instead of
@@ -110,9 +126,11 @@ class SageModel(nn.Module):
         self.classifier = nn.Parameter(classifier_init.detach().clone().float())
         self.register_buffer("zs_classifier", classifier_init.detach().clone().float())  # W_zs, frozen
         if self.fit:
-            self.criterion = FITLoss(class_counts, cfg.mu, cfg.gamma, cfg.lambdas, backend=cfg.backend)
+            self.criterion = FITLoss(class_counts, cfg.mu, cfg.gamma, cfg.lambdas, backend=cfg.backend,
+                                     adjustment=cfg.loss)
         else:
-            self.criterion = CompensatedLALoss(class_counts, cfg.mu, cfg.gamma, backend=cfg.backend)
+            self.criterion = CompensatedLALoss(class_counts, cfg.mu, cfg.gamma, backend=cfg.backend,
+                                               adjustment=cfg.loss)
         self.clip.requires_grad_(False)
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -144,6 +162,17 @@ class SageModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
+    def trainable_parameter_counts(self) -> Dict[str, int]:
+        """Trainable numbers per part: "adapters", "block_scales", "classifier" and "fit" (s1, s2; 0
+        without FIT). They sum to `num_trainable_parameters`; the paper's adapter counts (Table 12)
+        are adapters + block_scales."""
+        counts = {"adapters": 0, "block_scales": 0, "classifier": 0, "fit": 0}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                part = name.split(".")[0]
+                counts["fit" if part == "criterion" else part] += p.numel()
+        return counts
+
     def trainable_state_dict(self) -> dict:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -171,7 +200,8 @@ class SageModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def guidance(self) -> torch.Tensor:
-        """g: the mean of the L2-normalised classifier rows, (d,). Gradients reach W through it."""
+        """g: the mean of the L2-normalised classifier rows, (d,). Gradients reach W through it.
+        Computed for the SG-Adapter only (AdaptFormer takes none)."""
         return F.normalize(self.classifier, dim=-1).mean(dim=0)
 
     def visual_features(self, images: torch.Tensor, adapters: bool = True) -> torch.Tensor:
@@ -186,7 +216,7 @@ class SageModel(nn.Module):
         if adapters and self.check_finite and not torch.compiler.is_compiling():
             self.check_parameters_finite()
         x = visual._embeds(images)                                   # (B, N, d)
-        g = self.guidance() if adapters else None
+        g = self.guidance() if adapters and self.guided else None
         for i, block in enumerate(visual.transformer.resblocks):
             if backend == "open_clip":
                 attn = block.attention(block.ln_1(x))
@@ -194,10 +224,12 @@ class SageModel(nn.Module):
                 attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
             f = x + block.ls_1(attn)                                 # f~
             mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
-            if adapters:
+            if not adapters:
+                x = f + mlp_out
+            elif self.guided:
                 x = self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
             else:
-                x = f + mlp_out
+                x = self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
         return visual.ln_post(x[:, 0])
 
     def _cosine(self, weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -216,7 +248,7 @@ class SageModel(nn.Module):
         return SageOutput(z, zv, zt, self.criterion.combine(z, zv, zt))
 
     def loss(self, out: SageOutput, target: torch.Tensor):
-        """(scalar loss, z_hat): FIT's four-term loss, or the compensated LA loss without FIT."""
+        """(scalar loss, z_hat): FIT's four-term loss, or l(z) without FIT; l is config ``loss``."""
         if self.fit:
             return self.criterion(out.z, out.zv, out.zt, target)
         return self.criterion(out.z, target), out.z
@@ -239,6 +271,9 @@ def build_sage(
 ) -> SageModel:
     """Load CLIP, initialise the classifier from the templates and build `SageModel` on `device`.
 
+    The prompts are config ``classifier_init``'s: the 60 templates, or LIFT's single one; they are
+    part of the classifier cache's key.
+
     config: a `ModelConfig`; keyword arguments replace its fields (``model_name`` is an alias of
     ``name``), e.g. ``build_sage(names, counts, model_name="ViT-B-16-quickgelu", pretrained="openai")``.
     cache_dir: where the initialised classifier is cached (`cached_text_classifier`): a folder; None:
@@ -252,5 +287,6 @@ def build_sage(
     clip = load_clip(cfg.name, cfg.pretrained, device)
     init = cached_text_classifier(clip, tokenizer(cfg.name), class_names, model_name=cfg.name,
                                   pretrained=cfg.pretrained, cache_dir=cache_dir,
+                                  templates=CLASSIFIER_TEMPLATES[cfg.classifier_init],
                                   batch_size=cfg.text_batch_size, progress=progress)
     return SageModel(clip, class_names, class_counts, init, cfg).to(device)

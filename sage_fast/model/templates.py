@@ -1,4 +1,5 @@
-"""The 60 prompt templates used to initialise the classifier (docs/method.md, "The classifier and guidance")."""
+"""The 60 prompt templates used to initialise the classifier (docs/method.md, "The classifier and guidance"),
+and LIFT's single prompt, the ablation ``classifier_init: single``."""
 
 TEMPLATES = (
     "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
@@ -21,6 +22,12 @@ TEMPLATES = (
 )
 
 assert len(TEMPLATES) == 60
+
+#: LIFT's single prompt (`ModelConfig.classifier_init` "single")
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+#: the prompt set of each `ModelConfig.classifier_init`
+CLASSIFIER_TEMPLATES = {"templates": TEMPLATES, "single": SINGLE_TEMPLATE}
 
 
 def prompts_for(class_name: str, templates=TEMPLATES) -> list[str]:

@@ -2,25 +2,28 @@
 
 | module        | what                                                                        |
 | ------------- | --------------------------------------------------------------------------- |
-| `reference`   | the literal PyTorch math: SG-Adapter (Eq. 7, 8), the losses (Eq. 22 to 24)  |
-| `fold`        | the fold of the adapter's weights, and the folded adapter in PyTorch        |
+| `reference`   | the literal PyTorch math: SG-Adapter (Eq. 7, 8), AdaptFormer, the losses    |
+| `fold`        | the fold of the adapters' weights, and the folded adapter in PyTorch        |
 | `sg_adapter`  | autograd glue and custom ops over `sage_fast.kernels.sg_adapter`            |
 | `la_loss`     | autograd glue over `sage_fast.kernels.la_loss`                              |
-| `modules`     | `SGAdapterFused`, `CompensatedLALoss`, `FITLoss`: the backend switch        |
+| `modules`     | `SGAdapterFused`, `AdaptFormerFused`, the two losses: the backend switch    |
 | `backend`     | "auto" / "triton" / "torch": `resolve_backend`, where Triton can run        |
 | `checks`      | input validation and its error messages                                     |
 """
 from .backend import BACKENDS, resolve_backend
-from .fold import fold_adapter_weights, sg_adapter_torch
+from .fold import fold_adaptformer_weights, fold_adapter_weights, sg_adapter_torch
 from .la_loss import fused_fit_loss, fused_la_loss
-from .modules import CompensatedLALoss, FITLoss, SGAdapterFused
+from .modules import AdaptFormerFused, CompensatedLALoss, FITLoss, SGAdapterFused
 from .reference import (
+    LOSSES,
+    AdaptFormer,
     SGAdapter,
     compensated_la_loss,
     compensated_log_prior,
     fit_loss,
     logit_adjusted_loss,
     lift_bottleneck,
+    loss_log_prior,
 )
 
 __all__ = [
@@ -28,13 +31,18 @@ __all__ = [
     "resolve_backend",
     "SGAdapter",
     "SGAdapterFused",
+    "AdaptFormer",
+    "AdaptFormerFused",
     "fold_adapter_weights",
+    "fold_adaptformer_weights",
     "sg_adapter_torch",
     "lift_bottleneck",
     "CompensatedLALoss",
     "FITLoss",
     "compensated_la_loss",
     "compensated_log_prior",
+    "LOSSES",
+    "loss_log_prior",
     "fit_loss",
     "logit_adjusted_loss",
     "fused_fit_loss",

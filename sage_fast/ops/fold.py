@@ -5,6 +5,10 @@ d x 2r map W_cat and a bias b_cat (derivation: docs/method.md, "The fold"), so p
 is LayerNorm without affine, two small GEMMs and a leaky activation. `sg_adapter_torch` is that
 folded form in PyTorch: the path `backend="auto"` takes off CUDA (several times faster than the
 literal reference on CPU), and the math the Triton kernels implement.
+
+The ablations fold too. Without W_proj^vt (``text_proj=False``) the text branch's m is f_t itself.
+LIFT's AdaptFormer is the fold's one-branch case: W_cat = diag(gamma) W_down (d x r), b_cat =
+beta W_down + b_down, slope 0 (ReLU, alpha = 1), so the same kernels run it.
 """
 from __future__ import annotations
 
@@ -17,13 +21,17 @@ def fold_adapter_weights(adapter, guidance: torch.Tensor) -> tuple[torch.Tensor,
     Returns W_cat (d, 2r) and b_cat (2r,), fp32, with h = LN(x, no affine) @ W_cat + b_cat equal to
     the reference's concat(down_v(fv), down_vt(fvt) + s_vt * down_t(ft)). Differentiable: autograd
     takes gradients of W_cat and b_cat back to ln, proj, down_v, down_vt, down_t, s_vt, guidance.
+    An adapter without `proj` (text_proj=False) has m = f_t.
     """
     d = adapter.dim
     with torch.autocast(device_type=guidance.device.type, enabled=False):
         gamma = adapter.ln.weight.float()
         beta = adapter.ln.bias.float()
         ft = F.layer_norm(guidance.float(), (d,), gamma, beta, adapter.eps)            # (d,)
-        m = F.linear(ft, adapter.proj.weight.float(), adapter.proj.bias.float())      # (d,)
+        if adapter.proj is not None:
+            m = F.linear(ft, adapter.proj.weight.float(), adapter.proj.bias.float())  # (d,)
+        else:
+            m = ft
         w_dv = adapter.down_v.weight.float()                                          # (r, d)
         w_dvt = adapter.down_vt.weight.float()                                        # (r, d)
         c = adapter.down_vt.bias.float() + adapter.s_vt.float() * F.linear(
@@ -31,6 +39,21 @@ def fold_adapter_weights(adapter, guidance: torch.Tensor) -> tuple[torch.Tensor,
         )                                                                             # (r,)
         w_cat = torch.cat([w_dv.t() * gamma[:, None], w_dvt.t() * (gamma * m)[:, None]], dim=1)
         b_cat = torch.cat([w_dv @ beta + adapter.down_v.bias.float(), w_dvt @ (beta * m) + c])
+    return w_cat, b_cat
+
+
+def fold_adaptformer_weights(adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an `AdaptFormer`'s LayerNorm affine into its down-projection.
+
+    Returns W_cat (d, r) and b_cat (r,), fp32, with LN(x, no affine) @ W_cat + b_cat = down(ln(x)).
+    Differentiable back to ln and down.
+    """
+    with torch.autocast(device_type=adapter.down.weight.device.type, enabled=False):
+        gamma = adapter.ln.weight.float()
+        beta = adapter.ln.bias.float()
+        w = adapter.down.weight.float()                                               # (r, d)
+        w_cat = w.t() * gamma[:, None]                                                # (d, r)
+        b_cat = w @ beta + adapter.down.bias.float()                                  # (r,)
     return w_cat, b_cat
 
 
@@ -45,8 +68,8 @@ def sg_adapter_torch(
 ) -> torch.Tensor:
     """The folded adapter in plain PyTorch (the CPU / fp64 fallback): a = leaky(xhat @ W_cat + b) @ W_up^T + b_up.
 
-    x: (..., d); w_cat: (d, 2r); b_cat: (2r,); w_up: (d, 2r) (nn.Linear layout); b_up: (d,).
-    Runs in x's dtype (or autocast's), like the reference.
+    x: (..., d); w_cat: (d, H); b_cat: (H,); w_up: (d, H) (nn.Linear layout); b_up: (d,); H = 2r for
+    the SG-Adapter, r for AdaptFormer (alpha = 1). Runs in x's dtype (or autocast's), like the reference.
     """
     xhat = F.layer_norm(x, (x.shape[-1],), eps=eps)
     dt = xhat.dtype

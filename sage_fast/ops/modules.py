@@ -2,21 +2,24 @@
 
 * `SGAdapterFused`: drop-in for the reference `SGAdapter` (same constructor plus `backend`, same
   sub-modules, parameters and state_dict).
-* `CompensatedLALoss` (Eq. 22) and `FITLoss` (Eq. 23, 24), each holding its log-prior (and FIT's s1, s2).
+* `AdaptFormerFused`: the same for LIFT's `AdaptFormer`, on the same kernels (the fold's one-branch
+  case with a ReLU).
+* `CompensatedLALoss` (Eq. 22) and `FITLoss` (Eq. 23, 24), each holding its log-prior (and FIT's s1,
+  s2); ``adjustment`` "la" or "ce" swaps the prior for log n_k or zeros (the loss ablation).
 
 `backend` is "auto" | "triton" | "torch", resolved per call by `sage_fast.ops.backend.resolve_backend`.
 
-SGAdapterFused, dtypes: x may be fp32, fp16 or bf16 on the Triton path (fp64 takes the folded
-PyTorch path under "auto"). `forward` returns the compute dtype (like the reference's last Linear),
-`forward_block` x's dtype. Under `torch.autocast` the compute dtype is autocast's dtype for x's
-device, as the reference's Linear layers would run; the fold stays in fp32 and weight gradients come
-back fp32. mlp_out may have another float dtype; it is read as is.
+SGAdapterFused and AdaptFormerFused, dtypes: x may be fp32, fp16 or bf16 on the Triton path (fp64
+takes the folded PyTorch path under "auto"). `forward` returns the compute dtype (like the
+reference's last Linear), `forward_block` x's dtype. Under `torch.autocast` the compute dtype is
+autocast's dtype for x's device, as the reference's Linear layers would run; the fold stays in fp32
+and weight gradients come back fp32. mlp_out may have another float dtype; it is read as is.
 
-SGAdapterFused, checks: input shapes, dtypes and devices as the reference; the folded weights, `up`
-and s must be finite, else ValueError. That check costs one host-device sync per forward; set
-`module.check_finite = False` to skip it (the Sage model does, and checks all its parameters at once).
-It is skipped while `torch.compile` traces; NaN weights then give NaN outputs, never finite wrong
-ones. Non-contiguous x or mlp_out are copied to contiguous memory first (one copy).
+SGAdapterFused and AdaptFormerFused, checks: input shapes, dtypes and devices as the reference; the
+folded weights, `up` and s must be finite, else ValueError. That check costs one host-device sync
+per forward; set `module.check_finite = False` to skip it (the Sage model does, and checks all its
+parameters at once). It is skipped while `torch.compile` traces; NaN weights then give NaN outputs,
+never finite wrong ones. Non-contiguous x or mlp_out are copied to contiguous memory first (one copy).
 """
 from __future__ import annotations
 
@@ -26,9 +29,19 @@ import torch
 from torch import nn
 
 from .backend import TRITON_DTYPES, check_backend, resolve_backend
-from .fold import fold_adapter_weights, sg_adapter_torch
+from .fold import fold_adaptformer_weights, fold_adapter_weights, sg_adapter_torch
 from .la_loss import fused_fit_loss, fused_la_loss
-from .reference import SGAdapter, check_adapter_inputs, compensated_log_prior, fit_combine, fit_loss, logit_adjusted_loss
+from .reference import (
+    AdaptFormer,
+    SGAdapter,
+    check_adapter_inputs,
+    check_loss,
+    check_token_input,
+    fit_combine,
+    fit_loss,
+    logit_adjusted_loss,
+    loss_log_prior,
+)
 from .sg_adapter import SGAdapterFunction
 
 
@@ -46,22 +59,29 @@ class CompensatedLALoss(nn.Module):
     backend: "auto" (the fused Triton kernel on CUDA, the PyTorch reference elsewhere and for fp64
     logits), "triton" (a RuntimeError at forward where Triton cannot run) or "torch" (the reference).
     See `sage_fast.ops.la_loss` for the fused path's limits.   logits: (B, C); target: (B,).
+    adjustment: "compensated" (Eq. 22), "la" (log n_k, no compensation) or "ce" (no prior); see
+    `sage_fast.ops.reference.loss_log_prior`. mu and gamma only act with "compensated".
     """
 
     def __init__(
-        self, class_counts, mu: float = 0.5, gamma: float = 0.05, ignore_index: int = -100, backend: str = "auto"
+        self, class_counts, mu: float = 0.5, gamma: float = 0.05, ignore_index: int = -100, backend: str = "auto",
+        adjustment: str = "compensated",
     ):
         super().__init__()
         self.mu, self.gamma, self.ignore_index = float(mu), float(gamma), int(ignore_index)
         self.backend = check_backend(backend)
-        self.register_buffer("log_prior", compensated_log_prior(class_counts, mu, gamma), persistent=False)
+        self.adjustment = check_loss(adjustment)
+        self.register_buffer("log_prior", loss_log_prior(class_counts, adjustment, mu, gamma), persistent=False)
 
     @property
     def num_classes(self) -> int:
         return self.log_prior.numel()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, backend={self.backend!r}"
+        return (
+            f"num_classes={self.num_classes}, adjustment={self.adjustment!r}, mu={self.mu}, gamma={self.gamma}, "
+            f"backend={self.backend!r}"
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if _loss_backend(self.backend, logits) == "triton":
@@ -75,7 +95,8 @@ class FITLoss(nn.Module):
     Holds the learnable scalars s1, s2 (both start at 0, so z^ = z at the start) of
     z^ = z + s1 * zv + s2 * zt.   z, zv, zt: (B, C); target: (B,).
     forward returns (total loss, z^); predictions are argmax z^.
-    backend: "auto" | "triton" | "torch", as in `CompensatedLALoss`.
+    backend: "auto" | "triton" | "torch", and adjustment: "compensated" | "la" | "ce" (which loss l
+    is), as in `CompensatedLALoss`.
     """
 
     def __init__(
@@ -86,14 +107,16 @@ class FITLoss(nn.Module):
         lambdas: Sequence[float] = (0.015, 0.015, 0.4),
         ignore_index: int = -100,
         backend: str = "auto",
+        adjustment: str = "compensated",
     ):
         super().__init__()
         self.backend = check_backend(backend)
+        self.adjustment = check_loss(adjustment)
         lambdas = tuple(float(v) for v in lambdas)
         if len(lambdas) != 3:
             raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {lambdas}")
         self.mu, self.gamma, self.lambdas, self.ignore_index = float(mu), float(gamma), lambdas, int(ignore_index)
-        self.register_buffer("log_prior", compensated_log_prior(class_counts, mu, gamma), persistent=False)
+        self.register_buffer("log_prior", loss_log_prior(class_counts, adjustment, mu, gamma), persistent=False)
         self.s1 = nn.Parameter(torch.zeros(()))
         self.s2 = nn.Parameter(torch.zeros(()))
 
@@ -103,8 +126,8 @@ class FITLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, mu={self.mu}, gamma={self.gamma}, lambdas={self.lambdas}, "
-            f"backend={self.backend!r}"
+            f"num_classes={self.num_classes}, adjustment={self.adjustment!r}, mu={self.mu}, gamma={self.gamma}, "
+            f"lambdas={self.lambdas}, backend={self.backend!r}"
         )
 
     def combine(self, z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
@@ -119,32 +142,14 @@ class FITLoss(nn.Module):
         return fit_loss(z, zv, zt, target, self.log_prior, self.s1, self.s2, self.lambdas, self.ignore_index)
 
 
-class SGAdapterFused(SGAdapter):
-    """Semantic-guided adapter, fused (drop-in for `SGAdapter`).
+class _FoldedAdapter:
+    """What the fused adapters share: the backend switch and the run of a folded adapter.
 
-    Args:
-        dim, bottleneck, alpha, eps: as `SGAdapter`.
-        backend: "auto" (the Triton kernels on CUDA, the folded PyTorch path elsewhere and for
-            fp64), "triton" (the kernels; a RuntimeError where they cannot run) or "torch" (the
-            literal reference, `SGAdapter`'s own forward). See `sage_fast.ops.backend`.
-
-    Attributes:
-        check_finite: raise ValueError when the folded weights, `up` or s hold NaN/Inf (one
-            host-device sync per forward; default True).
-
-    Shapes:
-        forward(x (..., d), guidance (d,)) -> a (..., d)
-        forward_block(x (..., d), guidance (d,), mlp_out (..., d), scale 0-dim) -> (..., d)
+    A subclass folds its weights into W_cat (d, H), b_cat (H,) and calls `_run_folded`; the Triton
+    kernels and `sg_adapter_torch` need nothing else (H and the activation slope are arguments).
     """
 
     check_finite: bool = True
-
-    def __init__(self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5, backend: str = "auto"):
-        super().__init__(dim, bottleneck, alpha=alpha, eps=eps)
-        self.backend = check_backend(backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if resolve_backend(self.backend, x.device, x.dtype) != "triton":
@@ -159,7 +164,7 @@ class SGAdapterFused(SGAdapter):
         ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         if not bool(ok):
             raise ValueError(
-                "SGAdapterFused: NaN or Inf in the adapter weights, the guidance or the block scale "
+                f"{type(self).__name__}: NaN or Inf in the adapter weights, the guidance (SG-Adapter) or the block scale "
                 "(checked on the folded W_cat, b_cat, up and s)"
             )
 
@@ -169,12 +174,28 @@ class SGAdapterFused(SGAdapter):
             return torch.get_autocast_dtype(dev)
         return x.dtype
 
-    def _run(self, x, guidance, mlp_out, scale):
-        w_cat, b_cat = fold_adapter_weights(self, guidance)
+    @staticmethod
+    def _check_block_inputs(x: torch.Tensor, mlp_out: torch.Tensor, scale) -> torch.Tensor:
+        """Check mlp_out and scale of the block form; returns scale as a tensor on x's device."""
+        if not isinstance(mlp_out, torch.Tensor) or mlp_out.shape != x.shape:
+            got = tuple(mlp_out.shape) if isinstance(mlp_out, torch.Tensor) else type(mlp_out).__name__
+            raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {got}")
+        if not mlp_out.is_floating_point() or mlp_out.device != x.device:
+            raise ValueError(f"mlp_out must be a float tensor on {x.device}, got {mlp_out.dtype} on {mlp_out.device}")
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), device=x.device)
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold one number, got shape {tuple(scale.shape)}")
+        if scale.device != x.device:
+            raise ValueError(f"scale must be on {x.device}, got {scale.device}")
+        return scale
+
+    def _run_folded(self, x, w_cat, b_cat, alpha: float, mlp_out, scale):
+        """a = leaky_{1-alpha}(LN(x) @ W_cat + b_cat) @ W_up^T + b_up, or x + mlp_out + scale * a."""
         checked = [w_cat, b_cat, self.up.weight, self.up.bias] + ([scale] if scale is not None else [])
         self._check_finite(*checked)
         if not self._use_triton(x):
-            a = sg_adapter_torch(x, w_cat, b_cat, self.up.weight, self.up.bias, self.alpha, self.eps)
+            a = sg_adapter_torch(x, w_cat, b_cat, self.up.weight, self.up.bias, alpha, self.eps)
             return a if scale is None else x + mlp_out + scale * a
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.dim).contiguous()
@@ -182,9 +203,42 @@ class SGAdapterFused(SGAdapter):
         scale32 = scale.float().reshape(()) if scale is not None else None
         out = SGAdapterFunction.apply(
             x2, w_cat, b_cat, self.up.weight.float(), self.up.bias.float(), scale32, mlp2,
-            self.alpha, self.eps, self._compute_dtype(x),
+            alpha, self.eps, self._compute_dtype(x),
         )
         return out.reshape(*lead, self.dim)
+
+
+class SGAdapterFused(_FoldedAdapter, SGAdapter):
+    """Semantic-guided adapter, fused (drop-in for `SGAdapter`).
+
+    Args:
+        dim, bottleneck, alpha, eps, text_proj: as `SGAdapter`.
+        backend: "auto" (the Triton kernels on CUDA, the folded PyTorch path elsewhere and for
+            fp64), "triton" (the kernels; a RuntimeError where they cannot run) or "torch" (the
+            literal reference, `SGAdapter`'s own forward). See `sage_fast.ops.backend`.
+
+    Attributes:
+        check_finite: raise ValueError when the folded weights, `up` or s hold NaN/Inf (one
+            host-device sync per forward; default True).
+
+    Shapes:
+        forward(x (..., d), guidance (d,)) -> a (..., d)
+        forward_block(x (..., d), guidance (d,), mlp_out (..., d), scale 0-dim) -> (..., d)
+    """
+
+    def __init__(
+        self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5, backend: str = "auto",
+        text_proj: bool = True,
+    ):
+        super().__init__(dim, bottleneck, alpha=alpha, eps=eps, text_proj=text_proj)
+        self.backend = check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def _run(self, x, guidance, mlp_out, scale):
+        w_cat, b_cat = fold_adapter_weights(self, guidance)
+        return self._run_folded(x, w_cat, b_cat, self.alpha, mlp_out, scale)
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         if self.backend == "torch":
@@ -204,15 +258,50 @@ class SGAdapterFused(SGAdapter):
         if self.backend == "torch":
             return SGAdapter.forward_block(self, x, guidance, mlp_out, scale)
         check_adapter_inputs(x, guidance, self.dim)
-        if not isinstance(mlp_out, torch.Tensor) or mlp_out.shape != x.shape:
-            got = tuple(mlp_out.shape) if isinstance(mlp_out, torch.Tensor) else type(mlp_out).__name__
-            raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {got}")
-        if not mlp_out.is_floating_point() or mlp_out.device != x.device:
-            raise ValueError(f"mlp_out must be a float tensor on {x.device}, got {mlp_out.dtype} on {mlp_out.device}")
-        if not isinstance(scale, torch.Tensor):
-            scale = torch.tensor(float(scale), device=x.device)
-        if scale.numel() != 1:
-            raise ValueError(f"scale must hold one number, got shape {tuple(scale.shape)}")
-        if scale.device != x.device:
-            raise ValueError(f"scale must be on {x.device}, got {scale.device}")
+        scale = self._check_block_inputs(x, mlp_out, scale)
         return self._run(x, guidance, mlp_out, scale)
+
+
+class AdaptFormerFused(_FoldedAdapter, AdaptFormer):
+    """LIFT's AdaptFormer, fused (drop-in for `AdaptFormer`): the SG-Adapter's kernels with one
+    branch (W_cat = diag(gamma) W_down, H = r) and slope 0 (ReLU).
+
+    Args:
+        dim, bottleneck, eps: as `AdaptFormer`. backend: "auto" | "triton" | "torch" as `SGAdapterFused`
+            ("torch" is `AdaptFormer`'s own forward).
+
+    Shapes:
+        forward(x (..., d)) -> a (..., d)
+        forward_block(x (..., d), mlp_out (..., d), scale 0-dim) -> (..., d)
+    """
+
+    #: alpha = 1 in the kernels' leaky activation: negative slope 1 - alpha = 0, a ReLU
+    alpha: float = 1.0
+
+    def __init__(self, dim: int, bottleneck: int, eps: float = 1e-5, backend: str = "auto"):
+        super().__init__(dim, bottleneck, eps=eps)
+        self.backend = check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def _run(self, x, mlp_out, scale):
+        w_cat, b_cat = fold_adaptformer_weights(self)
+        return self._run_folded(x, w_cat, b_cat, self.alpha, mlp_out, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return AdaptFormer.forward(self, x)
+        check_token_input(x, self.dim)
+        return self._run(x, None, None)
+
+    def forward_block(self, x: torch.Tensor, mlp_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Fused end of a block with AdaptFormer: ``x + mlp_out + scale * adapter(x)`` in one pass.
+
+        x, mlp_out: (..., d); scale: the block's scalar s. Returns x's dtype.
+        """
+        if self.backend == "torch":
+            return AdaptFormer.forward_block(self, x, mlp_out, scale)
+        check_token_input(x, self.dim)
+        scale = self._check_block_inputs(x, mlp_out, scale)
+        return self._run(x, mlp_out, scale)

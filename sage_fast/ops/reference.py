@@ -2,7 +2,10 @@
 
 * `SGAdapter`: the SG-Adapter of Eq. 7 and 8 (docs/method.md, "The SG-Adapter"), written for clarity,
   not speed: the text-guided projection runs once per token, the three down-projections separately.
-* `compensated_log_prior`, `compensated_la_loss` (Eq. 22) and `fit_loss` (Eq. 23, 24).
+  ``text_proj=False`` is the ablation without W_proj^vt (f_vt = f_t * f_v).
+* `AdaptFormer`: LIFT's adapter, the baseline of the ablations (LayerNorm, down, ReLU, up).
+* `compensated_log_prior`, `compensated_la_loss` (Eq. 22) and `fit_loss` (Eq. 23, 24);
+  `loss_log_prior` also gives the ablations' plain LA and CE priors.
 
 Nothing here imports fused code; `sage_fast.ops.modules` chooses between this and the kernels.
 """
@@ -28,11 +31,16 @@ def lift_bottleneck(num_classes: int, num_layers: int = 12) -> int:
     return 2 ** int(math.floor(math.log2(ratio)))
 
 
+def check_token_input(x: torch.Tensor, dim: int) -> None:
+    """x must be a float tensor (..., dim)."""
+    check_float("x", x)
+    check_last_dim("x", x, dim)
+
+
 def check_adapter_inputs(x: torch.Tensor, guidance: torch.Tensor, dim: int) -> None:
     """Shape, dtype and device checks shared by the reference and the fused adapter."""
-    check_float("x", x)
+    check_token_input(x, dim)
     check_float("guidance", guidance)
-    check_last_dim("x", x, dim)
     if guidance.shape != (dim,):
         raise ValueError(f"guidance must have shape ({dim},), got {tuple(guidance.shape)}")
     check_same_device(x=x, guidance=guidance)
@@ -46,13 +54,15 @@ class SGAdapter(nn.Module):
         bottleneck: r, the width of each down-projection; the hidden width is 2r.
         alpha: mix of relu and identity; ``alpha*relu(h) + (1-alpha)*h`` (1.0 is a plain ReLU).
         eps: LayerNorm epsilon of LN_a.
+        text_proj: with False, no W_proj^vt (`proj` is None): f_vt = f_t * f_v (the paper's ablation,
+            Tables 10 to 12); d^2 + d parameters fewer per adapter.
 
     Shapes:
         x: (..., d) token rows of f~; guidance: (d,), the guidance vector g.
         returns: (..., d), the adapter output a (before the block's scale s).
     """
 
-    def __init__(self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5):
+    def __init__(self, dim: int, bottleneck: int, alpha: float = 0.1, eps: float = 1e-5, text_proj: bool = True):
         super().__init__()
         if dim < 1 or bottleneck < 1:
             raise ValueError(f"dim and bottleneck must be positive, got dim={dim}, bottleneck={bottleneck}")
@@ -62,8 +72,9 @@ class SGAdapter(nn.Module):
         self.bottleneck = bottleneck
         self.alpha = float(alpha)
         self.eps = float(eps)
+        self.text_proj = bool(text_proj)
         self.ln = nn.LayerNorm(dim, eps=eps)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim) if self.text_proj else None
         self.down_v = nn.Linear(dim, bottleneck)
         self.down_vt = nn.Linear(dim, bottleneck)
         self.down_t = nn.Linear(dim, bottleneck)
@@ -84,12 +95,14 @@ class SGAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.ln.reset_parameters()
-        self.proj.reset_parameters()
+        if self.proj is not None:
+            self.proj.reset_parameters()
         with torch.no_grad():
             self.s_vt.fill_(1.0)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, bottleneck={self.bottleneck}, alpha={self.alpha}, eps={self.eps}"
+        extra = "" if self.text_proj else ", text_proj=False"
+        return f"dim={self.dim}, bottleneck={self.bottleneck}, alpha={self.alpha}, eps={self.eps}{extra}"
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         check_adapter_inputs(x, guidance, self.dim)
@@ -97,7 +110,8 @@ class SGAdapter(nn.Module):
         fv = self.ln(x)                                   # (..., d)
         ft = self.ln(guidance)                            # (d,)
         ft_tokens = ft.expand_as(fv)                      # literal Eq. 7: text input per token
-        fvt = self.proj(ft_tokens) * fv                   # (..., d)
+        text = self.proj(ft_tokens) if self.proj is not None else ft_tokens
+        fvt = text * fv                                   # (..., d)
         h = torch.cat(
             [self.down_v(fv), self.down_vt(fvt) + self.s_vt * self.down_t(ft_tokens)], dim=-1
         )                                                 # (..., 2r)
@@ -118,6 +132,55 @@ class SGAdapter(nn.Module):
         return x + mlp_out + scale * self(x, guidance)
 
 
+class AdaptFormer(nn.Module):
+    """LIFT's AdaptFormer (reference implementation): the baseline adapter of the paper's ablations.
+
+    a = up(relu(down(LN(x)))), a LayerNorm with affine parameters, a d -> r down-projection, ReLU and
+    an r -> d up-projection. In a Sage block it sits where the SG-Adapter sits (parallel to the MLP,
+    scaled by the block's s); it takes no guidance.
+
+    Args:
+        dim: token width d. bottleneck: r, the hidden width. eps: the LayerNorm's epsilon.
+
+    Shapes:
+        x: (..., d); returns a: (..., d) (before the block's scale s).
+    """
+
+    def __init__(self, dim: int, bottleneck: int, eps: float = 1e-5):
+        super().__init__()
+        if dim < 1 or bottleneck < 1:
+            raise ValueError(f"dim and bottleneck must be positive, got dim={dim}, bottleneck={bottleneck}")
+        self.dim = dim
+        self.bottleneck = bottleneck
+        self.eps = float(eps)
+        self.ln = nn.LayerNorm(dim, eps=eps)
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LIFT's init: `down` kaiming-normal (a = sqrt 5), `up` and both biases zero, so a fresh
+        adapter outputs zero; `ln` is the identity LayerNorm."""
+        nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.ln.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, bottleneck={self.bottleneck}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_token_input(x, self.dim)
+        return self.up(F.relu(self.down(self.ln(x))))
+
+    def forward_block(self, x: torch.Tensor, mlp_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The end of a block with AdaptFormer: ``x + mlp_out + scale * adapter(x)``; x, mlp_out: (..., d)."""
+        if mlp_out.shape != x.shape:
+            raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {tuple(mlp_out.shape)}")
+        return x + mlp_out + scale * self(x)
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 
@@ -134,6 +197,31 @@ def compensated_log_prior(class_counts, mu: float = 0.5, gamma: float = 0.05) ->
     num_classes = counts.numel()
     lam = mu * counts.pow(gamma) * counts.sum() / (num_classes * counts.min())
     return (counts.log() + lam.log()).to(torch.float32)
+
+
+#: What the loss adds to the logits: "compensated" (Eq. 22), "la" (log n_k: logit adjustment with
+#: tau = 1, no compensation factor) or "ce" (nothing: plain cross-entropy). Table 7's rows.
+LOSSES = ("compensated", "la", "ce")
+
+
+def check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+def loss_log_prior(class_counts, loss: str = "compensated", mu: float = 0.5, gamma: float = 0.05) -> torch.Tensor:
+    """The vector (C,) fp32 added to the logits before the cross-entropy, for each of `LOSSES`.
+
+    "compensated": `compensated_log_prior` (mu, gamma used); "la": log n_k; "ce": zeros. Every
+    choice goes through the same adjusted cross-entropy, so the fused loss kernel serves all three.
+    """
+    check_loss(loss)
+    if loss == "compensated":
+        return compensated_log_prior(class_counts, mu, gamma)
+    counts = check_class_counts(class_counts)
+    prior = counts.log() if loss == "la" else torch.zeros_like(counts)
+    return prior.to(torch.float32)
 
 
 def _check_logits(name: str, logits: torch.Tensor, num_classes: int) -> None:
