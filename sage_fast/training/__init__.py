@@ -9,5 +9,6 @@
 | `distributed`  | one process of a torchrun job: device, process group, barrier, seeding               |
 | `metrics`      | many / medium / few accuracy, CSV logs, metrics.json, per_class.csv and the plot     |
 | `cli`          | the `sage-fast` command (`demo`, `train`, `eval`)                                    |
+| `errors`       | `UserError`, and which exceptions the command prints as one line (exit status 2)      |
 | `demo`         | `sage-fast demo`: a tiny generated data set, trained on CPU                          |
 """

@@ -30,6 +30,9 @@ from ..model.config import ModelConfig
 class ConfigError(ValueError):
     """A configuration that cannot run: unknown key, wrong type, or an inconsistent value."""
 
+    #: the CLI prints it as one line, exit status 2 (`sage_fast.training.errors`)
+    user_error = True
+
 
 def _dataset_names() -> Tuple[str, ...]:
     # imported when a value is checked, not with this module, which stays free of the data stack (PIL, loaders)
