@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Sampler
