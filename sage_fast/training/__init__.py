@@ -13,5 +13,6 @@
 | `attention_maps` | `sage-fast attention`: class-token attention, zero-shot CLIP vs fine-tuned   |
 | `sweep`        | `sage-fast sweep`: one run per value of one or two keys; `run_or_reuse`              |
 | `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`, `attention`, `sweep`)   |
+| `errors`       | `UserError`, and which exceptions the command prints as one line (exit status 2)      |
 | `demo`         | `sage-fast demo`: a tiny generated data set, trained on CPU                          |
 """

@@ -139,15 +139,42 @@ COMMANDS = {
 }
 
 
+TRACEBACK_ENV = "SAGE_FAST_TRACEBACK"
+
+
 def main(argv=None) -> int:
+    """Run a command. A user error (`sage_fast.training.errors`) ends as one line on stderr and status 2;
+    its traceback only with ``--traceback`` (anywhere on the command line) or ``SAGE_FAST_TRACEBACK=1``."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="sage-fast", description="Sage on CLIP for long-tailed recognition")
+    # taken out before the commands parse: their leftover arguments are config overrides
+    show_traceback = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--traceback"]
+    parser = argparse.ArgumentParser(prog="sage-fast", description="Sage on CLIP for long-tailed recognition",
+                                     epilog="Mistakes in the config, paths or files end in one line "
+                                            "'sage-fast: error: ...' (exit status 2); add --traceback, or set "
+                                            f"{TRACEBACK_ENV}=1, to see where they were raised.")
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    parser.add_argument("--traceback", action="store_true", help="print the traceback of a user error too")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
-    return int(COMMANDS[args.command][0](argv[1:]) or 0)
+    try:
+        return int(COMMANDS[args.command][0](argv[1:]) or 0)
+    except Exception as e:  # noqa: BLE001 - only user errors are caught; anything else is re-raised below
+        from .errors import user_error_message
+
+        message = user_error_message(e)
+        if message is None:
+            raise
+        if show_traceback:
+            import traceback
+
+            traceback.print_exc()
+        print(f"sage-fast: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -60,7 +61,9 @@ from .data import (
     measure_input_pipeline,
 )
 from .distributed import DistInfo, barrier, cleanup_distributed, reduce_sum, seed_everything, setup_distributed
+from .errors import UserError
 from .metrics import CSVLog, accuracy_report, write_report
+from .preflight import check_device, check_model_source, check_output_dir
 from .tte import tte_dataset, tte_logits
 
 
@@ -87,19 +90,33 @@ class Trainer:
     def __init__(self, cfg: SageConfig, data: Optional[LTData] = None, callbacks: Sequence[Callable] = (),
                  dist_info: Optional[DistInfo] = None):
         self.cfg = cfg
+        # the user's mistakes first (preflight), before minutes of image checks and model building
+        if dist_info is None:
+            check_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = dist_info or setup_distributed(cfg.train.device)
         self.device = self.dist.device
         self.callbacks = list(callbacks)
         self.out_dir = Path(cfg.train.output_dir)
+        if self.dist.is_main:
+            check_output_dir(self.out_dir)
+        check_model_source(cfg.model)
         self.progress = cfg.train.progress and self.dist.is_main
         world = self.dist.world_size
         if cfg.optim.batch_size % world:
-            raise ValueError(f"optim.batch_size={cfg.optim.batch_size} (global) is not divisible by the {world} processes")
+            raise UserError(f"optim.batch_size={cfg.optim.batch_size} (the global batch) is not divisible by the "
+                            f"{world} processes: use a multiple of {world}")
         seed_everything(cfg.train.seed)
 
         self.image_size = cfg.data.image_size or image_size(cfg.model.name)
+        if self.image_size != image_size(cfg.model.name):
+            raise UserError(f"data.image_size={self.image_size} but {cfg.model.name} takes "
+                            f"{image_size(cfg.model.name)} px images (its position embeddings are fixed): leave "
+                            "data.image_size null")
         self.raw = bool(cfg.data.gpu_decode)
-        self.data = data or build_data(cfg.data, self.image_size, raw=self.raw)
+        self.data = data or build_data(cfg.data, self.image_size, raw=self.raw, progress=self.progress)
+        # here, not after the model is built: it refuses a batch larger than the (readable) training set
+        self.local_batch = cfg.optim.batch_size // world
+        self.sampler = TrainSampler(self.data.train, self.local_batch, world, self.dist.rank, cfg.train.seed)
         # the same seed on every rank: identical initial adapters (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.train.seed)
         # local rank 0 builds first, so pretrained weights are downloaded once into the cache that the
@@ -116,15 +133,16 @@ class Trainer:
                              "images (its position embeddings are fixed): leave data.image_size null")
         self.amp = bool(cfg.train.amp and self.device.type == "cuda")
 
-        self.local_batch = cfg.optim.batch_size // world
-        self.sampler = TrainSampler(self.data.train, self.local_batch, world, self.dist.rank, cfg.train.seed)
         pin = cfg.data.pin_memory and self.device.type == "cuda"
         self.train_loader = build_loader(self.data.train, self.local_batch, self.sampler, cfg.data, pin, train=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        # decode failures on the GPU count towards data.max_unreadable like those of the loaders
         self.gpu_train_tf = (GpuBatchTransform(self.image_size, True, self.device, cfg.data.crop_scale,
-                                               cfg.data.train_augment) if self.raw else None)
-        self.gpu_test_tf = GpuBatchTransform(self.image_size, False, self.device) if self.raw else None
+                                               cfg.data.train_augment, unreadable=self.data.train.unreadable)
+                             if self.raw else None)
+        self.gpu_test_tf = (GpuBatchTransform(self.image_size, False, self.device,
+                                              unreadable=self.data.test.unreadable) if self.raw else None)
 
         self.optimizer = torch.optim.SGD(self.model.trainable_parameters(), lr=cfg.optim.lr,
                                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)

@@ -296,14 +296,15 @@ def test_unreadable_images_are_skipped_and_counted(folder):
     (root / "c1/1.png").write_bytes(data[: len(data) // 2])  # truncated
     samples = samples + [("c2/missing.png", 2)]
     ds = ImageListDataset(root, samples, ["a", "b", "c"], build_transform(32, train=True))
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
-        assert ds[0] is None
-    cfg = _data_cfg(num_workers=2, persistent_workers=True, prefetch_factor=2)
+    assert ds[0] == (0, "not an image file PIL can read") and ds[12] == (12, "file not found")
+    assert "truncated" in ds[1].reason  # the header reads, the decode fails
+    # 3 of 13 unreadable: within a limit of 25% (the loader counts them; see test_user_errors for stopping)
+    cfg = _data_cfg(num_workers=2, persistent_workers=True, prefetch_factor=2, max_unreadable=0.25)
     sampler = TrainSampler(ds, batch_size=4, seed=0)
     loader = build_loader(ds, 4, sampler, cfg, pin_memory=False, train=True)
     sampler.set_epoch(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         batches = list(loader)
     assert len(batches) == 3  # 13 samples, drop_last
     seen = sum(len(b.labels) for b in batches) + sum(b.skipped for b in batches)
@@ -311,6 +312,10 @@ def test_unreadable_images_are_skipped_and_counted(folder):
     bad = {0, 1, 12}
     skipped_seen = {i for i, _ in list(sampler)[:12]} & bad
     assert sum(b.skipped for b in batches) == len(skipped_seen)
+    assert {i for b in batches for i, _ in b.unreadable} == skipped_seen
+    assert sorted(ds.unreadable.found) == sorted(skipped_seen)
+    named = [str(w.message) for w in caught if "skipping unreadable training image" in str(w.message)]
+    assert len(named) == len(skipped_seen) and all(str(root) in m for m in named)
     for b in batches:
         assert b.images.shape == (len(b.labels), 3, 32, 32) and not (set(b.indices.tolist()) & bad)
     empty = collate_skip([None, None])

@@ -237,13 +237,17 @@ def test_kill_and_resume_matches_uninterrupted(tiny, reference, tmp_path, kill_s
 
 
 def test_unreadable_training_images_do_not_stop_training(tmp_path):
+    """Within data.max_unreadable (see test_user_errors.py for the limit itself)."""
     root = make_image_folder(tmp_path / "data", (12, 6, 4), test=2)
-    (root / "train/c0/0.png").write_bytes(b"garbage")
+    (root / "train/c0/0.png").write_bytes(b"garbage")  # found by the check before training: left out
     (root / "train/c1/1.png").unlink()
+    data = (root / "train/c2/0.png").read_bytes()
+    (root / "train/c2/0.png").write_bytes(data[: len(data) // 2])  # truncated: found while training
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = train(cfg_for(root, tmp_path / "run", **{"optim.epochs": 1, "optim.batch_size": 4,
-                                                           "train.eval_every_epochs": 0}))
+                                                           "train.eval_every_epochs": 0, "data.max_unreadable": 0.2}))
+    assert any("2 of the 22 training images cannot be read and are left out" in str(w.message) for w in caught)
     assert any("unreadable training images skipped" in str(w.message) for w in caught)
     assert report["test_images"] == 6 and (tmp_path / "run/adapters.safetensors").is_file()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..errors import UserError
+
 
 def read_class_names(path) -> List[str]:
     """One class name per line, in label order. A line ``n01440764 tench, Tinca tinca`` gives ``tench``."""
@@ -74,8 +76,11 @@ def places_names(root: Path) -> Optional[Dict[int, str]]:
     if not f.is_file():
         return None
     out = {}
-    for ln in f.read_text().splitlines():
+    for n, ln in enumerate(f.read_text().splitlines(), 1):
         if ln.strip():
-            cat, label = ln.rsplit(None, 1)
-            out[int(label)] = " ".join(cat.strip("/").split("/")[1:])  # drops the first-letter directory
+            try:
+                cat, label = ln.rsplit(None, 1)
+                out[int(label)] = " ".join(cat.strip("/").split("/")[1:])  # drops the first-letter directory
+            except ValueError:
+                raise UserError(f"{f}:{n}: expected '/letter/category label', got {ln.strip()!r}") from None
     return out

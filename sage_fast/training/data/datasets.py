@@ -1,23 +1,23 @@
 """Data set classes: images on disk (`ImageListDataset`) or in memory (`ArrayDataset`), and `LTData`.
 
-Unreadable images (missing, truncated, not an image) are skipped with a warning: indexing returns None,
-`sage_fast.training.data.loaders.collate_skip` drops and counts them, and the trainer reports the count
-at the end of each epoch.
+Unreadable images (missing, truncated, not an image): indexing returns an `Unreadable` (index, reason)
+instead of a `Sample`, `sage_fast.training.data.loaders.collate_skip` drops and counts them, and the
+loader counts them against ``data.max_unreadable`` (`sage_fast.training.data.checks`); the trainer
+reports the count at the end of each epoch.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-# what PIL raises for a missing, truncated or corrupt file, or one that is not an image
-_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+from ..errors import UserError
+from .checks import READ_ERRORS, Unreadable, UnreadableLimit, read_error_reason
 
 
 class Sample(NamedTuple):
@@ -31,18 +31,24 @@ class LTDataset(Dataset):
     """Base: `samples` of (source, label); subclasses say how to open a source.
 
     Indexing with an int uses the global torch RNG for augmentation; indexing with ``(index, seed)``
-    (what `TrainSampler` yields) draws it from `seed`. Returns a `Sample`, or None for an unreadable image.
-    With ``raw=True`` no transform runs: the sample holds the file's bytes, for decoding on the GPU.
+    (what `TrainSampler` yields) draws it from `seed`. Returns a `Sample`, or an `Unreadable` for an image
+    that cannot be read. With ``raw=True`` no transform runs: the sample holds the file's bytes, for
+    decoding on the GPU.
     """
+
+    #: the split's unreadable-image count and limit (set by `build_data`; the loaders check it)
+    unreadable: Optional[UnreadableLimit] = None
 
     def __init__(self, labels: Sequence[int], class_names: Sequence[str], transform: Optional[Callable] = None, raw: bool = False):
         self.targets = [int(t) for t in labels]
         self.class_names = list(class_names)
         self.transform = transform
         self.raw = raw
-        bad = [t for t in self.targets if not 0 <= t < len(self.class_names)]
+        bad = [i for i, t in enumerate(self.targets) if not 0 <= t < len(self.class_names)]
         if bad:
-            raise ValueError(f"labels must lie in [0, {len(self.class_names)}), found {bad[0]}")
+            # the builders in `registry` name the split file and line first; this is the last line of defence
+            raise UserError(f"labels must lie in [0, {len(self.class_names)}) ({len(self.class_names)} class names), "
+                            f"found {self.targets[bad[0]]} ({self.describe(bad[0])})")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -56,7 +62,7 @@ class LTDataset(Dataset):
     def read_raw(self, index: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def __getitem__(self, key) -> Optional[Sample]:
+    def __getitem__(self, key) -> Union[Sample, Unreadable]:
         index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), -1)
         try:
             if self.raw:
@@ -71,9 +77,9 @@ class LTDataset(Dataset):
                             image = self.transform(image)
                     else:
                         image = self.transform(image)
-        except _READ_ERRORS as e:
-            warnings.warn(f"skipping unreadable image ({self.describe(index)}): {type(e).__name__}: {e}", stacklevel=2)
-            return None
+        except READ_ERRORS as e:
+            # no warning here: in a worker process it could not be counted; the loader warns and counts
+            return Unreadable(index, read_error_reason(e))
         return Sample(image, self.targets[index], index, seed)
 
 

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .checks import UnreadableLimit
 from .transforms import CLIP_MEAN, CLIP_STD, test_resize_size
 
 
@@ -22,18 +23,21 @@ class GpuBatchTransform:
     JPEGs are decoded with ``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on CUDA), other
     formats on the CPU. Augmentation matches `build_transform` in kind (random resized crop with the
     same scale / ratio ranges, flip; or resize + center crop), drawn from each sample's seed, with
-    bilinear antialiased resizing (so pixels differ slightly from the PIL bicubic path).
+    bilinear antialiased resizing (so pixels differ slightly from the PIL bicubic path). Images that fail
+    to decode are dropped (``keep``) and, given the split's `UnreadableLimit`, counted against it.
     """
 
     def __init__(self, image_size: int, train: bool, device, crop_scale: Sequence[float] = (0.08, 1.0),
-                 augment: str = "crop_flip"):
+                 augment: str = "crop_flip", unreadable: Optional[UnreadableLimit] = None):
         self.size, self.train, self.device = int(image_size), bool(train), torch.device(device)
+        #: the split's limit: images that fail to decode here count towards data.max_unreadable
+        self.unreadable = unreadable
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.crop = self.train and augment == "crop_flip"
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
 
-    def _decode(self, raws: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    def _decode(self, raws: Sequence[torch.Tensor], seeds: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
         with warnings.catch_warnings():
             # torchvision >= 0.29 flags its decoders as deprecated in favour of torchcodec; they still work
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -57,7 +61,10 @@ class GpuBatchTransform:
                 else:
                     out[i] = _quiet(decode_image, r, mode=ImageReadMode.RGB).to(self.device)
             except RuntimeError as e:
-                warnings.warn(f"skipping undecodable image in batch position {i}: {e}", stacklevel=2)
+                if self.unreadable is not None:
+                    self.unreadable.record_position(i, seeds, f"cannot decode: {e}")
+                else:
+                    warnings.warn(f"skipping undecodable image in batch position {i}: {e}", stacklevel=2)
         return out
 
     def _crop_params(self, h: int, w: int, seed: int) -> Tuple[int, int, int, int, bool]:
@@ -84,7 +91,7 @@ class GpuBatchTransform:
         """-> (images (B', 3, S, S), keep (B,) bool): B' <= B images that decoded."""
         import torch.nn.functional as F
 
-        decoded = self._decode(raws)
+        decoded = self._decode(raws, seeds)
         keep = torch.tensor([d is not None for d in decoded], dtype=torch.bool)
         outs = []
         for im, seed in zip(decoded, seeds.tolist()):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, NamedTuple, Optional, Sequence
+from typing import Dict, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ..errors import UserError
+from .checks import Unreadable, UnreadableLimit
 from .datasets import Sample
 from .transforms import sample_seed
 
@@ -25,8 +27,11 @@ class TrainSampler(DistributedSampler):
         self.batch_size = int(batch_size)
         self.start_batch = 0
         if self.num_samples < self.batch_size:
-            raise ValueError(f"{len(dataset)} training images give {self.num_samples} per process, "
-                             f"fewer than one batch of {self.batch_size}")
+            per = f" per process ({num_replicas} processes)" if num_replicas > 1 else ""
+            raise UserError(f"optim.batch_size={self.batch_size * num_replicas} is larger than the training set: "
+                            f"{len(dataset)} readable training images give {self.num_samples}{per}, fewer than "
+                            f"one batch of {self.batch_size}{per} (epochs drop the last incomplete batch); "
+                            "lower optim.batch_size")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         super().set_epoch(epoch)
@@ -62,15 +67,17 @@ class Batch(NamedTuple):
     indices: torch.Tensor  # (B,) int64
     seeds: torch.Tensor  # (B,) int64, -1 without augmentation seed
     skipped: int  # unreadable images dropped from this batch
+    unreadable: Tuple[Tuple[int, str], ...] = ()  # (data-set index, reason) of the dropped ones, where known
 
 
-def collate_skip(items: Sequence[Optional[Sample]]) -> Batch:
-    """Stack the readable samples; unreadable ones (None) are dropped and counted."""
-    good = [s for s in items if s is not None]
+def collate_skip(items: Sequence[Union[Sample, Unreadable, None]]) -> Batch:
+    """Stack the readable samples; unreadable ones (`Unreadable`, or None) are dropped and counted."""
+    good = [s for s in items if isinstance(s, Sample)]
     skipped = len(items) - len(good)
+    unreadable = tuple((int(s.index), s.reason) for s in items if isinstance(s, Unreadable))
     if not good:
         empty = torch.empty(0, dtype=torch.int64)
-        return Batch(None, empty, empty, empty, skipped)
+        return Batch(None, empty, empty, empty, skipped, unreadable)
     raw = not torch.is_floating_point(good[0].image)
     images = [s.image for s in good] if raw else torch.stack([s.image for s in good])
     return Batch(
@@ -79,16 +86,59 @@ def collate_skip(items: Sequence[Optional[Sample]]) -> Batch:
         torch.tensor([s.index for s in good], dtype=torch.int64),
         torch.tensor([s.seed for s in good], dtype=torch.int64),
         skipped,
+        unreadable,
     )
 
 
-def build_loader(dataset, batch_size: int, sampler, cfg, pin_memory: bool, train: bool) -> DataLoader:
-    """A DataLoader with the `DataConfig`'s workers, pinned memory, persistent workers and prefetching."""
+class CheckedLoader:
+    """A DataLoader whose batches' unreadable images are counted against the data set's `UnreadableLimit`.
+
+    Iterating raises `UnreadableImagesError` (training split) once more images than ``data.max_unreadable``
+    allows turned out unreadable; everything else is the wrapped DataLoader's (``.loader``).
+    """
+
+    def __init__(self, loader: DataLoader, limit: UnreadableLimit):
+        self.loader, self.limit = loader, limit
+
+    def __iter__(self):
+        for batch in self.loader:
+            if batch.unreadable:
+                self.limit.record(batch.unreadable)
+            self.limit.last_batch = batch
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        if name in ("loader", "limit"):  # not set yet (unpickling, copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def unreadable_limit(dataset, cfg, train: bool) -> UnreadableLimit:
+    """The data set's `UnreadableLimit` (`build_data` sets it); one from `cfg` for a data set built otherwise."""
+    limit = getattr(dataset, "unreadable", None)
+    if limit is None:
+        split = "training" if train else "test"
+        describe = getattr(dataset, "describe", None)
+        limit = UnreadableLimit(split, len(dataset), getattr(cfg, "max_unreadable", 0.01), describe=describe,
+                                stop=train)
+        try:
+            dataset.unreadable = limit  # one count for all of the data set's loaders
+        except AttributeError:
+            pass
+    return limit
+
+
+def build_loader(dataset, batch_size: int, sampler, cfg, pin_memory: bool, train: bool) -> CheckedLoader:
+    """A DataLoader with the `DataConfig`'s workers, pinned memory, persistent workers and prefetching,
+    checking the unreadable images it meets against ``cfg.max_unreadable`` (`CheckedLoader`)."""
     workers = int(cfg.num_workers)
     kw = {}
     if workers > 0:
         kw = dict(persistent_workers=bool(cfg.persistent_workers), prefetch_factor=int(cfg.prefetch_factor))
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -98,6 +148,7 @@ def build_loader(dataset, batch_size: int, sampler, cfg, pin_memory: bool, train
         collate_fn=collate_skip,
         **kw,
     )
+    return CheckedLoader(loader, unreadable_limit(dataset, cfg, train))
 
 
 def measure_input_pipeline(loader: DataLoader, num_batches: int = 50, warmup: int = 2) -> Dict[str, float]:

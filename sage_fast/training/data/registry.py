@@ -10,7 +10,13 @@
 Class names come from the data set's metadata (CIFAR ``meta``, iNaturalist ``categories.json`` in the
 root, else the JSON's ``categories``, a Places365 category file, an ImageNet synset file, or a
 ``class_names`` file given by the user), else from the image directories, else ``class k``. Class counts
-are counted on the training split.
+are counted on the training split, over the images that can be read.
+
+Before anything is trained the builders check what the user gave: every label is a class index (an error
+names the split file and line, or the iNaturalist annotation), every class has a training image, and the
+images can be read (`sage_fast.training.data.checks.screen_images`: ``data.check_images``,
+``data.max_unreadable``). A mistake raises `sage_fast.training.errors.UserError` (or FileNotFoundError for
+a missing root or split file), which the command prints as one line.
 
 This registry is the one list of data-set names: the run config validates ``data.dataset`` against
 `dataset_names()`. A new data set is a function ``fn(ctx: BuildContext) -> LTData`` decorated with
@@ -25,11 +31,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import UserError
+from .checks import screen_images
 from .cifar import cifar100_lt_indices, cifar_lt_counts, load_cifar100
 from .class_names import names_from_paths, places_names, read_class_names, synset_names
 from .datasets import ArrayDataset, ImageListDataset, LTData
 from .inaturalist import read_inat_categories, read_inat_json
-from .split_files import read_split_file
+from .split_files import SampleList, read_split_file, where
 from .transforms import build_transform
 
 Samples = List[Tuple[str, int]]
@@ -52,10 +60,27 @@ class BuildContext:
     raw: bool
     #: from ``cfg.class_names``; they win over the data set's own names
     user_names: Optional[List[str]]
+    #: a progress bar while the images are checked (`sage_fast.training.data.checks`)
+    progress: bool = False
 
     def path(self, given: str, default: str) -> Path:
         """`given` (or `default` when empty), relative to the root unless absolute."""
         return _resolve(self.root, given, default)
+
+    def split_path(self, key: str, default: str) -> Path:
+        """The split file ``data.<key>`` (train_split / test_split) names, or `default`; it must exist."""
+        given = getattr(self.cfg, key)
+        path = self.path(given, default)
+        if not path.is_file():
+            how = f"data.{key}={given}" if given else f"data.{key} is empty: {self.name}'s default {default}"
+            raise FileNotFoundError(f"split file not found: {path} ({how}; relative paths are resolved against "
+                                    "data.root)")
+        return path
+
+    @property
+    def names_from(self) -> str:
+        """Where the number of classes comes from, for messages."""
+        return f"data.class_names ({self.cfg.class_names}) lists" if self.user_names is not None else "there are"
 
 
 Builder = Callable[[BuildContext], LTData]
@@ -79,25 +104,33 @@ def dataset_names() -> Tuple[str, ...]:
     return tuple(_BUILDERS)
 
 
-def build_data(cfg, image_size: int, raw: bool = False) -> LTData:
+def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False) -> LTData:
     """Build the train / test sets a `DataConfig` describes, with the builder registered for ``cfg.dataset``.
 
     image_size: the side S of the (3, S, S) images the transforms produce; raw: no transform (see
-    `BuildContext.raw`).
+    `BuildContext.raw`); progress: a progress bar while the images are checked.
     """
     builder = _BUILDERS.get(cfg.dataset)
     if builder is None:
-        raise ValueError(f"data.dataset: expected one of {' | '.join(map(repr, _BUILDERS))}, got {cfg.dataset!r}")
+        raise UserError(f"data.dataset: expected one of {' | '.join(map(repr, _BUILDERS))}, got {cfg.dataset!r}")
     if not cfg.root:
-        raise ValueError("data.root is empty: set it to the data set's image root (or the CIFAR-100 directory)")
+        raise UserError("data.root is empty: set it to the data set's image root (or the CIFAR-100 directory)")
     root = Path(cfg.root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data.root does not exist: {root}")
+    if not root.is_dir():
+        raise UserError(f"data.root is a file, not a folder: {root}")
+    user_names = None
+    if cfg.class_names:
+        names_file = _resolve(root, cfg.class_names, "")
+        if not names_file.is_file():
+            raise FileNotFoundError(f"data.class_names: file not found: {names_file} (relative paths are resolved "
+                                    "against data.root)")
+        user_names = read_class_names(names_file)
     train_tf = None if raw else build_transform(image_size, train=True, crop_scale=cfg.crop_scale,
                                                 augment=cfg.train_augment)
     test_tf = None if raw else build_transform(image_size, train=False)
-    user_names = read_class_names(_resolve(root, cfg.class_names, "")) if cfg.class_names else None
-    return builder(BuildContext(cfg.dataset, cfg, root, train_tf, test_tf, raw, user_names))
+    return builder(BuildContext(cfg.dataset, cfg, root, train_tf, test_tf, raw, user_names, progress))
 
 
 def _resolve(root: Path, given: str, default: str) -> Path:
@@ -109,16 +142,85 @@ def _class_counts(labels: Sequence[int], num_classes: int, name: str) -> List[in
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
     empty = [k for k, c in enumerate(counts) if c == 0]
     if empty:
-        raise ValueError(f"{name}: {len(empty)} classes have no training image (first: {empty[:5]}); "
-                         "the loss needs a positive count per class")
+        raise UserError(f"{name}: {len(empty)} classes have no training image (first: {empty[:5]}); "
+                        "the loss needs a positive count per class")
     return counts
 
 
-def _image_lists(ctx: BuildContext, train: Samples, test: Samples, names: List[str]) -> LTData:
-    counts = _class_counts([t for _, t in train], len(names), ctx.name)
-    return LTData(ctx.name, ImageListDataset(ctx.root, train, names, ctx.train_transform, ctx.raw),
-                  ImageListDataset(ctx.root, test, names, ctx.test_transform, ctx.raw), names, counts, counts,
-                  len(names))
+def _labels(samples: Samples) -> np.ndarray:
+    return np.fromiter((t for _, t in samples), dtype=np.int64, count=len(samples))
+
+
+def check_labels(samples: Samples, num_classes: Optional[int], names_from: str = "there are",
+                 shown: Callable[[int], str] = lambda t: f"label {t}") -> None:
+    """Every label a class index in [0, num_classes) (None: only >= 0); an error names the sample's file and
+    line (`SampleList`). names_from: "data.class_names (...) lists" or "there are", for the message."""
+    labels = _labels(samples)
+    bad = np.flatnonzero((labels < 0) | (labels >= (num_classes if num_classes is not None else np.inf)))
+    if not len(bad):
+        return
+    i = int(bad[0])
+    t = int(labels[i])
+    if t < 0:
+        reason = "is negative: labels are class indices 0, 1, ..."
+    else:
+        reason = f"is not a class index: {names_from} {num_classes} classes (labels 0..{num_classes - 1})"
+    more = f" ({len(bad) - 1} more samples have such labels)" if len(bad) > 1 else ""
+    raise UserError(f"{where(samples, i)}: {shown(t)} {reason}{more}")
+
+
+def _checked_counts(ctx: BuildContext, train: Samples, test: Samples, names: List[str],
+                    unreadable: Optional[Samples] = None, num_from: str = "") -> List[int]:
+    """Training images per class; a class without any is an error naming why (only in the test split, in no
+    split file, or its images unreadable), since the loss needs a positive count per class."""
+    num = len(names)
+    counts = np.bincount(_labels(train), minlength=num).tolist()
+    empty = [k for k, c in enumerate(counts) if c == 0]
+    if not empty:
+        return counts
+    lost = np.bincount(_labels(unreadable), minlength=num) if unreadable else np.zeros(num, np.int64)
+    in_test: Dict[int, int] = {}
+    wanted = set(empty)
+    for i, (_, t) in enumerate(test):
+        if t in wanted and t not in in_test:
+            in_test[t] = i
+    parts = []
+    for k in empty[:5]:
+        if lost[k]:
+            parts.append(f"class {k} ({names[k]!r}): its {lost[k]} listed images cannot be read")
+        elif k in in_test:
+            parts.append(f"class {k} ({names[k]!r}) is only in the test split ({where(test, in_test[k])})")
+        else:
+            parts.append(f"class {k} ({names[k]!r}) is in neither split")
+    more = f"; and {len(empty) - 5} more" if len(empty) > 5 else ""
+    source = getattr(train, "source", None) or f"{ctx.name}'s training split"
+    raise UserError(f"{len(empty)} of the {num} classes have no {'readable ' if unreadable else ''}training image in "
+                    f"{source}: {'; '.join(parts)}{more}. The loss needs at least one image per class{num_from}")
+
+
+def _image_lists(ctx: BuildContext, train: Samples, test: Samples, names: List[str], num_from: str = "") -> LTData:
+    """Check labels, classes and images (`screen_images`), then build the two `ImageListDataset`s.
+
+    num_from: how the number of classes was found, when it is the largest label + 1 (for messages).
+    """
+    for samples in (train, test):
+        check_labels(samples, len(names), ctx.names_from)
+    _checked_counts(ctx, train, test, names, num_from=num_from)  # before spending time on the images
+    datasets, train_kept, lost = [], train, None
+    for split, samples, tf in (("training", train, ctx.train_transform), ("test", test, ctx.test_transform)):
+        keep, limit = screen_images(ctx.root, samples, split, ctx.cfg, str(getattr(samples, "source", "") or ""),
+                                    ctx.progress)
+        kept = samples
+        if len(keep) < len(samples):
+            kept = samples.subset(keep) if isinstance(samples, SampleList) else [samples[i] for i in keep]
+            if split == "training":
+                left = set(keep)
+                train_kept, lost = kept, [s for i, s in enumerate(samples) if i not in left]
+        ds = ImageListDataset(ctx.root, kept, names, tf, ctx.raw)
+        limit.bind(ds)
+        datasets.append(ds)
+    counts = _checked_counts(ctx, train_kept, test, names, unreadable=lost, num_from=num_from)
+    return LTData(ctx.name, datasets[0], datasets[1], names, counts, counts, len(names))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,14 +268,21 @@ def _split_file_names(ctx: BuildContext, train: Samples, num: int,
 
 def _split_file_data(ctx: BuildContext, default_train: str, default_test: str, metadata=None,
                      dirs_are_names: bool = True, drop_letter: bool = False) -> LTData:
-    train = read_split_file(ctx.path(ctx.cfg.train_split, default_train))
-    test = read_split_file(ctx.path(ctx.cfg.test_split, default_test))
-    num = max(max(t for _, t in train), max(t for _, t in test)) + 1
+    train = read_split_file(ctx.split_path("train_split", default_train))
+    test = read_split_file(ctx.split_path("test_split", default_test))
+    for samples in (train, test):
+        check_labels(samples, None)  # a negative label first: the largest label sets the number of classes
+    num_from = ""
     if ctx.user_names is not None:
         names = ctx.user_names
     else:
+        tr, te = _labels(train), _labels(test)
+        top, i = (train, int(tr.argmax())) if tr.max() >= te.max() else (test, int(te.argmax()))
+        num = int(max(tr.max(), te.max())) + 1
+        num_from = (f" (without data.class_names the number of classes is the largest label + 1: {num}, from "
+                    f"{where(top, i)})")
         names = _split_file_names(ctx, train, num, metadata, dirs_are_names, drop_letter)
-    return _image_lists(ctx, train, test, names)
+    return _image_lists(ctx, train, test, names, num_from)
 
 
 def _imagenet_metadata(root: Path, train: Samples, num: int) -> Optional[List[Optional[str]]]:
@@ -205,11 +314,14 @@ def build_places_lt(ctx: BuildContext) -> LTData:
 @register_dataset("inat2018")
 def build_inat2018(ctx: BuildContext) -> LTData:
     cfg, root = ctx.cfg, ctx.root
-    tr_path = ctx.path(cfg.train_split, "train2018.json")
-    te_path = ctx.path(cfg.test_split, "val2018.json")
-    if not cfg.train_split and not tr_path.is_file():
-        tr_path = ctx.path("", "iNaturalist18_train.txt")
-        te_path = ctx.path(cfg.test_split, "iNaturalist18_val.txt")
+    defaults = ("train2018.json", "val2018.json")
+    if not cfg.train_split and not ctx.path("", defaults[0]).is_file():
+        defaults = ("iNaturalist18_train.txt", "iNaturalist18_val.txt")  # LIFT's lists
+        if not ctx.path("", defaults[0]).is_file():
+            raise FileNotFoundError(f"split file not found: neither train2018.json nor iNaturalist18_train.txt is in "
+                                    f"data.root={root} (or set data.train_split)")
+    tr_path = ctx.split_path("train_split", defaults[0])
+    te_path = ctx.split_path("test_split", defaults[1])
     cats: Dict[int, str] = {}
     if tr_path.suffix == ".json":
         tr_samples, cats = read_inat_json(tr_path)
@@ -220,12 +332,17 @@ def build_inat2018(ctx: BuildContext) -> LTData:
     # names were published as categories.json, which LIFT reads: it wins whenever it is there
     if (root / "categories.json").is_file():
         cats = {**cats, **read_inat_categories(root / "categories.json")}
+    for samples in (tr_samples, te_samples):
+        check_labels(samples, None, shown=lambda t: f"category_id {t}")
     # category ids are 0..8141 in 2018; a sparse id set is mapped to 0..C-1 in id order
     ids = sorted(set(cats) | {t for _, t in tr_samples} | {t for _, t in te_samples})
     remap = {cid: k for k, cid in enumerate(ids)}
-    tr_samples = [(p, remap[t]) for p, t in tr_samples]
-    te_samples = [(p, remap[t]) for p, t in te_samples]
+    tr_samples = tr_samples.relabeled(remap[t] for _, t in tr_samples)
+    te_samples = te_samples.relabeled(remap[t] for _, t in te_samples)
     names = ctx.user_names or [cats.get(cid, f"class {k}") for k, cid in enumerate(ids)]
+    for samples in (tr_samples, te_samples):
+        check_labels(samples, len(names), ctx.names_from,
+                     shown=lambda k: f"category_id {ids[k]} (class {k}: the ids in increasing order)")
     if ctx.user_names is None and sum(n.strip().isdigit() for n in names) > len(names) / 2:
         warnings.warn(f"iNaturalist: most class names are just numbers (obfuscated categories in {tr_path.name}?); "
                       "the text classifier needs the species names: put the 2018 categories.json in "
