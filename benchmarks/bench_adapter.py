@@ -4,8 +4,8 @@ This is the call every Sage block makes (Eq. 9), so it is what the fused kernel 
 Implementations, same weights and inputs:
   eager        sage_fast.ops.reference.SGAdapter (the literal reference of Eq. 7, 8)
   compile      torch.compile of the reference (default mode, dynamic=False)
-  fused_torch  the folded algebra of SAGE.md 1.2 in PyTorch: sage_fast.fold_adapter_weights and
-               sage_fast.sg_adapter_torch, the path SGAdapterFused(backend="auto") takes off CUDA
+  fused_torch  the folded algebra in PyTorch (sage_fast/ops/fold.py: fold_adapter_weights and
+               sg_adapter_torch), the path SGAdapterFused(backend="auto") takes off CUDA
                (backend="torch" is the literal reference, i.e. eager)
   fused        SGAdapterFused(backend="triton"): the Triton kernels (CUDA only), check_finite off
                as in the Sage model (the check is one host sync per call)
