@@ -4,8 +4,11 @@ This is the call every Sage block makes (Eq. 9), so it is what the fused kernel 
 Implementations, same weights and inputs:
   eager        sage_fast.ops.reference.SGAdapter (the literal reference of Eq. 7, 8)
   compile      torch.compile of the reference (default mode, dynamic=False)
-  fused_torch  SGAdapterFused(backend="torch"): the folded algebra of SAGE.md 1.2 in PyTorch
-  fused        SGAdapterFused(backend="triton"): the Triton kernels (CUDA only)
+  fused_torch  the folded algebra in PyTorch (sage_fast/ops/fold.py: fold_adapter_weights and
+               sg_adapter_torch), the path SGAdapterFused(backend="auto") takes off CUDA
+               (backend="torch" is the literal reference, i.e. eager)
+  fused        SGAdapterFused(backend="triton"): the Triton kernels (CUDA only), check_finite off
+               as in the Sage model (the check is one host sync per call)
 
 Shapes: ViT-B/16 on CUDA (128 images x 197 tokens, d = 768, r in {4, 8, 32, 256}, bf16 and fp32);
 a small smoke shape on CPU. Modes: fwd (under no_grad) and fwdbwd (forward, then
@@ -14,6 +17,12 @@ The bf16 cases hold bf16 parameters and run without autocast; training holds fp3
 runs under bf16 autocast (fold in fp32, GEMM operands bf16). Mode fwdbwd-autocast measures that:
 fp32 module, guidance and scale, bf16 x and mlp_out, forward under torch.autocast(bf16), backward
 outside it, for r in {4, 32, 256} (all CPU ranks) and eager / fused_torch / fused (no compile).
+
+Error: before it is timed, every case compares its output (and, with backward, the gradients of
+x, g, mlp_out, s and every parameter) with the eager reference run in fp32 on the same rounded
+inputs and weights (harness.check_error); the record keeps the error and the case fails when it
+is over the limit. Weights and the upstream gradient (mean 1) are chosen so that the gradients of
+s, s_vt and the biases, sums over every token, do not cancel out to rounding noise (_randomise).
 
 Work model (documented in benchmarks/README.md), N = tokens, d = width, e = element size,
 P = adapter parameters:
@@ -26,12 +35,14 @@ The same work model is used for every implementation, so GB/s and TFLOP/s compar
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
 
-from sage_fast.ops.reference import SGAdapter
+from sage_fast import SGAdapter, SGAdapterFused, fold_adapter_weights, sg_adapter_torch
 
 from . import harness
 from .harness import CPU_NO_COMPILE, CPU_NO_TRITON, DEVICE, DTYPES, ON_GPU
@@ -40,6 +51,7 @@ IMPLS = ("eager", "compile", "fused_torch", "fused")
 AUTOCAST_MODE = "fwdbwd-autocast"
 AUTOCAST_IMPLS = ("eager", "fused_torch", "fused")
 AUTOCAST_RANKS = (4, 32, 256)  # a subset keeps run_gpu.sh's adapter stage short
+INPUT_NAMES = ("x", "guidance", "mlp_out", "scale")
 
 
 @dataclass(frozen=True)
@@ -103,43 +115,50 @@ def work_model(case: AdapterCase, num_params: int) -> tuple[int, int]:
 
 
 def _randomise(module: torch.nn.Module) -> None:
-    """Non-trivial weights (the LIFT init zeroes `up`, which would make the output constant)."""
+    """Weights that make a well-conditioned test problem (the LIFT init zeroes `up`: a constant output).
+
+    Matrices N(0, 1 / fan_in) so that the adapter output a is about as large as x and mlp_out (an
+    error in a shows in the block output); LayerNorm weight 1 + N(0, 0.1^2), biases N(0, 0.1^2),
+    s_vt 1 + N(0, 0.1^2). Three means make the gradients of the scalars s_vt and s, which are sums
+    over every token, add up instead of cancelling to rounding noise (with the mean-1 upstream
+    gradient of make_inputs): up.weight mean half its std, up.bias mean 0.5, down_t.bias mean 1.
+    """
     gen = torch.Generator().manual_seed(0)
+    means = {"ln.weight": 1.0, "up.bias": 0.5, "down_t.bias": 1.0, "s_vt": 1.0}
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 0 else 0.0))
+        for name, p in module.named_parameters():
+            std = p.shape[1] ** -0.5 if p.ndim > 1 else 0.1
+            mean = 0.5 * std if name == "up.weight" else means.get(name, 0.0)
+            p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
 
 def build_module(case: AdapterCase) -> torch.nn.Module:
+    """The module holding the weights: SGAdapterFused(backend="triton") for fused, SGAdapter otherwise."""
     ref = SGAdapter(case.dim, case.r)
     _randomise(ref)
-    if case.impl in ("eager", "compile"):
-        module = ref
-    else:
-        cls = harness.fused_adapter_class()
-        module = cls(case.dim, case.r, backend="triton" if case.impl == "fused" else "torch")
+    if case.impl == "fused":
+        module = SGAdapterFused(case.dim, case.r, backend="triton")
+        module.check_finite = False  # as in the Sage model: no host sync per call
         module.load_state_dict(ref.state_dict())
+    else:
+        module = ref
     return module.to(device=DEVICE, dtype=case.param_dtype)
 
 
-def make_inputs(case: AdapterCase, requires_grad: bool):
-    """x and mlp_out in the case's dtype; guidance and scale in the parameters' dtype (fp32 under autocast,
-    as the model's guidance and block scale are)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    dtype = DTYPES[case.dtype]
+def folded_block(module: SGAdapter) -> Callable:
+    """forward_block through the fold in plain PyTorch (the fused_torch implementation)."""
 
-    def randn(*shape, scale=1.0, dt=dtype):
-        t = torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32) * scale
-        return t.to(dt).requires_grad_(requires_grad)
+    def call(x, guidance, mlp_out, scale):
+        w_cat, b_cat = fold_adapter_weights(module, guidance)
+        a = sg_adapter_torch(x, w_cat, b_cat, module.up.weight, module.up.bias, module.alpha, module.eps)
+        return x + mlp_out + scale * a
 
-    x = randn(case.batch, case.tokens, case.dim)
-    guidance = randn(case.dim, scale=0.05, dt=case.param_dtype)
-    mlp_out = randn(case.batch, case.tokens, case.dim)
-    scale = torch.full((), 0.9, device=DEVICE, dtype=case.param_dtype, requires_grad=requires_grad)
-    return x, guidance, mlp_out, scale
+    return call
 
 
-def make_call(case: AdapterCase, module: torch.nn.Module, compile_enabled: bool):
+def make_call(case: AdapterCase, module: torch.nn.Module, compile_enabled: bool) -> Callable:
+    if case.impl == "fused_torch":
+        return folded_block(module)
     if case.impl != "compile":
         return module.forward_block
     if not compile_enabled:
@@ -150,6 +169,75 @@ def make_call(case: AdapterCase, module: torch.nn.Module, compile_enabled: bool)
     return torch.compile(module.forward_block, dynamic=False)
 
 
+def make_inputs(case: AdapterCase, requires_grad: bool):
+    """x and mlp_out in the case's dtype; guidance and scale in the parameters' dtype (fp32 under autocast,
+    as the model's guidance and block scale are); the upstream gradient (x's dtype, mean 1)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    dtype = DTYPES[case.dtype]
+
+    def randn(*shape, scale=1.0, shift=0.0, dt=dtype, grad=requires_grad):
+        t = torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32) * scale + shift
+        return t.to(dt).requires_grad_(grad)
+
+    x = randn(case.batch, case.tokens, case.dim)
+    guidance = randn(case.dim, scale=0.05, dt=case.param_dtype)
+    mlp_out = randn(case.batch, case.tokens, case.dim)
+    scale = torch.full((), 0.9, device=DEVICE, dtype=case.param_dtype, requires_grad=requires_grad)
+    grad_out = randn(case.batch, case.tokens, case.dim, shift=1.0, grad=False)
+    return (x, guidance, mlp_out, scale), grad_out
+
+
+def _autocast(case: AdapterCase):
+    if case.autocast:
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def block_outputs(case: AdapterCase, call: Callable, module: torch.nn.Module, inputs, grad_out) -> dict:
+    """The tensors the error check compares: out and, with backward, the gradient of every input and
+    parameter (backward outside autocast, as in training)."""
+    if not case.training:
+        with torch.no_grad(), _autocast(case):
+            return {"out": call(*inputs)}
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    with _autocast(case):
+        out = call(*inputs)
+    grads = torch.autograd.grad(out, list(inputs) + [p for _, p in params], grad_out.to(out.dtype))
+    names = list(INPUT_NAMES) + [n for n, _ in params]
+    return {"out": out.detach(), **{f"grad {n}": g for n, g in zip(names, grads)}}
+
+
+def eager_outputs(case: AdapterCase, module: torch.nn.Module, inputs, grad_out, fp32: bool) -> dict:
+    """block_outputs of the eager reference holding `module`'s weights: in fp32 on fp32 copies of the
+    (already rounded) inputs, or at the case's own precision (dtype and autocast)."""
+    ref = SGAdapter(case.dim, case.r).to(DEVICE)
+    ref.load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+    if fp32:
+        ref_case = AdapterCase(case.batch, case.tokens, case.dim, case.r, "fp32", case.mode, "eager")
+        inputs = [t.detach().float().requires_grad_(case.training) for t in inputs]
+        grad_out = grad_out.float()
+    else:
+        ref_case = case
+        ref = ref.to(case.param_dtype)
+        inputs = [t.detach().clone().requires_grad_(case.training) for t in inputs]
+    return block_outputs(ref_case, ref.forward_block, ref, inputs, grad_out)
+
+
+def error_check(case: AdapterCase, call: Callable, module: torch.nn.Module, inputs, grad_out) -> harness.ErrorCheck:
+    """The case's error against the eager reference (see the module doc); the first call of `call`."""
+    try:
+        got = block_outputs(case, call, module, inputs, grad_out)
+    except Exception as err:  # a torch.compile failure is reported, not a crash of the run
+        harness.skip_if_compile_failed(case.impl, err)
+        raise
+    precision = "bf16" if case.autocast else case.dtype
+    eager = None
+    if precision != "fp32":
+        eager = got if case.impl == "eager" else eager_outputs(case, module, inputs, grad_out, fp32=False)
+    want = eager_outputs(case, module, inputs, grad_out, fp32=True)
+    return harness.check_error(got, want, precision, eager)
+
+
 @pytest.mark.parametrize("case", _cases())
 def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, compile_enabled):
     if case.impl == "fused" and not ON_GPU:
@@ -158,42 +246,26 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
     harness.free_memory()
     module = build_module(case)
     call = make_call(case, module, compile_enabled)
-    training = case.training
-    x, guidance, mlp_out, scale = make_inputs(case, requires_grad=training)
+    inputs, grad_out = make_inputs(case, requires_grad=case.training)
+    check = error_check(case, call, module, inputs, grad_out)
 
-    error = None
-    if not training:
+    if not case.training:
         def fn():
             with torch.no_grad():
-                return call(x, guidance, mlp_out, scale)
-
-        if case.impl != "eager":
-            # Sanity of what is being timed (full parity lives in tests/): error vs the reference.
-            reference = SGAdapter(case.dim, case.r).to(device=DEVICE, dtype=DTYPES[case.dtype])
-            reference.load_state_dict(module.state_dict())
-            try:
-                got = fn()
-            except Exception as err:  # a torch.compile failure is reported, not a crash of the run
-                harness.skip_if_compile_failed(case.impl, err)
-                raise
-            with torch.no_grad():
-                want = reference.forward_block(x, guidance, mlp_out, scale)
-            error = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12)).item()
-            del reference, got, want
+                return call(*inputs)
     else:
-        leaves = [x, guidance, mlp_out, scale] + [p for p in module.parameters() if p.requires_grad]
-        grad_out = torch.randn_like(x).detach()
+        leaves = list(inputs) + [p for p in module.parameters() if p.requires_grad]
 
         def fn():
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=case.autocast):
-                out = call(x, guidance, mlp_out, scale)
+            with _autocast(case):
+                out = call(*inputs)
             return torch.autograd.grad(out, leaves, grad_out)  # backward outside autocast, as in training
 
     timing = harness.time_kernel_case(benchmark, fn, case.impl)
-    if timing is None:
-        return
-    num_params = sum(p.numel() for p in module.parameters())
-    nbytes, flops = work_model(case, num_params)
-    backend = {"fused": "triton", "fused_torch": "torch", "compile": "inductor"}.get(case.impl, "eager")
-    recorder.add(harness.kernel_record("adapter", case, backend, timing, case.rows, nbytes, flops, error, ceilings),
-                 benchmark.extra_info)
+    if timing is not None:
+        num_params = sum(p.numel() for p in module.parameters())
+        nbytes, flops = work_model(case, num_params)
+        backend = {"fused": "triton", "fused_torch": "folded torch", "compile": "inductor"}.get(case.impl, "eager")
+        recorder.add(harness.kernel_record("adapter", case, backend, timing, case.rows, nbytes, flops, check, ceilings),
+                     benchmark.extra_info)
+    harness.assert_error_ok(check, f"adapter {case.key} {case.impl}")

@@ -17,6 +17,10 @@ Work model (B rows, C classes, e = logit element size; see README):
   fit  fwd bytes = 4 B C e    fwdbwd bytes = 7 B C e     (read z, zv, zt; write z_hat; write 3 grads)
        fwd FLOPs = 24 B C     fwdbwd FLOPs = 44 B C
 FLOPs are counted elementwise operations (exp counted as one); the loss is memory-bound, read GB/s.
+
+Error: before it is timed, every case compares the loss (and FIT's z_hat; with backward, the
+gradients of the logits and of s1, s2) with the eager module run in fp32 on fp32 copies of the same
+logits (harness.check_error); the record keeps the error and the case fails when it is over the limit.
 """
 from __future__ import annotations
 
@@ -46,6 +50,10 @@ class LossCase:
     @property
     def key(self) -> str:
         return f"{self.kind} C={self.classes} {self.dtype} {self.mode}"
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "fwdbwd"
 
 
 def _cases() -> list:
@@ -77,27 +85,32 @@ def work_model(case: LossCase) -> tuple[int, int]:
 
 
 def build_module(case: LossCase) -> torch.nn.Module:
+    """The loss module of the case: backend "triton" for fused, the PyTorch reference ("torch") otherwise."""
     counts = harness.long_tailed_counts(case.classes)
-    cls = FITLoss if case.kind == "fit" else CompensatedLALoss
     backend = "triton" if case.impl == "fused" else "torch"
-    kwargs = {"lambdas": LAMBDAS} if case.kind == "fit" else {}
-    module = cls(counts, **kwargs, **harness.loss_backend_kwargs(cls, backend)).to(DEVICE)
     if case.kind == "fit":
+        module = FITLoss(counts, lambdas=LAMBDAS, backend=backend).to(DEVICE)
         with torch.no_grad():  # s1 = s2 = 0 at init would make z_hat = z; time the general case
             module.s1.fill_(0.1)
             module.s2.fill_(-0.05)
+    else:
+        module = CompensatedLALoss(counts, backend=backend).to(DEVICE)
     return module
 
 
 def make_inputs(case: LossCase, requires_grad: bool):
+    """Logits N(0, 5^2) plus 5 at the labelled class (as a model that has learnt something scores it
+    higher), so the gradients of s1 and s2, sums over every row and class, add up instead of cancelling."""
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     dtype = DTYPES[case.dtype]
     count = 3 if case.kind == "fit" else 1
+    target = torch.randint(0, case.classes, (case.batch,), generator=gen, device=DEVICE)
+    label = torch.nn.functional.one_hot(target, case.classes).float()
     logits = [
-        (torch.randn(case.batch, case.classes, generator=gen, device=DEVICE) * 5).to(dtype).requires_grad_(requires_grad)
+        (torch.randn(case.batch, case.classes, generator=gen, device=DEVICE) * 5 + 5 * label).to(dtype)
+        .requires_grad_(requires_grad)
         for _ in range(count)
     ]
-    target = torch.randint(0, case.classes, (case.batch,), generator=gen, device=DEVICE)
     return logits, target
 
 
@@ -106,6 +119,45 @@ def _loss_of(case: LossCase, call, logits, target):
         loss, _ = call(*logits, target)
         return loss
     return call(logits[0], target)
+
+
+def loss_outputs(case: LossCase, call, module: torch.nn.Module, logits, target) -> dict:
+    """The tensors the error check compares: the loss (and FIT's z_hat); with backward, the gradients
+    of the logits (and of s1, s2)."""
+    names = ["z", "zv", "zt"] if case.kind == "fit" else ["logits"]
+    with torch.set_grad_enabled(case.training):
+        if case.kind == "fit":
+            loss, z_hat = call(*logits, target)
+            out = {"loss": loss, "z_hat": z_hat}
+        else:
+            loss = call(logits[0], target)
+            out = {"loss": loss}
+    if case.training:
+        scalars = [("s1", module.s1), ("s2", module.s2)] if case.kind == "fit" else []
+        grads = torch.autograd.grad(loss, list(logits) + [p for _, p in scalars])
+        out.update({f"grad {n}": g for n, g in zip(names + [n for n, _ in scalars], grads)})
+    return {k: v.detach() for k, v in out.items()}
+
+
+def eager_outputs(case: LossCase, logits, target, fp32: bool) -> dict:
+    """loss_outputs of the eager module (backend "torch", same s1, s2): on fp32 copies of the logits,
+    or on the case's own logits."""
+    eager = build_module(LossCase(case.kind, case.batch, case.classes, case.dtype, case.mode, "eager"))
+    logits = [(t.detach().float() if fp32 else t.detach().clone()).requires_grad_(case.training) for t in logits]
+    return loss_outputs(case, eager, eager, logits, target)
+
+
+def error_check(case: LossCase, call, module: torch.nn.Module, logits, target) -> harness.ErrorCheck:
+    """The case's error against the eager reference (see the module doc); the first call of `call`."""
+    try:
+        got = loss_outputs(case, call, module, logits, target)
+    except Exception as err:  # a torch.compile failure is reported, not a crash of the run
+        harness.skip_if_compile_failed(case.impl, err)
+        raise
+    eager = None
+    if case.dtype != "fp32":
+        eager = got if case.impl == "eager" else eager_outputs(case, logits, target, fp32=False)
+    return harness.check_error(got, eager_outputs(case, logits, target, fp32=True), case.dtype, eager)
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -122,25 +174,13 @@ def test_loss(case: LossCase, benchmark, recorder, ceilings, compile_enabled):
         call = torch.compile(module, dynamic=False)
     else:
         call = module
-    training = case.mode == "fwdbwd"
-    logits, target = make_inputs(case, requires_grad=training)
+    logits, target = make_inputs(case, requires_grad=case.training)
+    check = error_check(case, call, module, logits, target)
 
-    error = None
-    if not training:
+    if not case.training:
         def fn():
             with torch.no_grad():
                 return _loss_of(case, call, logits, target)
-
-        if case.impl != "eager":
-            reference = build_module(LossCase(case.kind, case.batch, case.classes, case.dtype, case.mode, "eager"))
-            try:
-                got = fn()
-            except Exception as err:
-                harness.skip_if_compile_failed(case.impl, err)
-                raise
-            with torch.no_grad():
-                want = _loss_of(case, reference, logits, target)
-            error = (abs(got.float() - want.float()) / want.float().abs().clamp_min(1e-12)).item()
     else:
         leaves = list(logits) + ([module.s1, module.s2] if case.kind == "fit" else [])
 
@@ -148,9 +188,9 @@ def test_loss(case: LossCase, benchmark, recorder, ceilings, compile_enabled):
             return torch.autograd.grad(_loss_of(case, call, logits, target), leaves)
 
     timing = harness.time_kernel_case(benchmark, fn, case.impl)
-    if timing is None:
-        return
-    nbytes, flops = work_model(case)
-    backend = {"fused": "triton", "compile": "inductor"}.get(case.impl, "eager")
-    recorder.add(harness.kernel_record("loss", case, backend, timing, case.batch, nbytes, flops, error, ceilings),
-                 benchmark.extra_info)
+    if timing is not None:
+        nbytes, flops = work_model(case)
+        backend = {"fused": "triton", "compile": "inductor"}.get(case.impl, "eager")
+        recorder.add(harness.kernel_record("loss", case, backend, timing, case.batch, nbytes, flops, check, ceilings),
+                     benchmark.extra_info)
+    harness.assert_error_ok(check, f"loss {case.key} {case.impl}")

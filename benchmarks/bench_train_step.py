@@ -18,6 +18,14 @@ FIT on: the four-term loss and the extra frozen forward pass for f_zs; FIT off: 
 A training step is zero_grad, forward, loss, backward and an SGD step (lr 0.01, momentum 0.9,
 weight decay 5e-4) over the trainable parameters. Inference is `SageModel.predict` (FIT on: two
 backbone passes) or the floor's features + head. Reported: images/s and peak memory.
+
+Error: before it is timed, each Sage configuration (reference and fused) compares one step with
+the reference model (backend "torch", same trainable weights, all of them perturbed first so that
+every gradient is non-zero; a fresh model has up = 0) run in fp32: the loss, z, z_hat and the
+gradient of all trainable parameters taken as one vector; inference compares predict's z_hat.
+On CUDA the step runs under bf16 autocast, so the limits are bf16's (harness.TOLERANCES, and twice
+the reference's own bf16-autocast error); on CPU fp32's. The record keeps the error and the case
+fails when it is over the limit. The floor configurations are not Sage and are not compared.
 """
 from __future__ import annotations
 
@@ -27,8 +35,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_fast.ops.reference import lift_bottleneck
-from sage_fast import CompensatedLALoss
+from sage_fast import CompensatedLALoss, lift_bottleneck
+from sage_fast.model import SageModel, load_clip
 
 from . import harness
 from .harness import DEVICE, ON_GPU
@@ -38,59 +46,53 @@ TRAIN_CASES = [("floor", "floor"), ("floor", "floor_bwd"), ("fit_on", "reference
 INFER_CASES = [("floor", "floor"), ("fit_on", "reference"), ("fit_on", "fused"), ("fit_off", "reference"),
                ("fit_off", "fused")]
 LOGIT_SCALE = 25.0
+#: precision of the step (bf16 autocast on CUDA), the key of its limits in harness.TOLERANCES
+PRECISION = "bf16" if ON_GPU else "fp32"
 
 
-def _model_module():
-    from sage_fast import model as model_module
-
-    return model_module
-
-
-@pytest.fixture(scope="module")
-def e2e(e2e_settings):
+def make_e2e(classes: int, batch: int) -> dict:
     """The frozen CLIP shared by every configuration, plus synthetic data on the device."""
-    mm = _model_module()
-    if ON_GPU:
-        model_name = "ViT-B-16-quickgelu"
-    else:
-        model_name = "sage-tiny"
-    clip = mm.load_clip(model_name, pretrained=None, device=DEVICE)
+    model_name = "ViT-B-16-quickgelu" if ON_GPU else "sage-tiny"
+    clip = load_clip(model_name, pretrained=None, device=DEVICE)
     visual = clip.visual
     size = visual.image_size
     image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
     width = visual.transformer.width
-    classes, batch = e2e_settings["classes"], e2e_settings["batch"]
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     images = torch.randn(batch, 3, image_size, image_size, generator=gen, device=DEVICE)
     target = torch.randint(0, classes, (batch,), generator=gen, device=DEVICE)
     init = F.normalize(torch.randn(classes, width, generator=torch.Generator().manual_seed(4)), dim=-1)
-    attention = harness.attention_backend()
-    counts = harness.long_tailed_counts(classes)
-    data = {
-        "module": mm, "clip": clip, "images": images, "target": target, "init": init,
-        "counts": counts, "names": [f"class_{k}" for k in range(classes)], "attention": attention,
+    return {
+        "clip": clip, "images": images, "target": target, "init": init,
+        "counts": harness.long_tailed_counts(classes), "names": [f"class_{k}" for k in range(classes)],
+        "attention": harness.attention_backend(),
         "params": {
             "model": model_name, "image_size": image_size, "batch": batch, "classes": classes,
-            "bottleneck": lift_bottleneck(classes, len(visual.transformer.resblocks)), "precision": "bf16 autocast" if ON_GPU else "fp32",
+            "bottleneck": lift_bottleneck(classes, len(visual.transformer.resblocks)),
+            "precision": "bf16 autocast" if ON_GPU else "fp32",
         },
     }
+
+
+@pytest.fixture(scope="module")
+def e2e(e2e_settings):
+    data = make_e2e(e2e_settings["classes"], e2e_settings["batch"])
     yield data
-    del data, clip, images
+    del data
     harness.free_memory()
 
 
-def _autocast():
-    if ON_GPU:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def _autocast(enabled: bool = ON_GPU):
+    if enabled:
+        return torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def build_sage(e2e, fit: bool, impl: str):
+def build_sage(e2e, fit: bool, impl: str) -> SageModel:
     """A SageModel on the shared frozen CLIP. reference: backend "torch"; fused: backend "auto" (the
     Triton adapters and loss on CUDA, the folded PyTorch adapter and the reference loss on CPU)."""
-    mm = e2e["module"]
     backend = "torch" if impl == "reference" else "auto"
-    model = mm.SageModel(
+    model = SageModel(
         e2e["clip"], e2e["names"], e2e["counts"], e2e["init"], fit=fit, backend=backend, attention=e2e["attention"],
     ).to(DEVICE)
     model.train()
@@ -106,6 +108,62 @@ def _backends(impl: str) -> dict:
     return {"adapter_backend": "reference", "loss_backend": "torch"}
 
 
+# ----------------------------------------------------------------------------------------------
+# error against the reference
+
+
+def perturb(model: SageModel, seed: int = 5) -> None:
+    """Add noise to every trainable parameter, N(0, 1 / fan_in) to matrices and N(0, 0.1^2) to the
+    rest: with LIFT's init (up = 0) the adapters output zero and most gradients are exactly zero,
+    which would leave the adapters unchecked; this way each adapter's output is about as large as
+    its input and an error in it shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            std = p.shape[1] ** -0.5 if p.ndim > 1 else 0.1
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * std)
+
+
+def step_outputs(model: SageModel, images, target, autocast: bool) -> dict:
+    """Loss, z, z_hat and the gradient of all trainable parameters (one vector) of one step."""
+    params = model.trainable_parameters()
+    with _autocast(autocast):
+        out = model(images)
+        loss, z_hat = model.loss(out, target)
+    grads = torch.autograd.grad(loss, params)
+    grad = torch.cat([g.detach().float().flatten() for g in grads])
+    return {"loss": loss.detach(), "z": out.z.detach(), "z_hat": z_hat.detach(), "grad": grad}
+
+
+def predict_outputs(model: SageModel, images, target, autocast: bool) -> dict:
+    with _autocast(autocast):
+        return {"z_hat": model.predict(images)}
+
+
+def error_check(e2e, sage: SageModel, outputs) -> harness.ErrorCheck:
+    """`outputs` (step_outputs or predict_outputs) of `sage` at the step's precision against the reference
+    model with the same (perturbed) weights in fp32; on CUDA also the reference under bf16 autocast,
+    which sets the limits (harness.check_error)."""
+    perturb(sage)
+    twin = build_sage(e2e, sage.fit, "reference")
+    twin.load_trainable_state_dict(sage.trainable_state_dict())
+    twin.train(sage.training)
+    images, target = e2e["images"], e2e["target"]
+    got = outputs(sage, images, target, autocast=ON_GPU)
+    eager = None
+    if ON_GPU:
+        eager = got if sage.backend == "torch" else outputs(twin, images, target, autocast=True)
+    want = outputs(twin, images, target, autocast=False)
+    check = harness.check_error(got, want, PRECISION, eager)
+    del twin, got, eager, want
+    harness.free_memory()
+    return check
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmarks
+
+
 class FloorHead(torch.nn.Module):
     """Frozen backbone features -> cosine classifier (the cheapest way to train on CLIP features)."""
 
@@ -113,7 +171,7 @@ class FloorHead(torch.nn.Module):
         super().__init__()
         self.sage = sage_model
         self.weight = torch.nn.Parameter(init.clone().to(DEVICE))
-        self.criterion = CompensatedLALoss(counts, **harness.loss_backend_kwargs(CompensatedLALoss, "torch")).to(DEVICE)
+        self.criterion = CompensatedLALoss(counts, backend="torch").to(DEVICE)
 
     def logits(self, images, backbone_grad: bool):
         ctx = contextlib.nullcontext() if backbone_grad else torch.no_grad()
@@ -151,12 +209,22 @@ def _tokens(e2e) -> int:
     return (e2e["params"]["image_size"] // patch) ** 2 + 1
 
 
+def _finish(recorder, benchmark, group, case, impl, e2e, timing, extra, check) -> None:
+    """Record the timing (with the error where the case was compared), then fail on a bad error."""
+    if check is not None:
+        extra = {**extra, **check.record_fields()}
+    if timing is not None:
+        _record(recorder, benchmark, group, case, impl, e2e, timing, extra)
+    if check is not None:
+        harness.assert_error_ok(check, f"{group} {case} {impl}")
+
+
 @pytest.mark.parametrize("case,impl", TRAIN_CASES, ids=[f"{c}-{i}" for c, i in TRAIN_CASES])
 def test_train_step(case, impl, e2e, benchmark, recorder):
     benchmark.group = "train_step"
     harness.free_memory()
     images, target = e2e["images"], e2e["target"]
-    extra = {}
+    extra, check = {}, None
     if impl.startswith("floor"):
         sage = build_sage(e2e, fit=False, impl="reference")
         head = FloorHead(sage, e2e["init"], e2e["counts"])
@@ -168,6 +236,7 @@ def test_train_step(case, impl, e2e, benchmark, recorder):
             return head.criterion(head.logits(inputs, backbone_grad), target)
     else:
         sage = build_sage(e2e, fit=(case == "fit_on"), impl=impl)
+        check = error_check(e2e, sage, step_outputs)
         params = sage.trainable_parameters()
         extra["bottleneck"] = sage.bottleneck
         extra["trainable_params"] = sage.num_trainable_parameters()
@@ -188,9 +257,7 @@ def test_train_step(case, impl, e2e, benchmark, recorder):
 
     harness.reset_peak_memory()
     timing = harness.run_benchmark(benchmark, step, harness.default_plan(step=True))
-    if timing is None:
-        return
-    _record(recorder, benchmark, "train", case, impl, e2e, timing, extra)
+    _finish(recorder, benchmark, "train", case, impl, e2e, timing, extra, check)
     del sage, optimizer
     harness.free_memory()
 
@@ -200,6 +267,7 @@ def test_inference(case, impl, e2e, benchmark, recorder):
     benchmark.group = "inference"
     harness.free_memory()
     images = e2e["images"]
+    check = None
     if impl == "floor":
         sage = build_sage(e2e, fit=False, impl="reference")
         head = FloorHead(sage, e2e["init"], e2e["counts"])
@@ -210,6 +278,7 @@ def test_inference(case, impl, e2e, benchmark, recorder):
                 return head.logits(images, backbone_grad=False)
     else:
         sage = build_sage(e2e, fit=(case == "fit_on"), impl=impl).eval()
+        check = error_check(e2e, sage, predict_outputs)
         extra = _backends(impl)
 
         def run():
@@ -218,8 +287,6 @@ def test_inference(case, impl, e2e, benchmark, recorder):
 
     harness.reset_peak_memory()
     timing = harness.run_benchmark(benchmark, run, harness.default_plan(step=True))
-    if timing is None:
-        return
-    _record(recorder, benchmark, "infer", case, impl, e2e, timing, extra)
+    _finish(recorder, benchmark, "infer", case, impl, e2e, timing, extra, check)
     del sage
     harness.free_memory()

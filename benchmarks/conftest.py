@@ -1,10 +1,18 @@
 """pytest set-up of the benchmarks: options, session fixtures, and the summary written at the end.
 
+A plain `python -m pytest` writes nothing into the repository: without --sage-results-dir the
+results go to a new folder under the system's temporary directory (its path is printed at the end),
+and Hypothesis (used by tests/) keeps its folder there too instead of ./.hypothesis (see
+`pytest_configure`; this conftest is loaded by every run that includes benchmarks/, the default
+test command among them). pytest-benchmark only writes ./.benchmarks when asked to
+(--benchmark-save / --benchmark-autosave).
+
 Options (all optional):
   --sage-results-dir DIR   where records.jsonl, summary.md, chart.png, env.json go
-                           (default benchmarks/results/latest, git-ignored)
+                           (default: a new folder under the system temp dir, one per session)
   --sage-append            keep the records already in DIR (run_gpu.sh runs several pytest sessions)
-                           and reuse DIR/ceilings.json when it was measured on this device
+                           and reuse DIR/ceilings.json when it was measured on this device; needs
+                           --sage-results-dir
   --sage-compile / --sage-no-compile
                            include the torch.compile baseline (default: on with CUDA, off on CPU)
   --sage-e2e-classes C     classes of the train-step benchmark (default 1000 on GPU, 10 on CPU)
@@ -14,6 +22,8 @@ Options (all optional):
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,13 +31,12 @@ import torch
 
 from . import harness, report
 
-_DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "latest"
-
 
 def pytest_addoption(parser):
     group = parser.getgroup("sage-fast benchmarks")
-    group.addoption("--sage-results-dir", default=str(_DEFAULT_RESULTS),
-                    help="folder for records.jsonl, summary.md, chart.png and env.json")
+    group.addoption("--sage-results-dir", default=None,
+                    help="folder for records.jsonl, summary.md, chart.png and env.json "
+                         "(default: a new folder under the system temp dir)")
     group.addoption("--sage-append", action="store_true", default=False,
                     help="add to the records already in --sage-results-dir instead of starting afresh, and "
                          "reuse its ceilings.json when it was measured on this device")
@@ -44,12 +53,13 @@ def pytest_addoption(parser):
 
 
 class _SageSession:
-    """Per-session state: the recorder is created on first use so that runs that select no benchmark
-    (e.g. `pytest tests/`) leave the results folder alone."""
+    """Per-session state: the recorder (and the default temporary results folder) is created on first
+    use, so that runs that select no benchmark (e.g. `pytest tests/`) create no folder."""
 
     def __init__(self, config):
         self.config = config
-        self.results_dir = Path(config.getoption("--sage-results-dir"))
+        given = config.getoption("--sage-results-dir")
+        self.results_dir = Path(given) if given else None
         self.append = bool(config.getoption("--sage-append"))
         self._recorder = None
         self.ceilings = None
@@ -58,6 +68,8 @@ class _SageSession:
     @property
     def recorder(self) -> harness.Recorder:
         if self._recorder is None:
+            if self.results_dir is None:
+                self.results_dir = Path(tempfile.mkdtemp(prefix="sage-fast-bench-"))
             self._recorder = harness.Recorder(self.results_dir, append=self.append)
         return self._recorder
 
@@ -70,7 +82,19 @@ _STATE_KEY = pytest.StashKey[_SageSession]()
 _ACTIVE: list[_SageSession] = []  # pytest_runtest_logreport gets no config: the session's state lives here
 
 
+def _hypothesis_home() -> Path:
+    """Hypothesis' folder outside the repository: one per user under the system temp dir (a cache)."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"sage-fast-hypothesis-{uid}"
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    if config.getoption("--sage-append") and not config.getoption("--sage-results-dir"):
+        raise pytest.UsageError("--sage-append needs --sage-results-dir (the folder to add to)")
+    # Hypothesis writes ./.hypothesis (its example database and a cache of constants) unless told
+    # otherwise; it reads this variable when it first touches its folder, after configuration.
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(_hypothesis_home()))
     state = _SageSession(config)
     config.stash[_STATE_KEY] = state
     _ACTIVE[:] = [state]

@@ -10,6 +10,9 @@ benchmarks/harness.py), env.json, ceilings.json and skipped.json. pytest-benchma
 
 Ratios are computed here from the records (time of the baseline / time of the case, same run),
 so a summary never mixes numbers from different sessions unless they share a results folder.
+Every record of a compared case carries its error against the eager reference (rel_err_*); a
+case over its limit is listed under "Error against the eager reference" and its speedups do
+not count towards the targets.
 Self-contained (json + matplotlib) so that it runs without torch.
 """
 from __future__ import annotations
@@ -99,6 +102,14 @@ def _pct(value) -> str:
     return _f(None if value is None else 100 * value, "{:.0f}%")
 
 
+def _err(rec: Optional[dict]) -> str:
+    """"error / limit" of a record's deciding tensor, with FAIL when it is over."""
+    if not rec or rec.get("rel_err_vs_eager") is None:
+        return "–"
+    text = f"{rec['rel_err_vs_eager']:.1e} / {rec.get('rel_err_limit', float('nan')):.0e}"
+    return text if rec.get("rel_err_ok", True) else f"**FAIL** {text}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     if not rows:
         return ["_no measurements_", ""]
@@ -167,7 +178,7 @@ def _kernel_rows(records, group, fields: list[str], impls: list[str]) -> tuple[l
     header = fields + [f"{i} ms" for i in impls]
     if primary:
         header += [f"{primary} vs eager", f"{primary} vs compile", "GB/s", "% copy BW", "TFLOP/s", "% matmul",
-                   "M rows/s" if group == "loss" else "M tokens/s"]
+                   "M rows/s" if group == "loss" else "M tokens/s", f"{primary} err / limit"]
     rows = []
     for case in _cases(records, group):
         recs = {i: _find(records, group, case, i) for i in impls}
@@ -185,6 +196,7 @@ def _kernel_rows(records, group, fields: list[str], impls: list[str]) -> tuple[l
                 _f(p.get("TFLOPs"), "{:.3g}"),
                 _pct(p.get("frac_matmul_peak")),
                 _f(p.get("tokens_per_s") and p["tokens_per_s"] / 1e6, "{:.3g}"),
+                _err(p),
             ]
         rows.append(row)
     return header, rows
@@ -203,7 +215,7 @@ def _e2e_rows(records, group) -> list[list[str]]:
         rows.append([
             impl, {"fit_on": "on", "fit_off": "off"}.get(case, "–"),
             _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), _f(rec.get("peak_mem_MiB"), "{:.0f}"),
-            _x(vs_ref), _pct(vs_floor), _attention(rec),
+            _x(vs_ref), _pct(vs_floor), _err(rec), _attention(rec),
         ])
     return rows
 
@@ -221,6 +233,7 @@ def _headlines(records, gpu: bool = True) -> list[tuple[str, str, str]]:
     shows min / median / max. gpu=False (a CPU smoke run): values are shown, not judged.
     """
     out = []
+    records = [r for r in records if r.get("rel_err_ok") is not False]  # a wrong result's speed does not count
 
     def status(value, target):
         if value is None:
@@ -297,8 +310,10 @@ def build_markdown(results_dir: Path) -> str:
             lines += [f"fused = SG-Adapter backend `{fused['adapter_backend']}`, loss backend "
                       f"`{fused.get('loss_backend')}`.", ""]
         unit = "ms/step" if group == "train" else "ms/batch"
-        lines += _table(["config", "FIT", "images/s", unit, "peak MiB", "fused vs reference", "of floor", "attention"],
-                        _e2e_rows(records, group))
+        lines += _table(["config", "FIT", "images/s", unit, "peak MiB", "fused vs reference", "of floor",
+                         "err / limit", "attention"], _e2e_rows(records, group))
+
+    lines += _error_lines(records)
 
     if skips:
         lines += ["## Skipped cases", ""]
@@ -310,11 +325,35 @@ def build_markdown(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _error_lines(records: list[dict]) -> list[str]:
+    """The error check over all records: how many were compared, and every case over its limit."""
+    checked = [r for r in records if r.get("rel_err_ok") is not None]
+    failed = [r for r in checked if r.get("rel_err_ok") is False]
+    lines = ["## Error against the eager reference", "",
+             "Each case's output and gradients against the eager reference in fp32 on the same rounded inputs "
+             "(benchmarks/README.md); err / limit is the tensor closest to its limit. A case over its limit "
+             "fails its benchmark and does not count towards the targets.", ""]
+    if not checked:
+        return lines + ["_no compared cases_", ""]
+    if not failed:
+        return lines + [f"All {len(checked)} compared cases are within their limits.", ""]
+    lines += [f"**{len(failed)} of {len(checked)} compared cases are over their limit:**", ""]
+    lines += _table(["group", "case", "impl", "tensor", "error", "limit"],
+                    [[str(r.get("group")), str(r.get("case")), str(r.get("impl")), str(r.get("rel_err_tensor")),
+                      _f(r.get("rel_err_vs_eager"), "{:.2e}"), _f(r.get("rel_err_limit"), "{:.0e}")] for r in failed])
+    return lines
+
+
 def headline_text(results_dir: Path) -> str:
     records = load_records(Path(results_dir))
     env = _load_json(Path(results_dir) / "env.json", {})
     rows = _headlines(records, gpu=env.get("mode") == "gpu")
-    return "\n".join(f"  {target}: {measured} [{status}]" for target, measured, status in rows)
+    lines = [f"  {target}: {measured} [{status}]" for target, measured, status in rows]
+    checked = [r for r in records if r.get("rel_err_ok") is not None]
+    failed = [f"{r.get('group')} {r.get('case')} {r.get('impl')}" for r in checked if r.get("rel_err_ok") is False]
+    lines.append(f"  error against eager: {len(checked) - len(failed)} of {len(checked)} compared cases within their limits"
+                 + (f"; over: {', '.join(failed)}" if failed else ""))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@
 # The compile cases (one cold Inductor compile each) run last, so a short budget loses them and
 # never the eager / fused numbers of the large shapes. All stages append to one records.jsonl and
 # share one ceilings.json (measured by the first benchmark session).
-# Output: benchmarks/results/<YYYY-MM-DD>-<device>/ (or $SAGE_RESULTS_DIR).
+# Output: benchmarks/results/<YYYY-MM-DD>-<device>/ (or $SAGE_RESULTS_DIR), passed to every pytest
+# session as --sage-results-dir. Every benchmark case also checks its error against the eager
+# reference: a case over its limit is recorded, then fails (see benchmarks/README.md).
 #
 # Time budget (SAGE_BUDGET_S, default 530 s, for a 600 s command): stage i gets
 # min(max_i, left - keep_i) seconds, keep_i being kept for the stages after it (table below), and a
@@ -30,17 +32,21 @@
 # default all; when set, the records and ceilings already in the results folder are kept, so a
 # second call can fill in a stage the first one ran out of time for; adapter and loss include their
 # compile pass); SAGE_NO_COMPILE=1 (drop the torch.compile baselines, the slow part);
-# SAGE_ALLOW_CPU=1 (run anyway without CUDA: CPU smoke); SAGE_RESULTS_DIR; SAGE_EXPORT_DIR (copy
-# the results folder there at the end, e.g. a remote runner's output folder); PYTHON (interpreter,
-# default python).
+# SAGE_ALLOW_CPU=1 (run anyway without CUDA: CPU smoke); SAGE_RESULTS_DIR; SAGE_EXPORT_DIR (at the
+# end, write there <results folder name>.tar.gz with the whole folder, plus its summary.md: two
+# files, as a remote runner that returns only a few files of its output folder needs); PYTHON
+# (interpreter, default python3, else python).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${SAGE_BUDGET_S:-530}
 KILL_GRACE=10
 START=$SECONDS
 COMMAND="bash $0${*:+ $*}"
+
+# Hypothesis (the parity tests use it) keeps its folder out of the repository, as in a plain pytest run.
+export HYPOTHESIS_STORAGE_DIRECTORY=${HYPOTHESIS_STORAGE_DIRECTORY:-${TMPDIR:-/tmp}/sage-fast-hypothesis-$(id -u)}
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 # cap <max seconds> <seconds to keep for later stages>: this stage's limit
@@ -75,6 +81,8 @@ fi
 if ! $PY -c "import sage_fast.kernels" 2>/dev/null; then
     stage "installing sage-fast (editable, no dependencies)"
     $PY -m pip install -q -e . --no-deps --no-build-isolation || { echo "cannot install sage-fast" >&2; exit 3; }
+    # the kernels live in kernels/ and are importable only through the install's package mapping
+    $PY -c "import sage_fast.kernels" || { echo "sage_fast.kernels is not importable after the install" >&2; exit 3; }
 fi
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     if [[ "${SAGE_ALLOW_CPU:-0}" != "1" ]]; then
@@ -152,5 +160,9 @@ echo
 echo "results in $RESULTS ($(( SECONDS - START ))s)"
 ls -la "$RESULTS"
 if [[ -n "${SAGE_EXPORT_DIR:-}" ]]; then
-    mkdir -p "$SAGE_EXPORT_DIR" && cp -r "$RESULTS" "$SAGE_EXPORT_DIR/" && echo "copied to $SAGE_EXPORT_DIR/$(basename "$RESULTS")"
+    NAME=$(basename "$RESULTS")
+    mkdir -p "$SAGE_EXPORT_DIR" \
+        && tar -czf "$SAGE_EXPORT_DIR/$NAME.tar.gz" -C "$(dirname "$RESULTS")" "$NAME" \
+        && { [[ ! -f "$RESULTS/summary.md" ]] || cp "$RESULTS/summary.md" "$SAGE_EXPORT_DIR/summary.md"; } \
+        && echo "exported to $SAGE_EXPORT_DIR: $NAME.tar.gz (the whole folder) and summary.md"
 fi

@@ -128,3 +128,21 @@ def test_attention_column_names_the_sdpa_kernel(tmp_path):
     assert [row[-1] for row in rows] == ["sdpa-flash", "xformers"]
     if not harness.ON_GPU:
         assert harness.sdpa_kernel() == "sdpa (cpu)"
+
+
+def test_error_check_is_shown_and_a_failed_case_does_not_count(tmp_path):
+    recs = _gpu_like_records()
+    ok = {"rel_err_vs_eager": 3e-7, "rel_err_limit": 1e-5, "rel_err_ok": True, "rel_err_tensor": "out"}
+    bad = {"rel_err_vs_eager": 0.3, "rel_err_limit": 0.02, "rel_err_ok": False, "rel_err_tensor": "grad x"}
+    for rec in recs:
+        rec.update(ok)
+    wrong = next(r for r in recs if r["case"] == "r=32 bf16 fwdbwd" and r["impl"] == "fused")
+    wrong.update(bad)  # fast (2 ms) but wrong
+    _write(tmp_path, recs)
+    rows = {target.split(" (")[0]: measured for target, measured, _ in report._headlines(report.load_records(tmp_path))}
+    assert rows["SG-Adapter fused fwd+bwd >= 4.0x eager"] == "10.00x"  # only r=4 counts
+    text = report.build_markdown(tmp_path)
+    assert "1 of 13 compared cases are over their limit" in text
+    assert "| adapter | r=32 bf16 fwdbwd | fused | grad x | 3.00e-01 | 2e-02 |" in text
+    assert "**FAIL** 3.0e-01 / 2e-02" in text and "3.0e-07 / 1e-05" in text
+    assert "over: adapter r=32 bf16 fwdbwd fused" in report.headline_text(tmp_path)

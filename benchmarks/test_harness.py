@@ -1,0 +1,199 @@
+"""The error check of the benchmarks: a fast but wrong implementation must fail its benchmark.
+
+The check itself (`harness.check_error`) on hand-made tensors, then each benchmark run end to end
+(its test function, with a stand-in for pytest-benchmark's fixture) on a deliberately wrong
+"fused" implementation: wrong output, right output with a wrong gradient, a wrong loss, a wrong
+adapter inside the Sage model. Each must raise after writing its record with rel_err_ok False.
+CPU-sized shapes; the wrong implementations are PyTorch modules put in the place of the kernels.
+"""
+from __future__ import annotations
+
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sage_fast import FITLoss, SGAdapter, SGAdapterFused
+
+from . import bench_adapter, bench_loss, bench_train_step, harness
+
+
+class FakeBenchmark:
+    """What the benchmarks use of pytest-benchmark's fixture: one timed call."""
+
+    disabled = False
+
+    def __init__(self):
+        self.extra_info: dict = {}
+        self.group = None
+
+    def pedantic(self, fn, rounds=1, iterations=1, warmup_rounds=0):
+        start = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - start
+        self.stats = SimpleNamespace(stats=SimpleNamespace(median=dt, mean=dt, stddev=0.0, min=dt))
+
+
+# ----------------------------------------------------------------------------------------------
+# the check on hand-made tensors
+
+
+def test_relative_error():
+    want = torch.tensor([3.0, 4.0])
+    assert harness.relative_error(want.clone(), want) == 0.0
+    assert harness.relative_error(torch.tensor([3.0, 4.5]), want) == pytest.approx(0.1)
+    assert harness.relative_error(torch.tensor([3.0, float("nan")]), want) == math.inf
+    assert harness.relative_error(torch.ones(3), want) == math.inf  # shape mismatch
+    assert harness.relative_error(torch.tensor([0.0, 2e-3]), torch.zeros(2)) == pytest.approx(2e-3)  # absolute
+
+
+def test_a_wrong_gradient_fails_and_is_named():
+    want = {"out": torch.randn(8, 16), "grad x": torch.randn(8, 16), "grad s": torch.tensor(2.0)}
+    right = {k: v * (1 + 1e-7) for k, v in want.items()}
+    assert harness.check_error(right, want, "fp32").ok
+    wrong = dict(right, **{"grad s": torch.tensor(2.001)})  # 5e-4 off: over fp32's 1e-5
+    check = harness.check_error(wrong, want, "fp32")
+    assert not check.ok and check.worst == "grad s"
+    assert check.record_fields()["rel_err_vs_eager"] == pytest.approx(5e-4, rel=1e-3)
+    with pytest.raises(AssertionError, match="grad s: 0.0005 > 1e-05"):
+        harness.assert_error_ok(check, "case")
+    # the same error is within bf16's limit
+    harness.assert_error_ok(harness.check_error(wrong, want, "bf16"), "case")
+
+
+def test_low_precision_limit_follows_the_eager_reference():
+    want = {"out": torch.ones(100)}
+    eager = {"out": torch.ones(100) * 1.05}  # the eager reference itself is 5% off at this precision
+    assert harness.check_error({"out": torch.ones(100) * 1.09}, want, "bf16", eager).ok   # 9% <= 2 x 5%
+    assert not harness.check_error({"out": torch.ones(100) * 1.11}, want, "bf16", eager).ok
+    assert not harness.check_error({"out": torch.ones(100) * 1.03}, want, "bf16").ok       # 3% > 2% without it
+    assert harness.check_error({"out": torch.ones(100) * 1.03}, want, "fp32", eager).limit("out") == 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# each benchmark on a deliberately wrong implementation
+
+
+class _WrongOutput(SGAdapter):
+    """forward_block with the adapter output `factor` times too large."""
+
+    factor = 1.01
+
+    def forward_block(self, x, guidance, mlp_out, scale):
+        return x + mlp_out + scale * self(x, guidance) * self.factor
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+class _WrongGradient(SGAdapter):
+    """The right output; the gradient of x 1% too large."""
+
+    def forward_block(self, x, guidance, mlp_out, scale):
+        return super().forward_block(_ScaleGrad.apply(x), guidance, mlp_out, scale)
+
+
+def _wrong_fused(monkeypatch, module, build):
+    """Run the module's "fused" cases on CPU with `build(case)` as their implementation."""
+    original = module.build_module
+    monkeypatch.setattr(module, "ON_GPU", True)  # only lifts the skip of the Triton cases on CPU
+    monkeypatch.setattr(module, "build_module", lambda case: build(case) if case.impl == "fused" else original(case))
+
+
+def _wrong_adapter(cls):
+    def build(case):
+        module = cls(case.dim, case.r)
+        module.load_state_dict(bench_adapter.build_module(
+            bench_adapter.AdapterCase(case.batch, case.tokens, case.dim, case.r, case.dtype, case.mode, "eager")
+        ).state_dict())
+        return module.to(case.param_dtype)
+
+    return build
+
+
+def _expect_failure(run, recorder) -> dict:
+    with pytest.raises(AssertionError, match="error against the eager reference"):
+        run()
+    record = recorder.records[-1]
+    assert record["rel_err_ok"] is False and record["rel_err_vs_eager"] > record["rel_err_limit"]
+    return record
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("dtype,factor", [("fp32", 1.001), ("bf16", 1.1)])
+def test_wrong_adapter_output_fails_the_benchmark(mode, dtype, factor, monkeypatch, tmp_path):
+    """0.1% off in fp32, 10% off in bf16 (whose limit is 2%)."""
+    monkeypatch.setattr(_WrongOutput, "factor", factor)
+    _wrong_fused(monkeypatch, bench_adapter, _wrong_adapter(_WrongOutput))
+    recorder = harness.Recorder(tmp_path, append=False)
+    case = bench_adapter.AdapterCase(2, 17, 64, 4, dtype, mode, "fused")
+    record = _expect_failure(lambda: bench_adapter.test_sg_adapter_block(case, FakeBenchmark(), recorder, {}, False),
+                             recorder)
+    assert record["impl"] == "fused" and record["case"] == case.key
+
+
+def test_wrong_adapter_gradient_fails_the_benchmark(monkeypatch, tmp_path):
+    _wrong_fused(monkeypatch, bench_adapter, _wrong_adapter(_WrongGradient))
+    recorder = harness.Recorder(tmp_path, append=False)
+    fwd = bench_adapter.AdapterCase(2, 17, 64, 4, "fp32", "fwd", "fused")
+    bench_adapter.test_sg_adapter_block(fwd, FakeBenchmark(), recorder, {}, False)  # the output is right
+    assert recorder.records[-1]["rel_err_ok"] is True
+    fwdbwd = bench_adapter.AdapterCase(2, 17, 64, 4, "fp32", "fwdbwd", "fused")
+    record = _expect_failure(
+        lambda: bench_adapter.test_sg_adapter_block(fwdbwd, FakeBenchmark(), recorder, {}, False), recorder)
+    assert record["rel_err_tensor"] == "grad x"
+
+
+@pytest.mark.parametrize("kind", ["fit", "la"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_wrong_loss_fails_the_benchmark(kind, mode, monkeypatch, tmp_path):
+    def build(case):  # gamma 0.06 instead of 0.05: a slightly wrong compensated prior
+        counts = harness.long_tailed_counts(case.classes)
+        if kind == "la":
+            return bench_loss.CompensatedLALoss(counts, gamma=0.06, backend="torch")
+        module = FITLoss(counts, gamma=0.06, lambdas=bench_loss.LAMBDAS, backend="torch")
+        with torch.no_grad():
+            module.s1.fill_(0.1)
+            module.s2.fill_(-0.05)
+        return module
+
+    _wrong_fused(monkeypatch, bench_loss, build)
+    recorder = harness.Recorder(tmp_path, append=False)
+    case = bench_loss.LossCase(kind, 16, 100, "fp32", mode, "fused")
+    _expect_failure(lambda: bench_loss.test_loss(case, FakeBenchmark(), recorder, {}, False), recorder)
+
+
+def test_wrong_adapter_in_the_model_fails_the_train_step_and_inference(monkeypatch, tmp_path):
+    original = bench_train_step.build_sage
+
+    def build(e2e, fit, impl):
+        model = original(e2e, fit, impl)
+        if impl == "fused":  # one block's adapter computed with another activation: a wrong kernel
+            model.adapters[1].alpha = 0.2
+        return model
+
+    monkeypatch.setattr(bench_train_step, "build_sage", build)
+    e2e = bench_train_step.make_e2e(classes=10, batch=2)
+    recorder = harness.Recorder(tmp_path, append=False)
+    bench_train_step.test_train_step("fit_on", "reference", e2e, FakeBenchmark(), recorder)
+    assert recorder.records[-1]["rel_err_ok"] is True
+    _expect_failure(lambda: bench_train_step.test_train_step("fit_on", "fused", e2e, FakeBenchmark(), recorder),
+                    recorder)
+    _expect_failure(lambda: bench_train_step.test_inference("fit_off", "fused", e2e, FakeBenchmark(), recorder),
+                    recorder)
+
+
+def test_the_fused_adapter_benchmark_builds_the_kernel_module():
+    """The "fused" case times SGAdapterFused(backend="triton") without the per-call finiteness sync."""
+    case = bench_adapter.AdapterCase(2, 17, 64, 4, "fp32", "fwd", "fused")
+    module = bench_adapter.build_module(case)
+    assert isinstance(module, SGAdapterFused) and module.backend == "triton" and module.check_finite is False
