@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test module
 imports `sage_fast.kernels`. The classifier cache goes to a temporary folder for the session, so
-tests never write into the repository or the home folder, nor read a user's cache.
+tests never write into the repository or the home folder, nor read a user's cache; so does
+Hypothesis's example database.
 """
 import atexit
 import os
@@ -13,6 +14,8 @@ import torch
 
 os.environ["SAGE_FAST_CACHE"] = tempfile.mkdtemp(prefix="sage-fast-test-cache-")
 atexit.register(shutil.rmtree, os.environ["SAGE_FAST_CACHE"], ignore_errors=True)
+# Hypothesis keeps its example database in ./.hypothesis unless told otherwise: not in the repository.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(os.environ["SAGE_FAST_CACHE"], "hypothesis"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
