@@ -31,7 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .checks import check_finite, check_float, check_labels, check_same_device
-from .backend import device_ctx, resolve_backend
+from .backend import device_ctx, interpret_enabled, resolve_backend
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -101,7 +101,7 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
     status = torch.zeros(batch, dtype=torch.int32, device=device)
     n_valid = (target != ignore_index).sum().reshape(1)
     if batch:
-        block_c, block_b, num_warps = _launch_config(batch, num_classes, k.INTERPRET, block_c, block_b)
+        block_c, block_b, num_warps = _launch_config(batch, num_classes, interpret_enabled(), block_c, block_b)
         zv_, zt_ = (zv, zt) if fit else (z, z)
         grid = (-(-batch // block_b),)
         lam1, lam2, lam3 = lambdas

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from . import backend
 from .backend import HAS_TRITON, device_ctx
 
 if HAS_TRITON:  # the launch configurations below use triton's integer helpers
@@ -145,11 +146,11 @@ def sg_adapter_fwd(
     rstd = torch.empty((m_rows,), device=x.device, dtype=torch.float32)
     if m_rows == 0:
         return out, mean, rstd
-    op_dtype = _operand_dtype(compute_dtype, k.INTERPRET)
+    op_dtype = _operand_dtype(compute_dtype, backend.interpret_enabled())
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_t = w_up.t().to(op_dtype).contiguous()                           # (H, d): coalesced rows of W_up^T
     block_h = _block_h(h)
-    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
+    block_m, block_d, num_warps = _row_config(d, block_h, backend.interpret_enabled(), op_dtype)
     with device_ctx(x):
         k.sg_adapter_fwd_kernel[(triton.cdiv(m_rows, block_m),)](
             x, mlp if block_epilogue else x, out, mean, rstd, w_cat_c, b_cat.float().contiguous(), w_up_t,
@@ -196,12 +197,12 @@ def sg_adapter_bwd(
         z = lambda *s: torch.zeros(s, device=dev, dtype=torch.float32)  # noqa: E731
         return dx, z(d, h), z(h), z(d, h), z(d), z()
     block_epilogue = scale is not None
-    op_dtype = _operand_dtype(compute_dtype, k.INTERPRET)
+    op_dtype = _operand_dtype(compute_dtype, backend.interpret_enabled())
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_c = w_up.to(op_dtype).contiguous()
     scale32 = scale.float() if block_epilogue else None
     block_h = _block_h(h)
-    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
+    block_m, block_d, num_warps = _row_config(d, block_h, backend.interpret_enabled(), op_dtype)
     n_prog = triton.cdiv(m_rows, block_m)
     act = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
     dh = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
@@ -218,7 +219,7 @@ def sg_adapter_bwd(
             DOT_PRECISION=prec, num_warps=num_warps,
         )
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    bm, bd, bh, split, dw_warps = _dw_config(d, block_h, m_rows, k.INTERPRET, sms)
+    bm, bd, bh, split, dw_warps = _dw_config(d, block_h, m_rows, backend.interpret_enabled(), sms)
     dwcat_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
     dwup_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
     dbup_part = torch.empty((split, d), device=dev, dtype=torch.float32)

@@ -87,9 +87,10 @@ def _record_launches() -> list:
     import sage_fast.ops.la_loss as fl
     from sage_fast.kernels import la_loss as kl
     from sage_fast.kernels import sg_adapter as ka
+    from sage_fast.kernels import utils as kernel_utils
 
-    if ka.INTERPRET or kl.INTERPRET:
-        raise RuntimeError("the kernel modules were imported in interpret mode (TRITON_INTERPRET=1 is set)")
+    if kernel_utils.INTERPRET:
+        raise RuntimeError("the kernels were imported in interpret mode (TRITON_INTERPRET=1 is set)")
     launches: list = []
     label = [""]
 
