@@ -94,6 +94,8 @@ def _record_launches() -> list:
     from sage_fast.kernels import sg_adapter as ka
     from sage_fast.kernels import utils as kernel_utils
 
+    from helpers.adapters import random_folded_weights
+
     if kernel_utils.INTERPRET:
         raise RuntimeError("the kernels were imported in interpret mode (TRITON_INTERPRET=1 is set)")
     launches: list = []
@@ -120,9 +122,7 @@ def _record_launches() -> list:
     rows = 512  # token rows; a multiple of 16 like most real batches (B x 197 tokens, B even)
 
     def adapter_case(d, r, x_dt, mlp_dt, cdt, block):
-        h = 2 * r
-        w_cat, w_up = torch.randn(d, h), torch.randn(d, h)
-        b_cat, b_up = torch.randn(h), torch.randn(d)
+        w_cat, b_cat, w_up, b_up = random_folded_weights(d, r)
         label[0] = (
             f"d={d} r={r} x={name[x_dt]} ops={name[cdt]}"
             + (f" mlp={name[mlp_dt]} block" if block else " drop-in")
@@ -389,4 +389,5 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: `helpers`
     _child_main(sys.argv[1])
