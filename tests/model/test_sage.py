@@ -1,4 +1,6 @@
 """The Sage model on a small random-init open_clip config (registered by the tests)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,23 +19,28 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def model(tiny):
+def _built_model(tiny):
+    """Built once per module; tests get a copy (`model`), never this one."""
     torch.manual_seed(0)
     return build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
 
 
+@pytest.fixture
+def model(_built_model):
+    """A fresh Sage model (a deep copy of the module's one): a test may change its weights, backend,
+    attention or mode without another test seeing it."""
+    return copy.deepcopy(_built_model)
+
+
 def test_fresh_model_is_zero_shot_clip(model):
     images = torch.randn(3, 3, model.image_size, model.image_size)
-    try:
-        with torch.no_grad():
-            want = model.clip.encode_image(images)
-            for backend in ("sdpa", "open_clip"):
-                model.attention = backend
-                for adapters in (True, False):
-                    feats = model.visual_features(images, adapters=adapters)
-                    torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
-    finally:
-        model.attention = "auto"
+    with torch.no_grad():
+        want = model.clip.encode_image(images)
+        for backend in ("sdpa", "open_clip"):
+            model.attention = backend
+            for adapters in (True, False):
+                feats = model.visual_features(images, adapters=adapters)
+                torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_backend_matches_open_clip(model):
@@ -52,7 +59,6 @@ def test_xformers_attention_matches_open_clip(model):
     x = torch.randn(2, 197, model.dim, device="cuda")
     want = block.attn(x, x, x, need_weights=False)[0]
     torch.testing.assert_close(frozen_self_attention(block.attn, x, "xformers"), want, rtol=1e-4, atol=1e-4)
-    block.cpu()
 
 
 def test_only_intended_parameters_train(model):
@@ -98,7 +104,6 @@ def test_outputs_and_fit_logits(model):
 def test_frozen_backbone_stays_in_eval_mode(model):
     model.train()
     assert model.adapters.training and not model.clip.training
-    model.eval()
 
 
 def test_build_from_local_checkpoint(tmp_path, tiny):
