@@ -31,7 +31,7 @@ The host raises on a non-zero status.
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET  # noqa: F401  (read by the glue)
+from . import utils  # noqa: F401  (decides interpret mode before the kernels below are decorated)
 
 # constexpr so the kernel may read them; the host reads `.value`.
 STATUS_NONFINITE = tl.constexpr(1)

@@ -1,6 +1,6 @@
 """Triton kernels of the fused SG-Adapter (SAGE.md section 1.2).
 
-The weights are folded once per forward in PyTorch (`sage_fast.fused_adapter.fold_adapter_weights`),
+The weights are folded once per forward in PyTorch (`sage_fast.ops.fold.fold_adapter_weights`),
 so per token row x (width D) the adapter is
 
     xhat = (x - mean(x)) * rstd                     # LayerNorm without affine (folded into W_cat)
@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET  # noqa: F401  (read by the glue)
+from . import utils  # noqa: F401  (decides interpret mode before the kernels below are decorated)
 
 
 @triton.jit

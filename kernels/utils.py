@@ -1,4 +1,9 @@
-"""What every kernel module needs to know about how Triton runs here."""
+"""How Triton runs here: the one interpret-mode flag of sage-fast.
+
+`INTERPRET` is the single source of truth: the kernel modules import this module before they
+decorate their kernels, and the ops layer reads it through `sage_fast.ops.backend.interpret_enabled`
+(the dependency goes ops -> kernels, never back; this module imports nothing of sage_fast).
+"""
 import os
 
 import triton.language as tl
@@ -13,6 +18,7 @@ def stdlib_interpreted() -> bool:
     return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
-# Kernels run in the interpreter (on CPU tensors) only if TRITON_INTERPRET=1 was set before triton
-# was first imported; set later, it would give half-interpreted, unusable kernels.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and stdlib_interpreted()
+#: True when the kernels run in Triton's interpreter (on CPU tensors). Decided once, when this module
+#: is first imported (by a kernel module, or by the ops layer asking): only if TRITON_INTERPRET=1 was
+#: set before triton was first imported; set later, it would give half-interpreted, unusable kernels.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1" and stdlib_interpreted()

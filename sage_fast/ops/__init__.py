@@ -6,6 +6,7 @@
 | `fold`        | the fold of the adapters' weights, and the folded adapter in PyTorch        |
 | `sg_adapter`  | autograd glue and custom ops over `sage_fast.kernels.sg_adapter`            |
 | `la_loss`     | autograd glue over `sage_fast.kernels.la_loss`                              |
+| `launch`      | the kernels' launch configurations (GPU, tuned, interpreter)                |
 | `modules`     | `SGAdapterFused`, `AdaptFormerFused`, the two losses: the backend switch    |
 | `backend`     | "auto" / "triton" / "torch": `resolve_backend`, where Triton can run        |
 | `checks`      | input validation and its error messages                                     |

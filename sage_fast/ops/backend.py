@@ -17,14 +17,12 @@ function is decorated, for its own standard library at that first import.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from typing import Optional, Union
 
 import torch
 
 try:  # Triton is optional: without it the PyTorch paths still work.
-    import triton
+    import triton  # noqa: F401
     import triton.language  # noqa: F401
 
     HAS_TRITON = True
@@ -37,15 +35,15 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpret_enabled() -> bool:
-    """True when the Triton kernels run (or will run) in the interpreter, on CPU tensors."""
-    loaded = sys.modules.get("sage_fast.kernels.utils")
-    if loaded is not None:  # decided when the kernels were imported, whatever the env says now
-        return bool(loaded.INTERPRET)
-    return (
-        HAS_TRITON
-        and os.environ.get("TRITON_INTERPRET", "0") == "1"
-        and type(triton.language.zeros).__name__ == "InterpretedFunction"
-    )
+    """True when the Triton kernels run (or will run) in the interpreter, on CPU tensors.
+
+    The one flag is `sage_fast.kernels.utils.INTERPRET`, decided once per process (see there).
+    """
+    if not HAS_TRITON:  # pragma: no cover - depends on the install
+        return False
+    from ..kernels import utils  # needs only Triton; imports no kernel
+
+    return utils.INTERPRET
 
 
 def triton_unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:

@@ -25,13 +25,14 @@ Limitations, by design:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import check_finite, check_float, check_labels, check_same_device
+from . import launch
 from .backend import device_ctx, resolve_backend
+from .checks import check_finite, check_float, check_labels, check_same_device
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -42,29 +43,6 @@ def _kernels():
     from ..kernels import la_loss
 
     return la_loss
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _launch_config(batch: int, num_classes: int, interpret: bool, block_c: Optional[int], block_b: Optional[int]):
-    if interpret:
-        # The interpreter's cost is per program and per op, not per element: big tiles, many rows.
-        tile = 8192
-        block_c = block_c or min(max(16, _next_pow2(num_classes)), tile)
-        block_b = block_b or max(1, min(tile // block_c, _next_pow2(batch)))
-    else:
-        # One row per program, chunks of <= 2048 classes, ~8 values per thread and stream: no
-        # register spills on sm_90 (ptxas: 124 registers at 2048 / 8 warps with FIT). Tiles of
-        # several rows spill (255 registers at 16 x 128), so small C also gets one row per program.
-        block_c = block_c or min(max(16, _next_pow2(num_classes)), 2048)
-        block_b = block_b or 1
-    for name, v in (("block_c", block_c), ("block_b", block_b)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two, got {v}")
-    num_warps = max(1, min(8, block_b * block_c // 256))
-    return block_c, block_b, num_warps
 
 
 def _raise_input_error(status: int, z, zv, zt, target, log_prior, s, ignore_index: int) -> None:
@@ -85,7 +63,7 @@ def _raise_input_error(status: int, z, zv, zt, target, log_prior, s, ignore_inde
     )
 
 
-def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index, need, write_zhat, block_c, block_b):
+def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index, need, write_zhat):
     """Run the kernel. Returns (loss, ds (2,) fp32 or None, dz, dzv, dzt, z_hat); loss is fp32."""
     k = _kernels()
     fit = zv is not None
@@ -101,9 +79,9 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
     status = torch.zeros(batch, dtype=torch.int32, device=device)
     n_valid = (target != ignore_index).sum().reshape(1)
     if batch:
-        block_c, block_b, num_warps = _launch_config(batch, num_classes, k.INTERPRET, block_c, block_b)
+        cfg = launch.loss_launch(batch, num_classes)
         zv_, zt_ = (zv, zt) if fit else (z, z)
-        grid = (-(-batch // block_b),)
+        grid = (cfg.programs(batch),)
         lam1, lam2, lam3 = lambdas
         with device_ctx(z):
             k.fit_la_loss_fwd_kernel[grid](
@@ -118,7 +96,7 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
                 batch, num_classes, ignore_index,
                 float(lam1), float(lam2), float(lam3),
                 FIT=fit, NEED_DZ=need_dz, NEED_DZV=need_dzv, NEED_DZT=need_dzt, WRITE_ZHAT=write_zhat,
-                BLOCK_B=block_b, BLOCK_C=block_c, num_warps=num_warps,
+                BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
             )
         bad = int(status.max())  # the one host sync: validation
         if bad:
@@ -131,14 +109,14 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
 class FusedFITLALossFunction(torch.autograd.Function):
     """Autograd Function around `fit_la_loss_fwd_kernel`.
 
-    forward(z, zv, zt, s1, s2, target, log_prior, lambdas, ignore_index, need_grad, block_c, block_b)
+    forward(z, zv, zt, s1, s2, target, log_prior, lambdas, ignore_index, need_grad)
         z, zv, zt: (B, C), unit column stride; zv = zt = s1 = s2 = None for the plain LA loss.
         s1, s2: 0-dim tensors. target: (B,) int64. log_prior: (C,) fp32 contiguous, same device.
         Returns (loss, z^) with FIT, loss without; loss is a 0-dim fp32 tensor.
     """
 
     @staticmethod
-    def forward(ctx, z, zv, zt, s1, s2, target, log_prior, lambdas, ignore_index, need_grad, block_c, block_b):
+    def forward(ctx, z, zv, zt, s1, s2, target, log_prior, lambdas, ignore_index, need_grad):
         fit = zv is not None
         needs = ctx.needs_input_grad
         need = (
@@ -151,7 +129,7 @@ class FusedFITLALossFunction(torch.autograd.Function):
         else:
             s = log_prior  # never read (FIT=False)
         loss, ds, dz, dzv, dzt, z_hat = _fit_la_loss_forward(
-            z, zv, zt, s, target, log_prior, lambdas, ignore_index, need, fit, block_c, block_b
+            z, zv, zt, s, target, log_prior, lambdas, ignore_index, need, fit
         )
         ctx.fit = fit
         ctx.grads = (dz, dzv, dzt)
@@ -203,7 +181,7 @@ class FusedFITLALossFunction(torch.autograd.Function):
                 (d1, sh1), (d2, sh2) = ctx.s_meta
                 grad_s1 = ds[0].to(d1).reshape(sh1) if ctx.needs_input_grad[3] else None
                 grad_s2 = ds[1].to(d2).reshape(sh2) if ctx.needs_input_grad[4] else None
-        return dz, dzv, dzt, grad_s1, grad_s2, None, None, None, None, None, None, None
+        return dz, dzv, dzt, grad_s1, grad_s2, None, None, None, None, None
 
 
 def _prepare_logits(name: str, t: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -255,9 +233,6 @@ def fused_fit_loss(
     s2: Union[torch.Tensor, float],
     lambdas: Sequence[float],
     ignore_index: int = -100,
-    *,
-    block_c: Optional[int] = None,
-    block_b: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """FIT's loss l(z) + lam1 l(zv) + lam2 l(zt) + lam3 l(z^), z^ = z + s1 zv + s2 zt, fused.
 
@@ -266,7 +241,6 @@ def fused_fit_loss(
     s1, s2: scalar tensors (gradients flow to them) or floats. lambdas: (lam1, lam2, lam3).
     Returns (loss, z^): loss 0-dim fp32, mean over the non-ignored rows; z^ (B, C) in z's dtype,
     differentiable (a gradient into z^ is added to the stored ones in backward).
-    block_c / block_b: override the tile (powers of two), for tests.
     """
     lambdas = tuple(float(v) for v in lambdas)
     if len(lambdas) != 3:
@@ -285,7 +259,7 @@ def fused_fit_loss(
     s2 = _as_scalar_tensor("s2", s2, z.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (z, zv, zt, s1, s2))
     return FusedFITLALossFunction.apply(
-        z, zv, zt, s1, s2, target, log_prior, lambdas, int(ignore_index), need_grad, block_c, block_b
+        z, zv, zt, s1, s2, target, log_prior, lambdas, int(ignore_index), need_grad
     )
 
 
@@ -294,9 +268,6 @@ def fused_la_loss(
     target: torch.Tensor,
     log_prior: torch.Tensor,
     ignore_index: int = -100,
-    *,
-    block_c: Optional[int] = None,
-    block_b: Optional[int] = None,
 ) -> torch.Tensor:
     """Compensated LA cross-entropy (Eq. 22), fused: the FIT kernel with FIT off (one stream).
 
@@ -311,5 +282,5 @@ def fused_la_loss(
     log_prior = _prepare_log_prior(log_prior, logits.device)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     return FusedFITLALossFunction.apply(
-        logits, None, None, None, None, target, log_prior, (0.0, 0.0, 0.0), int(ignore_index), need_grad, block_c, block_b
+        logits, None, None, None, None, target, log_prior, (0.0, 0.0, 0.0), int(ignore_index), need_grad
     )

@@ -31,10 +31,8 @@ from typing import Optional
 
 import torch
 
-from .backend import HAS_TRITON, device_ctx
-
-if HAS_TRITON:  # the launch configurations below use triton's integer helpers
-    import triton
+from . import backend, launch
+from .backend import device_ctx
 
 _kernels = None
 
@@ -48,48 +46,8 @@ def _kernel_module():
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration
+# Operands (the launch configurations are in `sage_fast.ops.launch`)
 # --------------------------------------------------------------------------------------------
-
-
-def _block_h(h: int) -> int:
-    # GPU tl.dot needs every tile dim >= 16.
-    return max(16, triton.next_power_of_2(h))
-
-
-def _row_config(d: int, block_h: int, interpret: bool, op_dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) of the row kernels.
-
-    Picked so that ptxas (sm_90) reports no register spills for both row kernels, for bf16, fp16
-    and fp32 operands (tests/test_kernels_compile.py checks it); not timed on hardware yet, so a
-    GPU autotune may do better.
-    """
-    cap_d = max(16, triton.next_power_of_2(d))
-    if interpret:  # fewer, larger programs: the interpreter pays per program and per op
-        return 64, min(128, cap_d), 4
-    if block_h <= 64:
-        # fp32 operands take twice the registers per tile: 64 rows spill there, 32 do not.
-        return (32 if op_dtype == torch.float32 else 64), min(64, cap_d), 8
-    if block_h <= 128:
-        return 32, min(64, cap_d), 8
-    if block_h <= 256:
-        return 32, min(32, cap_d), 8
-    return 16, 16, 8
-
-
-def _dw_config(d: int, block_h: int, m: int, interpret: bool, sms: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_D, BLOCK_H, SPLIT, num_warps) of the weight-gradient kernel (spill-free on sm_90).
-
-    sms: the device's multiprocessor count; the row split fills about two waves of programs."""
-    bh = min(block_h, 128)
-    block_d = min(64 if bh <= 64 else 32, max(16, triton.next_power_of_2(d)))
-    block_m = 64
-    n_row_blocks = triton.cdiv(m, block_m)
-    if interpret:
-        return block_m, block_d, bh, min(2, n_row_blocks), 4
-    tiles = triton.cdiv(d, block_d) * triton.cdiv(block_h, bh)
-    split = max(1, min(n_row_blocks, triton.cdiv(2 * sms, tiles)))  # partials: split x d x H fp32
-    return block_m, block_d, bh, split, 8
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -145,18 +103,17 @@ def sg_adapter_fwd(
     rstd = torch.empty((m_rows,), device=x.device, dtype=torch.float32)
     if m_rows == 0:
         return out, mean, rstd
-    op_dtype = _operand_dtype(compute_dtype, k.INTERPRET)
+    op_dtype = _operand_dtype(compute_dtype, backend.interpret_enabled())
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_t = w_up.t().to(op_dtype).contiguous()                           # (H, d): coalesced rows of W_up^T
-    block_h = _block_h(h)
-    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
+    row = launch.row_launch(d, h, op_dtype, x.device)
     with device_ctx(x):
-        k.sg_adapter_fwd_kernel[(triton.cdiv(m_rows, block_m),)](
+        k.sg_adapter_fwd_kernel[(row.programs(m_rows),)](
             x, mlp if block_epilogue else x, out, mean, rstd, w_cat_c, b_cat.float().contiguous(), w_up_t,
             b_up.float().contiguous(), scale.float() if block_epilogue else b_cat,
             m_rows, d, h, 1.0 - alpha, eps,
-            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_EPILOGUE=block_epilogue,
-            DOT_PRECISION=_dot_precision(op_dtype), num_warps=num_warps,
+            BLOCK_M=row.block_m, BLOCK_D=row.block_d, BLOCK_H=launch.row_block_h(h),
+            BLOCK_EPILOGUE=block_epilogue, DOT_PRECISION=_dot_precision(op_dtype), num_warps=row.num_warps,
         )
     return out, mean, rstd
 
@@ -196,13 +153,12 @@ def sg_adapter_bwd(
         z = lambda *s: torch.zeros(s, device=dev, dtype=torch.float32)  # noqa: E731
         return dx, z(d, h), z(h), z(d, h), z(d), z()
     block_epilogue = scale is not None
-    op_dtype = _operand_dtype(compute_dtype, k.INTERPRET)
+    op_dtype = _operand_dtype(compute_dtype, backend.interpret_enabled())
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_c = w_up.to(op_dtype).contiguous()
     scale32 = scale.float() if block_epilogue else None
-    block_h = _block_h(h)
-    block_m, block_d, num_warps = _row_config(d, block_h, k.INTERPRET, op_dtype)
-    n_prog = triton.cdiv(m_rows, block_m)
+    row = launch.row_launch(d, h, op_dtype, dev)
+    n_prog = row.programs(m_rows)
     act = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
     dh = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
     ds_part = torch.empty((n_prog,), device=dev, dtype=torch.float32)
@@ -214,19 +170,19 @@ def sg_adapter_bwd(
             w_cat_c.float().sum(0), w_up_c, scale32 if block_epilogue else b_cat,
             act, dh, ds_part, dbcat_part,
             m_rows, d, h, 1.0 - alpha,
-            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_EPILOGUE=block_epilogue,
-            DOT_PRECISION=prec, num_warps=num_warps,
+            BLOCK_M=row.block_m, BLOCK_D=row.block_d, BLOCK_H=launch.row_block_h(h),
+            BLOCK_EPILOGUE=block_epilogue, DOT_PRECISION=prec, num_warps=row.num_warps,
         )
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    bm, bd, bh, split, dw_warps = _dw_config(d, block_h, m_rows, k.INTERPRET, sms)
-    dwcat_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
-    dwup_part = torch.empty((split, d, h), device=dev, dtype=torch.float32)
-    dbup_part = torch.empty((split, d), device=dev, dtype=torch.float32)
+    dw = launch.weight_grad_launch(d, h, m_rows, op_dtype, dev)
+    dwcat_part = torch.empty((dw.split, d, h), device=dev, dtype=torch.float32)
+    dwup_part = torch.empty((dw.split, d, h), device=dev, dtype=torch.float32)
+    dbup_part = torch.empty((dw.split, d), device=dev, dtype=torch.float32)
     with device_ctx(x):
-        k.sg_adapter_bwd_dw_kernel[(triton.cdiv(h, bh), triton.cdiv(d, bd), split)](
+        k.sg_adapter_bwd_dw_kernel[dw.grid(d, h)](
             x, dout, mean, rstd, act, dh, dwcat_part, dwup_part, dbup_part,
-            m_rows, d, h, split,
-            BLOCK_M=bm, BLOCK_D=bd, BLOCK_H=bh, DOT_PRECISION=prec, num_warps=dw_warps,
+            m_rows, d, h, SPLIT=dw.split,
+            BLOCK_M=dw.block_m, BLOCK_D=dw.block_d, BLOCK_H=dw.block_h, DOT_PRECISION=prec,
+            num_warps=dw.num_warps,
         )
     colsum = dbup_part.sum(0)                                           # sum over rows of dout
     dw_cat = dwcat_part.sum(0)

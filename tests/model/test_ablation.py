@@ -18,6 +18,8 @@ from sage_fast.model.templates import SINGLE_TEMPLATE, TEMPLATES
 from sage_fast.ops import LOSSES
 from sage_fast.training.config import ConfigError, build_config
 
+from helpers.adapters import randomise_adapters
+
 TINY = "sage-tiny"
 NAMES = ["golden_retriever", "red fox", "tabby cat", "school bus"]
 COUNTS = [150, 60, 12, 3]
@@ -31,10 +33,8 @@ def _build(seed=0, **fields):
 
 
 def _randomise(model, seed):
-    gen = torch.Generator().manual_seed(seed)
+    randomise_adapters(model.adapters, seed)
     with torch.no_grad():
-        for p in model.adapters.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
         if model.fit:
             model.criterion.s1.fill_(0.3)
             model.criterion.s2.fill_(-0.1)

@@ -1,8 +1,11 @@
 """The Sage model on a small random-init open_clip config (registered by the tests)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.adapters import randomise_adapters
 from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip, text_classifier
 from sage_fast.model.templates import TEMPLATES, prompts_for
 
@@ -16,31 +19,28 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def model(tiny):
+def _built_model(tiny):
+    """Built once per module; tests get a copy (`model`), never this one."""
     torch.manual_seed(0)
     return build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
 
 
-def randomise_adapters(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in model.adapters:
-            for p in adapter.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+@pytest.fixture
+def model(_built_model):
+    """A fresh Sage model (a deep copy of the module's one): a test may change its weights, backend,
+    attention or mode without another test seeing it."""
+    return copy.deepcopy(_built_model)
 
 
 def test_fresh_model_is_zero_shot_clip(model):
     images = torch.randn(3, 3, model.image_size, model.image_size)
-    try:
-        with torch.no_grad():
-            want = model.clip.encode_image(images)
-            for backend in ("sdpa", "open_clip"):
-                model.attention = backend
-                for adapters in (True, False):
-                    feats = model.visual_features(images, adapters=adapters)
-                    torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
-    finally:
-        model.attention = "auto"
+    with torch.no_grad():
+        want = model.clip.encode_image(images)
+        for backend in ("sdpa", "open_clip"):
+            model.attention = backend
+            for adapters in (True, False):
+                feats = model.visual_features(images, adapters=adapters)
+                torch.testing.assert_close(feats @ model.clip.visual.proj, want, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_backend_matches_open_clip(model):
@@ -59,7 +59,6 @@ def test_xformers_attention_matches_open_clip(model):
     x = torch.randn(2, 197, model.dim, device="cuda")
     want = block.attn(x, x, x, need_weights=False)[0]
     torch.testing.assert_close(frozen_self_attention(block.attn, x, "xformers"), want, rtol=1e-4, atol=1e-4)
-    block.cpu()
 
 
 def test_only_intended_parameters_train(model):
@@ -105,7 +104,6 @@ def test_outputs_and_fit_logits(model):
 def test_frozen_backbone_stays_in_eval_mode(model):
     model.train()
     assert model.adapters.training and not model.clip.training
-    model.eval()
 
 
 def test_build_from_local_checkpoint(tmp_path, tiny):
@@ -156,7 +154,7 @@ def test_training_steps_lower_the_loss(tiny, fit):
 def test_every_trainable_parameter_gets_a_gradient(tiny):
     torch.manual_seed(3)
     m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
-    randomise_adapters(m)
+    randomise_adapters(m.adapters)
     with torch.no_grad():
         m.criterion.s1.fill_(0.2)
         m.criterion.s2.fill_(0.1)
@@ -170,7 +168,7 @@ def test_every_trainable_parameter_gets_a_gradient(tiny):
 
 def test_trainable_state_dict_round_trip(model, tiny):
     other = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
-    randomise_adapters(model, seed=9)
+    randomise_adapters(model.adapters, seed=9)
     other.load_trainable_state_dict(model.trainable_state_dict())
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(dict(other.named_parameters())[k], v)
@@ -183,7 +181,7 @@ def test_fused_and_reference_adapters_agree_in_the_model(tiny):
     """The model's fused path (Triton under the interpreter on CPU) against its reference path."""
     torch.manual_seed(4)
     m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
-    randomise_adapters(m, seed=4)
+    randomise_adapters(m.adapters, seed=4)
     images = torch.randn(2, 3, m.image_size, m.image_size)
     target = torch.tensor([1, 3])
     results = {}
@@ -206,7 +204,7 @@ def test_torch_compile_traces_the_fused_model_without_graph_breaks(tiny):
     torch.manual_seed(6)
     m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False)
     m.set_backend("triton")
-    randomise_adapters(m, seed=6)
+    randomise_adapters(m.adapters, seed=6)
     m.attention = "sdpa"
     images = torch.randn(2, 3, m.image_size, m.image_size)
     explained = torch._dynamo.explain(m.visual_features)(images)
@@ -227,7 +225,7 @@ def test_default_fused_training_path_matches_the_reference(tiny):
     for impl in ("torch", "triton"):
         torch.manual_seed(7)
         m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend=impl, progress=False)
-        randomise_adapters(m, seed=7)
+        randomise_adapters(m.adapters, seed=7)
         with torch.no_grad():
             m.criterion.s1.fill_(0.3)
             m.criterion.s2.fill_(-0.1)
@@ -268,7 +266,7 @@ def test_fused_model_matches_reference_under_bf16_autocast_on_cuda(tiny):
     for impl in ("torch", "triton"):
         torch.manual_seed(8)
         m = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend=impl, device="cuda", progress=False)
-        randomise_adapters(m, seed=8)
+        randomise_adapters(m.adapters, seed=8)
         images = torch.randn(8, 3, m.image_size, m.image_size, device="cuda",
                              generator=torch.Generator(device="cuda").manual_seed(2))
         with torch.autocast("cuda", dtype=torch.bfloat16):

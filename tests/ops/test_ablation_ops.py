@@ -26,6 +26,8 @@ from sage_fast.ops import LOSSES
 from sage_fast.ops import sg_adapter as fa
 from sage_fast.ops.reference import SGAdapter
 
+from helpers.adapters import randomise_adapter
+
 # Where the Triton path runs: CUDA if present, else CPU under the interpreter.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # (leading shape, d, r): r = 1 (H = 1, far below the kernel's 16-wide tile), odd d and r, several row tiles.
@@ -35,11 +37,7 @@ IDS = [f"{'x'.join(map(str, c[0]))}-d{c[1]}-r{c[2]}" for c in CASES]
 
 def _randomise(module, seed):
     """Every parameter random (a fresh adapter has up = 0 and would hide most gradients)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            scale = 0.5 if p.ndim < 2 else 1.0 / p.shape[1] ** 0.5
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    randomise_adapter(module, seed)
 
 
 def _inputs(lead, d, seed=1):

@@ -9,19 +9,22 @@ report (`-v`) for register spills.
 What gets compiled is exactly what the GPU launch path would launch: a child process calls the
 glue's launch functions (`sage_fast.ops.sg_adapter.sg_adapter_fwd` / `sg_adapter_bwd`,
 `sage_fast.ops.la_loss._fit_la_loss_forward`) on small CPU tensors with the real (not interpreted)
-kernel module, non-interpret mode, and the kernels swapped for recorders. Each recorded launch is
-specialised the way Triton's JIT specialises a launch (argument types, 16-divisibility of
-pointers and integers, integers equal to 1 as constants) and compiled once per distinct
-specialisation. Cases: adapter d in {768, 1024} with r in {1, 4, 32, 256} (2r padded by the
-glue), forward and backward, block epilogue with inputs bf16 / fp16 / fp32 plus a mixed case
-(fp32 residual stream, bf16 mlp_out and GEMM operands: a user's fp32 model under bf16 autocast;
-the Sage model itself runs all-bf16 there, as open_clip's LayerNorm casts back to bf16), drop-in form in
-bf16; loss C in {8142, 100}, FIT on and off, logits bf16 / fp16 / fp32 with all gradients, and
-fp32 inference (no gradient). About 40 s on 2 shared cores (~60 distinct compilations).
+kernel module, non-interpret mode, and the kernels swapped for recorders; the launch
+configurations come from `sage_fast.ops.launch`, whose `device_info` answers as an H100 (its name,
+132 SMs). Each recorded launch is specialised the way Triton's JIT specialises a launch (argument
+types, 16-divisibility of pointers and integers, integers equal to 1 as constants) and compiled
+once per distinct specialisation. Cases: adapter d in {768, 1024} with r in {1, 4, 32, 256} (2r
+padded by the glue), forward and backward, block epilogue with inputs bf16 / fp16 / fp32 plus a
+mixed case (fp32 residual stream, bf16 mlp_out and GEMM operands: a user's fp32 model under bf16
+autocast; the Sage model itself runs all-bf16 there, as open_clip's LayerNorm casts back to bf16),
+drop-in form in bf16; every entry of the tuned tables (`sage_fast.ops.launch.TUNED_*`, empty
+today) at its own (device name, d, r, dtype); loss C in {8142, 100}, FIT on and off, logits
+bf16 / fp16 / fp32 with all gradients, and fp32 inference (no gradient). About 40 s on 2 shared
+cores (~60 distinct compilations).
 
 The child process is needed because tests/conftest.py sets TRITON_INTERPRET=1 for the whole
 session on CPU, and Triton fixes interpret mode when a kernel is decorated. The same file is the
-child's script (`python tests/test_kernels_compile.py OUT.json`).
+child's script (`python tests/ops/test_kernels_compile.py OUT.json`).
 
 Shared memory: no configuration may ask for more than sm_90's 227 KiB per block (it would compile
 and then fail at launch). The report also prints an occupancy estimate (resident programs per SM
@@ -45,6 +48,7 @@ import warnings
 import pytest
 
 H100 = ("cuda", 90, 32)
+H100_NAME = "NVIDIA H100 80GB HBM3"  # as torch.cuda.get_device_name reports an SXM H100
 # sm_90's limits: a program asking for more shared memory than the opt-in maximum per block
 # compiles fine but fails at launch (Triton raises OutOfResources), which no CPU test would see.
 SM90_MAX_SHARED_PER_BLOCK = 232448      # 227 KiB
@@ -83,13 +87,17 @@ def _record_launches() -> list:
 
     import torch
 
-    import sage_fast.ops.sg_adapter as fa
     import sage_fast.ops.la_loss as fl
+    import sage_fast.ops.launch as launch
+    import sage_fast.ops.sg_adapter as fa
     from sage_fast.kernels import la_loss as kl
     from sage_fast.kernels import sg_adapter as ka
+    from sage_fast.kernels import utils as kernel_utils
 
-    if ka.INTERPRET or kl.INTERPRET:
-        raise RuntimeError("the kernel modules were imported in interpret mode (TRITON_INTERPRET=1 is set)")
+    from helpers.adapters import random_folded_weights
+
+    if kernel_utils.INTERPRET:
+        raise RuntimeError("the kernels were imported in interpret mode (TRITON_INTERPRET=1 is set)")
     launches: list = []
     label = [""]
 
@@ -103,38 +111,45 @@ def _record_launches() -> list:
     loss_kernels = proxy(kl, ["fit_la_loss_fwd_kernel"])
     fl._kernels = lambda: loss_kernels
 
-    # The weight-gradient kernel's split-K factor depends on the SM count: take an H100's 132 SMs,
-    # as the GPU path would (SPLIT = 1 would otherwise be specialised into a constant).
-    real_dw_config = fa._dw_config
-
-    def dw_config_h100(d, block_h, m, interpret, sms):
-        return real_dw_config(d, block_h, m, interpret, 132)
-
-    fa._dw_config = dw_config_h100
+    # The launch path asks the device for its name (tuned entries) and SM count (the weight-gradient
+    # kernel's split-K factor): answer as an H100 would, with its 132 SMs (SPLIT = 1 would otherwise be
+    # specialised into a constant).
+    device = [H100_NAME]
+    launch.device_info = lambda dev: (device[0], 132)
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     name = {f32: "fp32", bf16: "bf16", f16: "fp16"}
     rows = 512  # token rows; a multiple of 16 like most real batches (B x 197 tokens, B even)
+
+    def adapter_case(d, r, x_dt, mlp_dt, cdt, block):
+        w_cat, b_cat, w_up, b_up = random_folded_weights(d, r)
+        label[0] = (
+            f"d={d} r={r} x={name[x_dt]} ops={name[cdt]}"
+            + (f" mlp={name[mlp_dt]} block" if block else " drop-in")
+            + ("" if device[0] == H100_NAME else f" tuned for {device[0]}")
+        )
+        x = torch.randn(rows, d, dtype=x_dt)
+        scale = torch.tensor(0.5) if block else None
+        mlp = torch.randn(rows, d, dtype=mlp_dt) if block else None
+        out, mean, rstd = fa.sg_adapter_fwd(x, w_cat, b_cat, w_up, b_up, scale, mlp, 0.1, 1e-5, cdt)
+        dout = torch.randn_like(out)
+        fa.sg_adapter_bwd(dout, x, mean, rstd, w_cat, b_cat, w_up, b_up, scale, 0.1, cdt)
+
     # (x, mlp_out, compute dtype): the plain dtypes (the Sage model under bf16 autocast is all
     # bf16), and a mixed fp32-residual / bf16-operand case. The model uses the block epilogue; the drop-in form (a subset of its code) is compiled in bf16 only,
     # to keep the test's time down.
     adapter_dtypes = [(bf16, bf16, bf16), (f16, f16, f16), (f32, f32, f32), (f32, bf16, bf16)]
     for d, r in [(768, 1), (768, 4), (768, 32), (768, 256), (1024, 1), (1024, 4), (1024, 32), (1024, 256)]:
-        h = 2 * r
-        w_cat, w_up = torch.randn(d, h), torch.randn(d, h)
-        b_cat, b_up = torch.randn(h), torch.randn(d)
         for x_dt, mlp_dt, cdt in adapter_dtypes:
             for block in (True, False) if cdt == bf16 and x_dt == bf16 else (True,):
-                label[0] = (
-                    f"d={d} r={r} x={name[x_dt]} ops={name[cdt]}"
-                    + (f" mlp={name[mlp_dt]} block" if block else " drop-in")
-                )
-                x = torch.randn(rows, d, dtype=x_dt)
-                scale = torch.tensor(0.5) if block else None
-                mlp = torch.randn(rows, d, dtype=mlp_dt) if block else None
-                out, mean, rstd = fa.sg_adapter_fwd(x, w_cat, b_cat, w_up, b_up, scale, mlp, 0.1, 1e-5, cdt)
-                dout = torch.randn_like(out)
-                fa.sg_adapter_bwd(dout, x, mean, rstd, w_cat, b_cat, w_up, b_up, scale, 0.1, cdt)
+                adapter_case(d, r, x_dt, mlp_dt, cdt, block)
+
+    # Every tuned entry (sage_fast.ops.launch.TUNED_*), on the device it was tuned for: block
+    # epilogue with inputs in the entry's operand dtype.
+    for dev_name, d, r, cdt in sorted(set(launch.TUNED_ROW) | set(launch.TUNED_WEIGHT_GRAD), key=repr):
+        device[0] = dev_name
+        adapter_case(d, r, cdt, cdt, cdt, True)
+    device[0] = H100_NAME
 
     batch = 64
     for num_classes in (8142, 100):
@@ -149,9 +164,7 @@ def _record_launches() -> list:
                     zv, zt = (torch.randn_like(z), torch.randn_like(z)) if fit else (None, None)
                     s = torch.tensor([0.3, 0.2]) if fit else log_prior
                     need = (train, train and fit, train and fit)
-                    fl._fit_la_loss_forward(
-                        z, zv, zt, s, target, log_prior, (0.015, 0.02, 0.4), -100, need, fit, None, None
-                    )
+                    fl._fit_la_loss_forward(z, zv, zt, s, target, log_prior, (0.015, 0.02, 0.4), -100, need, fit)
     return launches
 
 
@@ -376,4 +389,5 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: `helpers`
     _child_main(sys.argv[1])

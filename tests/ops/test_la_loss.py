@@ -8,6 +8,7 @@ import torch
 from torch.func import functional_call
 
 import sage_fast.ops.backend as fused_loss_module
+import sage_fast.ops.launch as launch
 import sage_fast.ops.modules as losses_module
 from sage_fast.ops.backend import resolve_backend
 from sage_fast.ops.la_loss import fused_fit_loss, fused_la_loss
@@ -53,10 +54,10 @@ def reference_fit(z, zv, zt, target, counts, s1, s2, lambdas=LAMBDAS, ignore_ind
     return loss.detach(), z_hat.detach(), list(grads), ref.log_prior
 
 
-def fused_fit(z, zv, zt, target, log_prior, s1, s2, lambdas=LAMBDAS, ignore_index=-100, **blocks):
+def fused_fit(z, zv, zt, target, log_prior, s1, s2, lambdas=LAMBDAS, ignore_index=-100):
     s1 = torch.tensor(float(s1), device=DEVICE, requires_grad=True)
     s2 = torch.tensor(float(s2), device=DEVICE, requires_grad=True)
-    loss, z_hat = fused_fit_loss(z, zv, zt, target, log_prior, s1, s2, lambdas, ignore_index, **blocks)
+    loss, z_hat = fused_fit_loss(z, zv, zt, target, log_prior, s1, s2, lambdas, ignore_index)
     grads = torch.autograd.grad(loss, [z, zv, zt, s1, s2])
     return loss.detach(), z_hat.detach(), list(grads)
 
@@ -68,32 +69,43 @@ def assert_grads_close(got, want, dtype):
         torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# (batch, C, block_c, block_b): the batch sizes 1..300 with small C; C up to iNaturalist's 8142
-# and past 10,000;
-# forced small tiles so that several chunks (online log-sum-exp) and a partial row tile run.
+def force_loss_tile(monkeypatch, tile):
+    """Launch the loss kernel with tile = (block_b, block_c) instead of the launch heuristic's choice
+    (None: keep it): small tiles run several class chunks (the online log-sum-exp) and partial row
+    tiles at a C small enough for the interpreter."""
+    if tile is None:
+        return
+    block_b, block_c = tile
+    forced = launch.LossLaunch(block_b=block_b, block_c=block_c, num_warps=launch.loss_num_warps(block_b, block_c))
+    monkeypatch.setattr(launch, "loss_launch", lambda batch, num_classes: forced)
+
+
+# (batch, C, tile): the batch sizes 1..300 with small C; C up to iNaturalist's 8142 and past
+# 10,000; forced tiles (block_b, block_c) so that several chunks and a partial row tile run.
 CASES = [
-    (1, 1, None, None),
-    (17, 3, None, None),
-    (300, 3, None, None),
-    (300, 100, 32, 64),
-    (9, 100, None, None),
-    (5, 1000, None, None),
-    (7, 1000, 128, 2),
-    (2, 8142, None, None),
-    (3, 8142, 2048, 1),
-    (2, 10007, None, None),
+    (1, 1, None),
+    (17, 3, None),
+    (300, 3, None),
+    (300, 100, (64, 32)),
+    (9, 100, None),
+    (5, 1000, None),
+    (7, 1000, (2, 128)),
+    (2, 8142, None),
+    (3, 8142, (1, 2048)),
+    (2, 10007, None),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("batch,num_classes,block_c,block_b", CASES)
-def test_fit_loss_and_gradients_match_reference(batch, num_classes, block_c, block_b, dtype):
+@pytest.mark.parametrize("batch,num_classes,tile", CASES)
+def test_fit_loss_and_gradients_match_reference(batch, num_classes, tile, dtype, monkeypatch):
     counts = make_counts(num_classes)
     z, zv, zt = make_logits(batch, num_classes, dtype, seed=batch + num_classes)
     target = make_target(batch, num_classes, seed=batch)
     s1, s2 = 0.3, -0.45
     want_loss, want_zhat, want_grads, log_prior = reference_fit(z, zv, zt, target, counts, s1, s2)
-    loss, z_hat, grads = fused_fit(z, zv, zt, target, log_prior, s1, s2, block_c=block_c, block_b=block_b)
+    force_loss_tile(monkeypatch, tile)
+    loss, z_hat, grads = fused_fit(z, zv, zt, target, log_prior, s1, s2)
     assert loss.dtype == torch.float32 and z_hat.dtype == dtype
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z_hat, want_zhat, **TOL[dtype])
@@ -101,14 +113,15 @@ def test_fit_loss_and_gradients_match_reference(batch, num_classes, block_c, blo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("batch,num_classes,block_c,block_b", CASES)
-def test_la_loss_and_gradient_match_reference(batch, num_classes, block_c, block_b, dtype):
+@pytest.mark.parametrize("batch,num_classes,tile", CASES)
+def test_la_loss_and_gradient_match_reference(batch, num_classes, tile, dtype, monkeypatch):
     counts = make_counts(num_classes, seed=1)
     (logits,) = make_logits(batch, num_classes, dtype, seed=7 * batch + num_classes, n=1)
     target = make_target(batch, num_classes, seed=batch + 1)
     want = compensated_la_loss(logits, target, counts, mu=0.5, gamma=0.085)
     (want_grad,) = torch.autograd.grad(want, [logits])
-    got = fused_la_loss(logits, target, compensated_log_prior(counts, 0.5, 0.085), block_c=block_c, block_b=block_b)
+    force_loss_tile(monkeypatch, tile)
+    got = fused_la_loss(logits, target, compensated_log_prior(counts, 0.5, 0.085))
     (grad,) = torch.autograd.grad(got, [logits])
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     assert grad.dtype == dtype
@@ -130,8 +143,8 @@ def test_fit_with_zero_lambdas_and_s_is_the_single_loss():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("num_classes,block_c", [(3, None), (1000, 256)])
-def test_extreme_logits_do_not_overflow(num_classes, block_c, dtype):
+@pytest.mark.parametrize("num_classes,tile", [(3, None), (1000, (8, 256))])
+def test_extreme_logits_do_not_overflow(num_classes, tile, dtype, monkeypatch):
     batch = 6
     counts = make_counts(num_classes, seed=4)
     g = torch.Generator().manual_seed(5)
@@ -145,7 +158,8 @@ def test_extreme_logits_do_not_overflow(num_classes, block_c, dtype):
     target = make_target(batch, num_classes, seed=5, n_ignored=1)
     target[2] = 0
     want_loss, want_zhat, want_grads, log_prior = reference_fit(z, zv, zt, target, counts, 0.5, -0.5)
-    loss, z_hat, grads = fused_fit(z, zv, zt, target, log_prior, 0.5, -0.5, block_c=block_c)
+    force_loss_tile(monkeypatch, tile)
+    loss, z_hat, grads = fused_fit(z, zv, zt, target, log_prior, 0.5, -0.5)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(z_hat, want_zhat, **TOL[dtype])

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from helpers.adapters import randomise_adapter
 from sage_fast.ops.reference import SGAdapter, lift_bottleneck
 
 
@@ -34,19 +35,12 @@ def raw_params(adapter):
     }
 
 
-def randomise(adapter, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 0 else 0.0))
-
-
 @pytest.mark.parametrize("dim,r,alpha", [(16, 1, 0.1), (48, 4, 0.8), (64, 7, 1.0), (32, 3, 0.0)])
 @pytest.mark.parametrize("lead", [(5,), (2, 7), (1, 1, 3)])
 def test_matches_equations(dim, r, alpha, lead):
     torch.manual_seed(dim + r)
     adapter = SGAdapter(dim, r, alpha=alpha).double()
-    randomise(adapter, seed=dim)
+    randomise_adapter(adapter, seed=dim)
     x = torch.randn(*lead, dim, dtype=torch.float64) * 2 + 0.5
     g = torch.randn(dim, dtype=torch.float64)
     got = adapter(x, g)
@@ -70,7 +64,7 @@ def test_fresh_adapter_outputs_zero_and_has_paper_parameter_count():
 def test_forward_block_is_residual_plus_mlp_plus_scaled_adapter():
     dim = 24
     adapter = SGAdapter(dim, 2)
-    randomise(adapter, 3)
+    randomise_adapter(adapter, seed=3)
     x, mlp, g = torch.randn(4, dim), torch.randn(4, dim), torch.randn(dim)
     s = torch.tensor(0.7)
     torch.testing.assert_close(adapter.forward_block(x, g, mlp, s), x + mlp + 0.7 * adapter(x, g))

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.adapters import random_adapter_pair
 from sage_fast.ops import backend as _triton_runtime
 from sage_fast.ops import sg_adapter as fa
 from sage_fast.ops.reference import SGAdapter
@@ -29,19 +30,6 @@ CASES = [
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
 # Where the Triton path runs: CUDA if present, else CPU under the interpreter.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _random_pair(d: int, r: int, alpha: float = 0.3, seed: int = 0, backend: str = "triton", **kw):
-    """A reference adapter with every parameter random (a fresh one has up = 0) and a fused copy
-    (backend "triton": the kernels, interpreted on CPU)."""
-    torch.manual_seed(seed)
-    ref = SGAdapter(d, r, alpha=alpha)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * (0.5 if p.ndim < 2 else 1.0 / d**0.5))
-    fused = SGAdapterFused(d, r, alpha=alpha, backend=backend, **kw)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
 
 
 def _run(module, x, guidance, mlp=None, scale=None, upstream=None):
@@ -101,7 +89,7 @@ def test_matches_reference(lead, d, r, mode, dtype):
     The reference runs in fp32 on the same (already rounded) inputs: for fp16 this measures the
     fused path's own rounding, which must stay at fp16 level.
     """
-    ref, fused = (m.to(DEV) for m in _random_pair(d, r, seed=d + r))
+    ref, fused = (m.to(DEV) for m in random_adapter_pair(d, r, seed=d + r))
     x, g, mlp, up = (t.to(DEV) for t in _inputs(lead, d, dtype))
     kw = {}
     if mode == "block":
@@ -130,7 +118,7 @@ def test_matches_reference(lead, d, r, mode, dtype):
 )
 def test_random_sizes_fp32(rows, d, r, alpha, block):
     """Random widths (d not a power of two), token counts and alphas (1.0 = ReLU)."""
-    ref, fused = (m.to(DEV) for m in _random_pair(d, r, alpha=alpha, seed=rows))
+    ref, fused = (m.to(DEV) for m in random_adapter_pair(d, r, alpha=alpha, seed=rows))
     x, g, mlp, up = (t.to(DEV) for t in _inputs((rows,), d, torch.float32, seed=d))
     kw = dict(mlp=mlp, scale=torch.tensor(1.3, device=DEV)) if block else {}
     out_f, grads_f = _run(fused, x, g, upstream=up, **kw)
@@ -143,7 +131,7 @@ def test_random_sizes_fp32(rows, d, r, alpha, block):
 
 def test_half_module():
     """A module cast to fp16 as a whole (fp16 parameters): fold in fp32, grads back in fp16."""
-    ref, fused = _random_pair(32, 4)
+    ref, fused = random_adapter_pair(32, 4)
     fused = fused.half()
     ref.load_state_dict({k: v.half().float() for k, v in ref.state_dict().items()})
     x, g, mlp, up = _inputs((3, 30), 32, torch.float16)
@@ -174,7 +162,7 @@ def test_auto_on_cpu_is_the_folded_path_and_matches_reference(mode, dtype, monke
 
     monkeypatch.setattr(fa.SGAdapterFunction, "apply", no_kernels)
     lead, d, r = (3, 17), 24, 5
-    ref, fused = _random_pair(d, r, backend="auto")
+    ref, fused = random_adapter_pair(d, r, backend="auto")
     x, g, mlp, up = _inputs(lead, d, dtype)
     kw = dict(mlp=mlp.to(dtype), scale=torch.tensor(-0.4, dtype=dtype)) if mode == "block" else {}
     out_f, grads_f = _run(fused, x, g.to(dtype), upstream=up, **kw)
@@ -191,7 +179,7 @@ def test_torch_backend_is_the_literal_reference(mode, monkeypatch):
     import sage_fast.ops.modules as modules
 
     monkeypatch.setattr(modules, "fold_adapter_weights", lambda *a: pytest.fail("the fold must not run"))
-    ref, fused = _random_pair(24, 5, backend="torch")
+    ref, fused = random_adapter_pair(24, 5, backend="torch")
     x, g, mlp, _ = _inputs((3, 17), 24, torch.float32)
     with torch.no_grad():
         if mode == "block":
@@ -204,7 +192,7 @@ def test_torch_backend_is_the_literal_reference(mode, monkeypatch):
 def test_fold_reproduces_reference_hidden_layer():
     """h = LN(x, no affine) @ W_cat + b_cat equals the reference's concatenated down-projections."""
     d, r = 20, 3
-    ref, _ = _random_pair(d, r)
+    ref, _ = random_adapter_pair(d, r)
     x, g, _, _ = _inputs((7,), d, torch.float64)
     ref = ref.double()
     fv = ref.ln(x)
@@ -217,7 +205,7 @@ def test_fold_reproduces_reference_hidden_layer():
 
 
 def test_state_dict_round_trip_both_ways():
-    ref, fused = _random_pair(16, 2)
+    ref, fused = random_adapter_pair(16, 2)
     assert list(ref.state_dict()) == list(fused.state_dict())
     assert [n for n, _ in ref.named_modules()] == [n for n, _ in fused.named_modules()]
     fresh_ref, fresh_fused = SGAdapter(16, 2, alpha=0.3), SGAdapterFused(16, 2, alpha=0.3)
@@ -232,7 +220,7 @@ def test_state_dict_round_trip_both_ways():
 def test_non_contiguous_input_and_many_leading_dims():
     """Non-contiguous x is copied (documented fallback); out.sum().backward() hands backward an
     expanded, stride-0 gradient, which must work too."""
-    ref, fused = _random_pair(24, 3)
+    ref, fused = random_adapter_pair(24, 3)
     x, g, _, _ = _inputs((2, 3, 4, 5), 24, torch.float32)
     xt = x.transpose(1, 2)  # (2, 4, 3, 5, 24), non-contiguous
     assert not xt.is_contiguous()
@@ -271,7 +259,7 @@ def test_backward_keeps_only_row_stats(block):
     growth of the saved bytes from 61 to 190 rows. The reference, for contrast, keeps several
     activations of width d per row."""
     d, r = 48, 4
-    ref, fused = (m.to(DEV) for m in _random_pair(d, r))
+    ref, fused = (m.to(DEV) for m in random_adapter_pair(d, r))
     growth = {}
     for name, module in (("fused", fused), ("reference", ref)):
         sizes = []
@@ -284,7 +272,7 @@ def test_backward_keeps_only_row_stats(block):
 
 
 def test_custom_op_rejects_non_contiguous_rows():
-    _, fused = _random_pair(16, 2)
+    _, fused = random_adapter_pair(16, 2)
     w_cat, b_cat = fold_adapter_weights(fused, torch.randn(16))
     x = torch.randn(16, 8).t()  # (8, 16), rows not contiguous
     with pytest.raises(ValueError, match="contiguous"):
@@ -294,7 +282,7 @@ def test_custom_op_rejects_non_contiguous_rows():
 
 
 def test_empty_input():
-    _, fused = _random_pair(16, 2)
+    _, fused = random_adapter_pair(16, 2)
     x = torch.zeros(0, 5, 16, requires_grad=True)
     out = fused(x, torch.randn(16))
     assert out.shape == (0, 5, 16)
@@ -303,7 +291,7 @@ def test_empty_input():
 
 
 def test_fp64_auto_falls_back_to_torch_and_triton_refuses():
-    ref, fused = _random_pair(16, 2, backend="auto")
+    ref, fused = random_adapter_pair(16, 2, backend="auto")
     x, g, _, _ = _inputs((6,), 16, torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x, g), ref.double()(x, g.double()), rtol=1e-6, atol=1e-6)
@@ -321,7 +309,7 @@ def test_cpu_without_interpreter_uses_torch_path(monkeypatch):
         raise AssertionError("the Triton path must not run")
 
     monkeypatch.setattr(fa.SGAdapterFunction, "apply", no_kernels)
-    ref, fused = _random_pair(16, 2, backend="auto")
+    ref, fused = random_adapter_pair(16, 2, backend="auto")
     x, g, mlp, _ = _inputs((3, 4), 16, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x, g), ref(x, g), rtol=1e-5, atol=1e-5)
@@ -335,7 +323,7 @@ def test_cpu_without_interpreter_uses_torch_path(monkeypatch):
 
 
 def test_bad_inputs_raise():
-    _, fused = _random_pair(16, 2)
+    _, fused = random_adapter_pair(16, 2)
     x, g, mlp, _ = _inputs((2, 3), 16, torch.float32)
     with pytest.raises(ValueError, match="backend"):
         SGAdapterFused(16, 2, backend="cuda")
@@ -353,7 +341,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("where", ["weight", "guidance", "scale"])
 def test_nan_raises(where):
-    _, fused = _random_pair(16, 2)
+    _, fused = random_adapter_pair(16, 2)
     x, g, mlp, _ = _inputs((2, 3), 16, torch.float32)
     s = torch.tensor(1.0)
     if where == "weight":
@@ -371,7 +359,7 @@ def test_nan_raises(where):
 
 def test_torch_compile_fullgraph_no_graph_break():
     """The custom ops let torch.compile trace forward and backward in one graph."""
-    ref, fused = (m.to(DEV) for m in _random_pair(24, 3))
+    ref, fused = (m.to(DEV) for m in random_adapter_pair(24, 3))
     x, g, mlp, up = (t.to(DEV) for t in _inputs((2, 21), 24, torch.float32))
     scale = torch.nn.Parameter(torch.tensor(0.6, device=DEV))
 
@@ -401,7 +389,7 @@ def test_torch_compile_fullgraph_no_graph_break():
 def test_autocast_bf16_cpu():
     """Under autocast the GEMM operands follow autocast's dtype; forward returns it (as the
     reference's last Linear does), forward_block keeps x's dtype; gradients reach fp32 weights."""
-    ref, fused = _random_pair(32, 4)
+    ref, fused = random_adapter_pair(32, 4)
     x, g, mlp, _ = _inputs((2, 20), 32, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a = fused(x, g)
@@ -426,7 +414,7 @@ def test_bf16_vit_shapes_cuda(r, mode):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     d, lead = 768, (128, 197)
-    ref, fused = _random_pair(d, r)
+    ref, fused = random_adapter_pair(d, r)
     ref, fused = ref.cuda(), fused.cuda()
     x, g, mlp, up = (t.cuda() for t in _inputs(lead, d, torch.bfloat16))
     kw = dict(mlp=mlp.bfloat16(), scale=torch.tensor(0.8, device="cuda")) if mode == "block" else {}
@@ -445,7 +433,7 @@ def test_fp32_cuda_matches_reference(r):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     d, lead = 1024, (4, 197)
-    ref, fused = _random_pair(d, r)
+    ref, fused = random_adapter_pair(d, r)
     ref, fused = ref.cuda(), fused.cuda()
     x, g, mlp, up = (t.cuda() for t in _inputs(lead, d, torch.float32))
     kw = dict(mlp=mlp, scale=torch.tensor(0.8, device="cuda"))
@@ -469,7 +457,7 @@ def test_autocast_bf16_cuda_block(x_dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     d, lead = 768, (16, 197)
-    ref, fused = _random_pair(d, 8)
+    ref, fused = random_adapter_pair(d, 8)
     ref, fused = ref.cuda(), fused.cuda()
     x, g, mlp, up = (t.cuda() for t in _inputs(lead, d, torch.float32))
     x = x.to(x_dtype)
