@@ -27,7 +27,8 @@ the row's ``adapters.safetensors``. The table holds the rows run now and every o
 in the folder. ``--rows`` picks rows by name (``+`` optional, any case) or number; ``--dry-run`` lists the
 rows and whether each is finished, without training.
 
-The four switches come from the rows: giving one of them as an override is an error. Other model keys
+The four switches come from the rows: giving one of them as an override is an error (a config file's
+values of them are replaced). Other model keys
 (``model.text_proj``, ``model.gamma``, ``model.lambdas``, ...) apply to every row that uses them.
 """
 from __future__ import annotations
@@ -257,8 +258,12 @@ def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequenc
     """Run or reuse the `selected` rows (0-based indices into `planned`) in ladder order; after each, rewrite
     ``ablation.md`` and ``ablation.csv`` with them and every other row finished earlier.
 
-    -> [(planned row, report, status)] for the selected rows (status: see `sweep.run_or_reuse`).
+    -> [(planned row, report, status)] for the selected rows (status: see `sweep.run_or_reuse`). `log` gets the
+    progress lines (on the main process only).
     """
+    if not _is_main():  # under torchrun: one process reports
+        def log(*args, **kwargs):
+            pass
     out_dir = Path(base.train.output_dir)
     others = {i: finished_report(planned[i].cfg, planned[i].folder) for i in range(len(planned)) if i not in selected}
     others = {i: r for i, r in others.items() if r is not None}
