@@ -129,6 +129,12 @@ def _sweep(argv):
     return sweep_main(argv)
 
 
+def _ablate(argv):
+    from .ablate import main as ablate_main
+
+    return ablate_main(argv)
+
+
 COMMANDS = {
     "demo": (_demo, "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
     "train": (_train, "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
@@ -136,6 +142,8 @@ COMMANDS = {
     "predict": (_predict, "top-k classes and probabilities of images (files or folders), as a table or JSON"),
     "attention": (_attention, "class-token attention maps of zero-shot CLIP and the fine-tuned model, as a PNG"),
     "sweep": (_sweep, "one training run per value of one or two config keys; sweep.csv and sweep.png"),
+    "ablate": (_ablate, "the component ladder of Tables 5 and 6 (baseline, +SG, +Init, +CF, +FIT), one run per "
+                        "row; ablation.md and ablation.csv"),
 }
 
 

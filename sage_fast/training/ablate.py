@@ -1,0 +1,376 @@
+"""`sage-fast ablate`: the component ladder of the paper's Tables 5 and 6, one training run per row.
+
+    sage-fast ablate --preset imagenet_lt data.root=/data/ImageNet_LT train.output_dir=runs/ablation
+    sage-fast ablate --config run.yaml train.output_dir=runs/ablation --rows baseline +FIT
+    sage-fast ablate --preset places_lt data.root=/data/Places_LT train.output_dir=runs/ablation --dry-run
+
+Each row adds one component to the row before it (docs/method.md, "Ablation switches"); the rows set the
+four switches below on top of the given config (preset, YAML file, overrides), everything else is the
+given config's:
+
+    row        model.adapter  model.classifier_init  model.loss   model.fit
+    baseline   adaptformer    single                 la           false      LIFT: AdaptFormer, one prompt, LA loss
+    +SG        sg             single                 la           false      the SG-Adapter replaces AdaptFormer
+    +Init      sg             templates              la           false      classifier from the 60 templates
+    +CF        sg             templates              compensated  false      the compensation factor in the loss
+    +FIT       sg             templates              compensated  true       FIT: the full Sage
+
+Each row trains in its own folder under ``train.output_dir`` (``1-baseline``, ``2-sg``, ``3-init``,
+``4-cf``, ``5-fit``). A row whose folder holds a finished run of the same config is not rerun; one
+interrupted with a checkpoint is resumed; one of another config (the base config changed) is trained again
+from scratch (see ``sage-fast sweep``). So the same command again continues where it stopped.
+
+After every row, ``train.output_dir`` gets ``ablation.md`` (a Markdown table) and ``ablation.csv``: per row
+overall / many / medium / few test top-1 (%), the trainable parameters (adapters, block scales, classifier,
+FIT's s1 and s2) and the adapters' own (adapters and block scales: the paper's Table 12 count), read from
+the row's ``adapters.safetensors``. The table holds the rows run now and every other row already finished
+in the folder. ``--rows`` picks rows by name (``+`` optional, any case) or number; ``--dry-run`` lists the
+rows and whether each is finished, without training.
+
+The four switches come from the rows: giving one of them as an override is an error (a config file's
+values of them are replaced). Other model keys
+(``model.text_proj``, ``model.gamma``, ``model.lambdas``, ...) apply to every row that uses them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .config import ConfigError, SageConfig, build_config, parse_overrides
+from .sweep import METRICS, _is_main, finished_report, run_or_reuse
+
+#: the switches the rows set, in the table's column order
+SWITCHES = ("adapter", "classifier_init", "loss", "fit")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str          # as the paper's tables write it: "baseline", "+SG", ...
+    slug: str          # its folder, after its number: "baseline", "sg", ...
+    model: Dict[str, Any]  # the model.* values it sets (all four SWITCHES)
+    what: str          # the component it adds, in words
+
+
+#: Tables 5 and 6 of the paper: each row adds one component to the one before it
+LADDER: Tuple[Row, ...] = (
+    Row("baseline", "baseline", {"adapter": "adaptformer", "classifier_init": "single", "loss": "la", "fit": False},
+        "LIFT: AdaptFormer, classifier from one prompt, logit-adjusted loss, no FIT"),
+    Row("+SG", "sg", {"adapter": "sg", "classifier_init": "single", "loss": "la", "fit": False},
+        "the SG-Adapter instead of AdaptFormer"),
+    Row("+Init", "init", {"adapter": "sg", "classifier_init": "templates", "loss": "la", "fit": False},
+        "the classifier initialised from the 60 templates"),
+    Row("+CF", "cf", {"adapter": "sg", "classifier_init": "templates", "loss": "compensated", "fit": False},
+        "the compensation factor in the loss (Eq. 22)"),
+    Row("+FIT", "fit", {"adapter": "sg", "classifier_init": "templates", "loss": "compensated", "fit": True},
+        "FIT (Eq. 23, 24): the full Sage"),
+)
+
+
+def row_folder(index: int, row: Row) -> str:
+    return f"{index}-{row.slug}"
+
+
+def row_overrides(row: Row) -> List[str]:
+    """The row as ``model.key=value`` overrides (for messages and the docs)."""
+    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in row.model.items()]
+
+
+def select_rows(names: Optional[Sequence[str]]) -> List[int]:
+    """Ladder indices (0-based, in ladder order) of the rows named: "baseline", "+SG" / "sg" / "SG", or "1".."5".
+    None or empty: every row. ConfigError for a name that is no row."""
+    if not names:
+        return list(range(len(LADDER)))
+    lookup = {}
+    for i, row in enumerate(LADDER):
+        for alias in (row.name, row.slug, row.name.lstrip("+"), str(i + 1), row_folder(i + 1, row)):
+            lookup[alias.lower()] = i
+    picked = set()
+    for name in names:
+        key = name.strip().lower()
+        if key not in lookup:
+            raise ConfigError(f"no ablation row {name!r}; rows: {', '.join(r.name for r in LADDER)} "
+                              f"(or their numbers 1 to {len(LADDER)})")
+        picked.add(lookup[key])
+    return sorted(picked)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Planned:
+    index: int   # 1-based, the row's place in the ladder
+    row: Row
+    cfg: SageConfig
+    folder: Path
+
+
+def plan(config=None, overrides: Sequence[str] = (), preset: Optional[str] = None
+         ) -> Tuple[SageConfig, List[Planned]]:
+    """The base config and every row of the ladder (all five, in order), each with its config and folder.
+
+    ConfigError for a bad key or value, or an override of one of the rows' switches.
+    """
+    layer = parse_overrides(list(overrides))
+    fixed = sorted(f"model.{k}" for k in SWITCHES if k in (layer.get("model") or {}))
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the ablation rows; "
+                          "leave it out (pick rows with --rows)")
+    base = build_config(config, layer, preset=preset)
+    out_dir = Path(base.train.output_dir)
+    planned = []
+    for i, row in enumerate(LADDER, 1):
+        layer_i = copy.deepcopy(layer)
+        model = layer_i.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError("the override 'model' must be a mapping of model keys")
+        model.update(row.model)
+        cfg = build_config(config, layer_i, preset=preset)
+        folder = out_dir / row_folder(i, row)
+        cfg.train.output_dir = str(folder)
+        planned.append(Planned(i, row, cfg, folder))
+    return base, planned
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def parameter_counts(folder) -> Optional[Dict[str, int]]:
+    """{"trainable", "adapters"} from the run's ``adapters.safetensors`` (shapes only, no tensor is read), or
+    None when there is none. "adapters": adapters and block scales (the paper's count, Table 12);
+    "trainable": everything trained (also the classifier and FIT's s1, s2), `SageModel.num_trainable_parameters`."""
+    path = Path(folder) / "adapters.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        total = own = 0
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                n = math.prod(f.get_slice(name).get_shape())
+                total += n
+                if name.split(".")[0] in ("adapters", "block_scales"):
+                    own += n
+    except Exception:  # noqa: BLE001 - a damaged export: the count is left blank, the accuracies still stand
+        return None
+    return {"trainable": total, "adapters": own}
+
+
+def _number(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _acc(v, missing: str = "") -> str:
+    x = _number(v)
+    return missing if math.isnan(x) else f"{x:.2f}"
+
+
+def _count(counts: Optional[dict], key: str) -> str:
+    return "" if counts is None else f"{counts[key]:,}"
+
+
+def table_rows(done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
+    """One dict per finished row: the switches, the four accuracies, the parameter counts, the folder."""
+    out = []
+    for p, report in done:
+        counts = parameter_counts(p.folder)
+        out.append({"row": p.row.name, **{k: getattr(p.cfg.model, k) for k in SWITCHES},
+                    **{m: _number(report.get(m)) for m in METRICS},
+                    "trainable_parameters": None if counts is None else counts["trainable"],
+                    "adapter_parameters": None if counts is None else counts["adapters"],
+                    "run": p.folder.name})
+    return out
+
+
+def csv_text(rows: Sequence[Dict[str, Any]]) -> str:
+    """``ablation.csv``: row, the four switches, overall / many / medium / few (%, 4 decimals; empty: no class
+    in the group), trainable_parameters, adapter_parameters, run (the row's folder)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["row", *SWITCHES, *METRICS, "trainable_parameters", "adapter_parameters", "run"]
+    w.writerow(head)
+    for r in rows:
+        vals = []
+        for k in head:
+            v = r[k]
+            if k in METRICS:
+                v = "" if math.isnan(v) else f"{v:.4f}"
+            elif isinstance(v, bool):
+                v = str(v).lower()
+            elif v is None:
+                v = ""
+            vals.append(v)
+        w.writerow(vals)
+    return buf.getvalue()
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The table of ``ablation.md``: a check mark per component the row has, then the accuracies (n/a: no class
+    in the group) and the parameter counts."""
+    head = ["row", "SG-Adapter", "template init", "compensated loss", "FIT", "overall", "many", "medium", "few",
+            "trainable params", "adapter params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 5 + [" ---: "] * 6) + "|"]
+    for r in rows:
+        marks = [r["adapter"] == "sg", r["classifier_init"] == "templates", r["loss"] == "compensated", r["fit"]]
+        cells = [r["row"], *("✓" if m else "" for m in marks), *(_acc(r[m], "n/a") for m in METRICS),
+                 "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
+                 "" if r["adapter_parameters"] is None else f"{r['adapter_parameters']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(base: SageConfig, rows: Sequence[Dict[str, Any]]) -> str:
+    """``ablation.md``: a title, what was run, the table."""
+    data = base.data.dataset + (f" ({base.data.root})" if base.data.root else "")
+    weights = f" ({base.model.pretrained})" if base.model.pretrained else " (random weights)"
+    epochs = f"{base.optim.epochs} epoch{'s' if base.optim.epochs != 1 else ''}"
+    what = (f"model {base.model.name}{weights}, {epochs}, batch {base.optim.batch_size}, lr {base.optim.lr:g}"
+            + (f", preset {base.preset}" if base.preset else ""))
+    return (f"# Ablation: Tables 5 and 6\n\nData set {data}; {what}. Test top-1 accuracy (%; n/a: no class in "
+            "the group); each row adds one component to the row above it (`sage-fast ablate --help`).\n\n"
+            + markdown_table(rows))
+
+
+def write_results(out_dir, base: SageConfig, done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
+    from .checkpoint import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(sorted(done, key=lambda d: d[0].index))
+    atomic_write_text(out_dir / "ablation.csv", csv_text(rows))
+    atomic_write_text(out_dir / "ablation.md", markdown(base, rows))
+    return rows
+
+
+def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequence[int], log=print
+                 ) -> List[Tuple[Planned, dict, str]]:
+    """Run or reuse the `selected` rows (0-based indices into `planned`) in ladder order; after each, rewrite
+    ``ablation.md`` and ``ablation.csv`` with them and every other row finished earlier.
+
+    -> [(planned row, report, status)] for the selected rows (status: see `sweep.run_or_reuse`). `log` gets the
+    progress lines (on the main process only).
+    """
+    if not _is_main():  # under torchrun: one process reports
+        def log(*args, **kwargs):
+            pass
+    out_dir = Path(base.train.output_dir)
+    others = {i: finished_report(planned[i].cfg, planned[i].folder) for i in range(len(planned)) if i not in selected}
+    others = {i: r for i, r in others.items() if r is not None}
+    done: List[Tuple[Planned, dict, str]] = []
+    for n, i in enumerate(selected, 1):
+        p = planned[i]
+        finished = finished_report(p.cfg, p.folder) is not None
+        log(f"[{n}/{len(selected)}] {p.row.name} ({' '.join(row_overrides(p.row))}): "
+            + ("finished earlier" if finished else f"training in {p.folder}"))
+        start = time.time()
+        report, status = run_or_reuse(p.cfg, p.folder)
+        done.append((p, report, status))
+        if status != "reused":
+            log(f"    {p.row.name}: overall {_acc(report.get('overall'))}  many {_acc(report.get('many'))}  "
+                f"medium {_acc(report.get('medium'))}  few {_acc(report.get('few'))}  "
+                f"({status}, {time.time() - start:.0f} s)")
+        if _is_main():
+            results = [(planned[j], r) for j, r in others.items()] + [(d[0], d[1]) for d in done]
+            write_results(out_dir, base, results)
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def _one_line(message) -> str:
+    if isinstance(message, KeyError) and message.args:
+        message = message.args[0]
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors that are the user's to fix: printed as one line (exit 2), not as a traceback."""
+    return isinstance(e, (ConfigError, FileNotFoundError, PermissionError)) or getattr(type(e), "user_error", False)
+
+
+def error(message) -> int:
+    """A user error: ``sage-fast: error: ...`` on one line of stderr; exit status 2."""
+    print(f"sage-fast: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes (unknown option, bad choice): one line, status 2
+        self.exit(2, f"sage-fast: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _description() -> str:
+    return __doc__.split("\n\n", 1)[1]
+
+
+def main(argv=None) -> int:
+    from .cli import _split_overrides
+    from .config import PRESETS
+    from .predict import overrides_help
+
+    p = _Parser(prog="sage-fast ablate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="The c" + __doc__.splitlines()[0].split(": the c", 1)[1] + "\n\n" + _description(),
+                epilog=overrides_help(),
+                usage="%(prog)s [--preset P | --config C] [overrides] [--rows ROW [ROW ...]] [--dry-run]")
+    p.add_argument("--config", help="YAML run config (sections data, model, optim, train, eval)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a row of the paper's Table 8")
+    p.add_argument("--rows", nargs="+", metavar="ROW",
+                   help="rows to run, by name or number: " + ", ".join(f"{i} {r.name}" for i, r in
+                                                                     enumerate(LADDER, 1)) + " (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="list the rows, their folders and which are finished; "
+                                                          "train nothing")
+    args, rest = p.parse_known_args(argv)
+    names = list(args.rows or [])
+    # --rows takes every later word: overrides written after it are handed back
+    rest = [n for n in names if "=" in n] + rest
+    names = [n for n in names if "=" not in n]
+    if args.rows is not None and not names:
+        return error("--rows names no row; rows: " + ", ".join(r.name for r in LADDER))
+    overrides = _split_overrides(rest)
+    unknown = [a for a in overrides if "=" not in a]
+    if unknown:
+        return error(f"{p.prog}: unrecognized arguments: {' '.join(unknown)} (overrides are section.key=value; "
+                     f"see {p.prog} --help)")
+    try:
+        selected = select_rows(names)
+        base, planned = plan(args.config, overrides, args.preset)
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
+        if _user_error(e):
+            return error(e)
+        raise
+    out_dir = Path(base.train.output_dir)
+    if args.dry_run:
+        lines = [[str(planned[i].index), planned[i].row.name, " ".join(row_overrides(planned[i].row)),
+                  str(planned[i].folder),
+                  "finished" if finished_report(planned[i].cfg, planned[i].folder) is not None else "to run"]
+                 for i in selected]
+        widths = [max(len(line[c]) for line in lines) for c in range(4)]
+        for line in lines:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths + [0])).rstrip())
+        return 0
+    try:
+        done = run_ablation(base, planned, selected)
+    except Exception as e:  # noqa: BLE001
+        if _user_error(e):
+            return error(e)
+        raise
+    if _is_main():
+        print()
+        print(markdown_table(table_rows([(d[0], d[1]) for d in done])), end="")
+        trained = sum(s != "reused" for _, _, s in done)
+        print(f"{len(done)} rows ({trained} trained, {len(done) - trained} finished earlier); "
+              f"{out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}")
+    return 0
