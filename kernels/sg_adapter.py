@@ -1,4 +1,4 @@
-"""Triton kernels of the fused SG-Adapter (SAGE.md section 1.2).
+"""Triton kernels of the fused SG-Adapter (docs/kernels.md, "The adapter kernels").
 
 The weights are folded once per forward in PyTorch (`sage_fast.ops.fold.fold_adapter_weights`),
 so per token row x (width D) the adapter is

@@ -68,7 +68,7 @@ def test_only_intended_parameters_train(model):
     assert all(n.startswith(("adapters.", "block_scales", "classifier", "criterion.")) for n in names)
     assert not any(p.requires_grad for p in model.clip.parameters())
     d, r, L, C = model.dim, model.bottleneck, model.num_layers, model.num_classes
-    per_block = (5 * r + d + 4) * d + 3 * r + 2       # SAGE.md: adapter + s_vt + the block's s
+    per_block = (5 * r + d + 4) * d + 3 * r + 2       # docs/method.md: adapter + s_vt + the block's s
     assert model.num_trainable_parameters() == L * per_block + C * d + 2
 
 

@@ -9,7 +9,7 @@ from sage_fast.ops.reference import SGAdapter, lift_bottleneck
 
 
 def eq7_eq8(x, g, p, alpha, eps):
-    """Eq. 7 and 8 written from SAGE.md with raw tensors, in float64 (weights as x @ W: d_in x d_out)."""
+    """Eq. 7 and 8 written from docs/method.md with raw tensors, in float64 (weights as x @ W: d_in x d_out)."""
     def ln(t):
         mu = t.mean(-1, keepdim=True)
         var = ((t - mu) ** 2).mean(-1, keepdim=True)

@@ -85,7 +85,7 @@ def test_cifar100_lt_from_archive(cifar_root, preset, ratio, total):
     assert len(data.train) == total and sum(data.class_counts) == total
     assert data.class_counts == cifar_lt_counts(ratio)
     assert data.class_counts[0] == 500 and data.class_counts[99] == {100: 5, 50: 10, 10: 50}[ratio]
-    assert data.group_counts == cifar_lt_counts(100)  # groups always from ratio 100 (SAGE.md section 3)
+    assert data.group_counts == cifar_lt_counts(100)  # groups always from ratio 100 (docs/method.md, "Choices the paper leaves open")
     assert data.class_names[:2] == ["name_0", "name_1"] and data.num_classes == 100
     assert len(data.test) == 10000
     # images stay with their labels after subsampling, in the documented HWC layout
