@@ -53,7 +53,29 @@ def _loss_backend(backend: str, *tensors) -> str:
     return resolve_backend(backend, first.device, dtype)
 
 
-class CompensatedLALoss(nn.Module):
+class _PriorLoss(nn.Module):
+    """What both loss modules hold: the log-prior buffer (computed once), the backend and the adjustment."""
+
+    def __init__(self, class_counts, mu: float, gamma: float, ignore_index: int, backend: str, adjustment: str):
+        super().__init__()
+        self.mu, self.gamma, self.ignore_index = float(mu), float(gamma), int(ignore_index)
+        self.backend = check_backend(backend)
+        self.adjustment = check_loss(adjustment)
+        self.register_buffer("log_prior", loss_log_prior(class_counts, adjustment, mu, gamma), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.log_prior.numel()
+
+    def extra_repr(self) -> str:
+        lambdas = f", lambdas={self.lambdas}" if hasattr(self, "lambdas") else ""
+        return (
+            f"num_classes={self.num_classes}, adjustment={self.adjustment!r}, mu={self.mu}, gamma={self.gamma}"
+            f"{lambdas}, backend={self.backend!r}"
+        )
+
+
+class CompensatedLALoss(_PriorLoss):
     """The compensated LA loss (Eq. 22) as a module; the log-prior is computed once and kept as a buffer.
 
     backend: "auto" (the fused Triton kernel on CUDA, the PyTorch reference elsewhere and for fp64
@@ -67,21 +89,7 @@ class CompensatedLALoss(nn.Module):
         self, class_counts, mu: float = 0.5, gamma: float = 0.05, ignore_index: int = -100, backend: str = "auto",
         adjustment: str = "compensated",
     ):
-        super().__init__()
-        self.mu, self.gamma, self.ignore_index = float(mu), float(gamma), int(ignore_index)
-        self.backend = check_backend(backend)
-        self.adjustment = check_loss(adjustment)
-        self.register_buffer("log_prior", loss_log_prior(class_counts, adjustment, mu, gamma), persistent=False)
-
-    @property
-    def num_classes(self) -> int:
-        return self.log_prior.numel()
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, adjustment={self.adjustment!r}, mu={self.mu}, gamma={self.gamma}, "
-            f"backend={self.backend!r}"
-        )
+        super().__init__(class_counts, mu, gamma, ignore_index, backend, adjustment)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if _loss_backend(self.backend, logits) == "triton":
@@ -89,7 +97,7 @@ class CompensatedLALoss(nn.Module):
         return logit_adjusted_loss(logits, target, self.log_prior, self.ignore_index)
 
 
-class FITLoss(nn.Module):
+class FITLoss(_PriorLoss):
     """FIT's loss: L = l(z) + lambda1 l(zv) + lambda2 l(zt) + lambda3 l(z^), l the compensated LA loss.
 
     Holds the learnable scalars s1, s2 (both start at 0, so z^ = z at the start) of
@@ -109,26 +117,13 @@ class FITLoss(nn.Module):
         backend: str = "auto",
         adjustment: str = "compensated",
     ):
-        super().__init__()
-        self.backend = check_backend(backend)
-        self.adjustment = check_loss(adjustment)
         lambdas = tuple(float(v) for v in lambdas)
         if len(lambdas) != 3:
             raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {lambdas}")
-        self.mu, self.gamma, self.lambdas, self.ignore_index = float(mu), float(gamma), lambdas, int(ignore_index)
-        self.register_buffer("log_prior", loss_log_prior(class_counts, adjustment, mu, gamma), persistent=False)
+        super().__init__(class_counts, mu, gamma, ignore_index, backend, adjustment)
+        self.lambdas = lambdas
         self.s1 = nn.Parameter(torch.zeros(()))
         self.s2 = nn.Parameter(torch.zeros(()))
-
-    @property
-    def num_classes(self) -> int:
-        return self.log_prior.numel()
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, adjustment={self.adjustment!r}, mu={self.mu}, gamma={self.gamma}, "
-            f"lambdas={self.lambdas}, backend={self.backend!r}"
-        )
 
     def combine(self, z: torch.Tensor, zv: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
         """z^ = z + s1 * zv + s2 * zt, in z's dtype."""
