@@ -111,6 +111,44 @@ def _eval(argv):
     return 0
 
 
+def _prepare(argv):
+    import os
+
+    from .config import PRESETS, ConfigError, build_config
+    from .data.prepare import DEFAULT_QUALITY, DEFAULT_SHARD_MB, DEFAULT_SHORT_SIDE, format_summary, prepare
+
+    p = argparse.ArgumentParser(
+        prog="sage-fast prepare", allow_abbrev=False, epilog=_OVERRIDE_HELP,
+        description="Decode, check and resize every image of both splits once, into tar shards (webdataset "
+                    "layout: KEY.jpg + KEY.cls) and DIR/manifest.json; train and evaluate on them with "
+                    "data.prepared=DIR. Run the same command again to resume an interrupted preparation.")
+    p.add_argument("--config", help="YAML run config (its data section names the data set)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a row of the paper's Table 8")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and manifest.json")
+    p.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE, metavar="N",
+                   help=f"resize so the short side is N px, never enlarging (default {DEFAULT_SHORT_SIDE}: "
+                        "headroom for RandomResizedCrop at 224 px); 0 keeps the original size")
+    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, metavar="Q",
+                   help=f"JPEG quality of re-encoded images, 1..95 (default {DEFAULT_QUALITY})")
+    p.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_MB, metavar="MB",
+                   help=f"target shard size in MiB (default {DEFAULT_SHARD_MB:g})")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes (default: all CPU cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg = build_config(args.config, _split_overrides(rest), preset=args.preset)
+    except ConfigError as e:
+        p.error(str(e))
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    summary = prepare(cfg.data, args.out, short_side=args.short_side, quality=args.quality,
+                      shard_mb=args.shard_size, workers=args.workers, progress=not args.no_progress)
+    if not summary["done_before"]:
+        print(format_summary(summary))
+    return 0
+
+
 def _predict(argv):
     from .predict import main as predict_main
 
@@ -139,6 +177,7 @@ COMMANDS = {
     "demo": (_demo, "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
     "train": (_train, "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
     "eval": (_eval, "evaluate trained weights: overall, many, medium, few and per-class top-1"),
+    "prepare": (_prepare, "decode, check and resize a data set once into tar shards + manifest (data.prepared)"),
     "predict": (_predict, "top-k classes and probabilities of images (files or folders), as a table or JSON"),
     "attention": (_attention, "class-token attention maps of zero-shot CLIP and the fine-tuned model, as a PNG"),
     "sweep": (_sweep, "one training run per value of one or two config keys; sweep.csv and sweep.png"),

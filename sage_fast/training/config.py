@@ -84,6 +84,16 @@ class DataConfig:
     #: decode later (a truncated JPEG passes the header check); 0: any unreadable image stops the run. A
     #: split none of whose images can be read always stops the run.
     max_unreadable: float = 0.01
+    #: a folder written by ``sage-fast prepare`` (tar shards + manifest.json): training and evaluation read
+    #: the prepared images from it, and class names and counts from its manifest; dataset, root and the
+    #: split files are then not read. Empty: read the data set itself.
+    prepared: str = ""
+    #: decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the crop, or the test resize, still
+    #: gets at least its output size from the reduced image: 2-4x less decoding for large originals, a
+    #: resize of the same region within a few grey levels of the full decode. Off by default so that runs,
+    #: and checkpoints made before this key existed, stay bitwise reproducible; switch it on for large raw
+    #: JPEGs (iNaturalist without sage-fast prepare). Ignored with gpu_decode and by eval.tte's crops.
+    fast_decode: bool = False
 
 
 @dataclass

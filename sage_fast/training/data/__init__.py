@@ -4,8 +4,10 @@
 | --------------- | ------------------------------------------------------------------------------------- |
 | `registry`      | the data-set names, `register_dataset`, `build_data(cfg.data, image_size)`            |
 | `datasets`      | `Sample`, `LTDataset`, `ImageListDataset`, `ArrayDataset`, `LTData`                   |
-| `transforms`    | CLIP mean / std, `build_transform`, the test resize, per-sample augmentation seeds     |
+| `transforms`    | CLIP mean / std, `build_transform` (and reduced-scale JPEG decoding), augmentation seeds |
 | `loaders`       | `TrainSampler`, `ShardSampler`, `collate_skip`, `build_loader`, input-pipeline speed   |
+| `shards`        | prepared data (``data.prepared``): manifest format, `PreparedDataset`                 |
+| `prepare`       | ``sage-fast prepare``: decode, check, resize into tar shards, resumable, in processes  |
 | `gpu_decode`    | `GpuBatchTransform`: decode and augment a raw batch on the GPU                        |
 | `cifar`         | the CIFAR-100 python archive (restricted unpickler) and the CIFAR-100-LT subsampling  |
 | `split_files`   | ``relative/path label`` split files (ImageNet-LT, Places-LT, LIFT lists, folder)      |
@@ -18,9 +20,10 @@ from .datasets import ArrayDataset, ImageListDataset, LTData, LTDataset, Sample
 from .gpu_decode import GpuBatchTransform
 from .inaturalist import read_inat_categories, read_inat_json
 from .loaders import Batch, ShardSampler, TrainSampler, build_loader, collate_skip, measure_input_pipeline
+from .shards import PreparedDataset, read_manifest
 from .registry import BuildContext, build_data, dataset_names, register_dataset
 from .split_files import read_split_file
-from .transforms import CLIP_MEAN, CLIP_STD, build_transform, sample_seed, test_resize_size
+from .transforms import CLIP_MEAN, CLIP_STD, ReducedDecode, build_transform, sample_seed, test_resize_size
 
 __all__ = [
     "ArrayDataset",
@@ -32,6 +35,8 @@ __all__ = [
     "ImageListDataset",
     "LTData",
     "LTDataset",
+    "PreparedDataset",
+    "ReducedDecode",
     "Sample",
     "ShardSampler",
     "TrainSampler",
@@ -47,6 +52,7 @@ __all__ = [
     "read_class_names",
     "read_inat_categories",
     "read_inat_json",
+    "read_manifest",
     "read_split_file",
     "register_dataset",
     "sample_seed",

@@ -59,6 +59,11 @@ class LTDataset(Dataset):
     def open_image(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def open_lazy(self, index: int) -> Image.Image:
+        """The image opened but not decoded where the format allows it (a transform with ``lazy = True``
+        decodes it, e.g. at reduced scale: `sage_fast.training.data.transforms.ReducedDecode`)."""
+        return self.open_image(index)
+
     def read_raw(self, index: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -68,7 +73,8 @@ class LTDataset(Dataset):
             if self.raw:
                 image = self.read_raw(index)
             else:
-                image = self.open_image(index)
+                lazy = getattr(self.transform, "lazy", False)
+                image = self.open_lazy(index) if lazy else self.open_image(index)
                 if self.transform is not None:
                     if seed >= 0:
                         # fork_rng: the main process's RNG stream must not depend on the data (num_workers=0)
@@ -97,6 +103,9 @@ class ImageListDataset(LTDataset):
     def open_image(self, index: int) -> Image.Image:
         with Image.open(self.root / self.paths[index]) as im:
             return im.convert("RGB")  # convert() forces the full decode, so truncation raises here
+
+    def open_lazy(self, index: int) -> Image.Image:
+        return Image.open(self.root / self.paths[index])  # PIL closes the file once it has decoded it
 
     def read_raw(self, index: int) -> torch.Tensor:
         data = (self.root / self.paths[index]).read_bytes()

@@ -7,6 +7,9 @@
   lists) plus an image root.
 * ``folder``: any image root plus two split files of ``relative/path label`` lines.
 
+With ``data.prepared=DIR`` none of these is read: the samples, class names and counts come from the
+manifest of ``sage-fast prepare`` (`sage_fast.training.data.shards`).
+
 Class names come from the data set's metadata (CIFAR ``meta``, iNaturalist ``categories.json`` in the
 root, else the JSON's ``categories``, a Places365 category file, an ImageNet synset file, or a
 ``class_names`` file given by the user), else from the image directories, else ``class k``. Class counts
@@ -110,6 +113,14 @@ def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False) 
     image_size: the side S of the (3, S, S) images the transforms produce; raw: no transform (see
     `BuildContext.raw`); progress: a progress bar while the images are checked.
     """
+    fast = bool(getattr(cfg, "fast_decode", False))
+    if getattr(cfg, "prepared", ""):
+        from .shards import load_prepared
+
+        train_tf = None if raw else build_transform(image_size, train=True, crop_scale=cfg.crop_scale,
+                                                    augment=cfg.train_augment, fast_decode=fast)
+        test_tf = None if raw else build_transform(image_size, train=False, fast_decode=fast)
+        return load_prepared(cfg, train_tf, test_tf, raw)  # data.dataset, root and splits: the manifest's
     builder = _BUILDERS.get(cfg.dataset)
     if builder is None:
         raise UserError(f"data.dataset: expected one of {' | '.join(map(repr, _BUILDERS))}, got {cfg.dataset!r}")
@@ -128,8 +139,8 @@ def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False) 
                                     "against data.root)")
         user_names = read_class_names(names_file)
     train_tf = None if raw else build_transform(image_size, train=True, crop_scale=cfg.crop_scale,
-                                                augment=cfg.train_augment)
-    test_tf = None if raw else build_transform(image_size, train=False)
+                                                augment=cfg.train_augment, fast_decode=fast)
+    test_tf = None if raw else build_transform(image_size, train=False, fast_decode=fast)
     return builder(BuildContext(cfg.dataset, cfg, root, train_tf, test_tf, raw, user_names, progress))
 
 
