@@ -177,7 +177,8 @@ COMMANDS = {
     "demo": (_demo, "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
     "train": (_train, "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
     "eval": (_eval, "evaluate trained weights: overall, many, medium, few and per-class top-1"),
-    "prepare": (_prepare, "decode, check and resize a data set once into tar shards + manifest (data.prepared)"),
+    "prepare": (_prepare, "decode, check and resize a data set once into tar shards + manifest "
+                          "(data.prepared)"),
     "predict": (_predict, "top-k classes and probabilities of images (files or folders), as a table or JSON"),
     "attention": (_attention, "class-token attention maps of zero-shot CLIP and the fine-tuned model, as a PNG"),
     "sweep": (_sweep, "one training run per value of one or two config keys; sweep.csv and sweep.png"),

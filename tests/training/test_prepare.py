@@ -196,7 +196,8 @@ def test_prepared_folder_errors(tmp_path, capsys):
     assert cli_main(["train", f"data.prepared={tmp_path}", "model.name=sage-tiny", "model.pretrained=null"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sage-fast: error: data.prepared:") and "unfinished preparation" in err
-    assert cli_main(["prepare", "--out", str(tmp_path / "o"), "--quality", "0", f"data.root={tmp_path}"]) == 2
+    bad_quality = ["prepare", "--out", str(tmp_path / "o"), "--quality", "0", f"data.root={tmp_path}"]
+    assert cli_main(bad_quality) == 2
     assert "--quality must lie in 1..95" in capsys.readouterr().err
 
 
@@ -270,3 +271,13 @@ def test_fast_decode_key_reaches_the_data_sets(_prepared):
     assert isinstance(data.train.transform, ReducedDecode) and isinstance(data.test.transform, ReducedDecode)
     sample = data.train[(0, 123)]
     assert sample.image.shape == (3, 32, 32) and sample.seed == 123
+
+
+def test_short_side_zero_keeps_original_jpegs(_source, tmp_path):
+    out = tmp_path / "orig"
+    _prepare(_source, out, short_side=0)
+    data = build_data(build_config(overrides=[f"data.prepared={out}"]).data, 32, raw=True)
+    i = next(j for j in range(len(data.train)) if data.train.describe(j).startswith(str(_source / "train/big1.jpg")))
+    assert data.train.read_bytes(i) == (_source / "train/big1.jpg").read_bytes()  # copied, not re-encoded
+    j = next(j for j in range(len(data.train)) if ".png" in data.train.describe(j))
+    assert Image.open(io.BytesIO(data.train.read_bytes(j))).size == (48, 48)  # re-encoded as JPEG, same size

@@ -105,6 +105,7 @@ class PreparedDataset(LTDataset):
                                 f"{sh['bytes']} (run sage-fast prepare again: it verifies and redoes damaged shards)")
 
     def __getstate__(self):
+        # also what copy.copy uses (eval.tte's view of the test set): each copy opens, and closes, its own
         return {**self.__dict__, "_fds": {}}
 
     def __del__(self):
