@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                                                 args.lr, args.seed, args.workers))
     print(f"Sage on the tiny open_clip config (random weights): {sum(data['class_counts'])} training images, "
           f"{len(data['class_names'])} classes, {args.epochs} epochs; outputs in {cfg.train.output_dir}")
-    report = train(cfg)
+    report = train(cfg, overwrite=True)  # the demo regenerates its data set: its earlier run is stale
     print(f"test accuracy: overall {report['overall']:.1f}%  many {report['many']:.1f}%  "
           f"medium {report['medium']:.1f}%  few {report['few']:.1f}%   ({time.time() - start:.0f} s)")
     return 0
