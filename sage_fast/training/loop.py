@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
 import signal
@@ -345,7 +344,6 @@ class Trainer:
         cfg = self.cfg
         log_every = cfg.train.log_every_steps
         signals = contextlib.ExitStack()
-        _workers_ignore_stop_signals(self.train_loader)
         try:
             signals.enter_context(self._stop_signals_caught())
             while self.epoch < cfg.optim.epochs:
@@ -433,8 +431,7 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_signals_caught(self):
         """On every rank: SIGTERM / SIGUSR1 only set a flag that the next step boundary acts on. DataLoader
-        workers forked meanwhile ignore them (`_after_fork_in_child`), so a signal sent to every process
-        of the job (SLURM) does not kill them under the step that is finishing."""
+        workers forked meanwhile ignore them unless their parent sends them (`_after_fork_in_child`)."""
         global _catching_pid
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("fit() runs outside the main thread: SIGTERM / SIGUSR1 cannot be caught, a preempted run "
@@ -548,7 +545,6 @@ class Trainer:
         sampler = ShardSampler(len(self.data.test), self.dist.world_size, self.dist.rank)
         loader = build_loader(self.data.test, cfg.train.eval_batch_size, sampler,
                               _no_persist(cfg.data), cfg.data.pin_memory and self.device.type == "cuda", train=False)
-        _workers_ignore_stop_signals(loader)
         correct = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         total = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -598,32 +594,30 @@ _fork_hook_registered = False
 
 
 def _after_fork_in_child() -> None:
-    """A child forked by a process that catches stop signals (a DataLoader worker): ignore them, since the
-    training process stops its workers itself, and do not write into its parent's wake-up socket."""
+    """A child forked by a process that catches stop signals (a DataLoader worker) keeps running through
+    SIGTERM / SIGUSR1 from anyone but its parent: the training process is finishing a step with the batches
+    it serves, and stops it afterwards. Without this, a signal to every process of the job (SLURM) kills the
+    workers, and torch's SIGCHLD handler then raises in the training process, in the middle of the step or
+    checkpoint it is finishing. The parent's own SIGTERM (DataLoader shutdown, multiprocessing's exit) still
+    ends it, as torch's worker handler would. The signals are blocked in the child, which has one thread
+    here, so every later thread inherits the mask, and one thread takes them with sigwaitinfo."""
     global _catching_pid
-    if _catching_pid is not None and _catching_pid != os.getpid():
-        _catching_pid = None
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
+    if _catching_pid is None or _catching_pid == os.getpid():
+        return
+    _catching_pid = None
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)  # the parent's socket: this child's signals are not the parent's
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: the workers keep torch's behaviour
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_filter_stop_signals, name="sage-fast-stop-filter", daemon=True).start()
 
 
-def _ignore_stop_signals(worker_id: int, inner: Optional[Callable[[int], None]] = None) -> None:
-    # torch's worker set-up installs a SIGTERM handler that dies unless the parent sent the signal: a
-    # SIGTERM to every process of the job would kill the workers, and torch's SIGCHLD handler would then
-    # raise in the training process, in the middle of the step (or the checkpoint) it is finishing
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    if inner is not None:
-        inner(worker_id)
-
-
-def _workers_ignore_stop_signals(loader) -> None:
-    """Make `loader`'s worker processes ignore SIGTERM / SIGUSR1 (before its first iterator starts them)."""
-    fn = loader.worker_init_fn
-    if loader.num_workers > 0 and getattr(fn, "func", None) is not _ignore_stop_signals:
-        loader.worker_init_fn = functools.partial(_ignore_stop_signals, inner=fn)
+def _filter_stop_signals() -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_pid == os.getppid():
+            os._exit(0)  # exit 0, as torch's worker handler does, so no SIGCHLD handler reports a crash
 
 
 def _register_fork_hook() -> None:
