@@ -38,13 +38,13 @@ import copy
 import csv
 import io
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import ConfigError, SageConfig, build_config, parse_overrides
+from .errors import CommandParser, report_user_error, user_error_message
 from .sweep import METRICS, _is_main, finished_report, run_or_reuse
 
 #: the switches the rows set, in the table's column order
@@ -298,18 +298,12 @@ def _one_line(message) -> str:
 
 def _user_error(e: BaseException) -> bool:
     """Errors that are the user's to fix: printed as one line (exit 2), not as a traceback."""
-    return isinstance(e, (ConfigError, FileNotFoundError, PermissionError)) or getattr(type(e), "user_error", False)
+    return user_error_message(e) is not None
 
 
 def error(message) -> int:
     """A user error: ``sage-fast: error: ...`` on one line of stderr; exit status 2."""
-    print(f"sage-fast: error: {_one_line(message)}", file=sys.stderr)
-    return 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own mistakes (unknown option, bad choice): one line, status 2
-        self.exit(2, f"sage-fast: error: {self.prog}: {message} (see {self.prog} --help)\n")
+    return report_user_error(_one_line(message))
 
 
 def _description() -> str:
@@ -321,7 +315,7 @@ def main(argv=None) -> int:
     from .config import PRESETS
     from .predict import overrides_help
 
-    p = _Parser(prog="sage-fast ablate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = CommandParser(prog="sage-fast ablate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="The c" + __doc__.splitlines()[0].split(": the c", 1)[1] + "\n\n" + _description(),
                 epilog=overrides_help(),
                 usage="%(prog)s [--preset P | --config C] [overrides] [--rows ROW [ROW ...]] [--dry-run]")

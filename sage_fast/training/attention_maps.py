@@ -33,6 +33,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import CommandParser
+
 # figure layout: every panel is PANEL_IN x (PANEL_IN + TITLE_IN) inches at DPI dots per inch, under a
 # HEADER_IN-inch band for the figure's title
 PANEL_IN, TITLE_IN, HEADER_IN, DPI = 2.2, 0.5, 0.4, 100
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     from .predict import (add_model_arguments, collect_images, fail, load_trained, overrides_help,
                           resolve_run_config, split_overrides)
 
-    p = argparse.ArgumentParser(prog="sage-fast attention", allow_abbrev=False, description=__doc__,
+    p = CommandParser(prog="sage-fast attention", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=overrides_help(),
                                 usage="%(prog)s --weights W [--config C] --images IMG [IMG ...] --out FILE.png "
                                       "[--block K] [--heads] [overrides]")

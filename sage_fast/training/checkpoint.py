@@ -2,7 +2,7 @@
 
 Checkpoint (``last.pt``, format `CHECKPOINT_VERSION`), a dict loadable with ``torch.load(weights_only=True)``:
 
-    version        int, CHECKPOINT_VERSION
+    version        int, CHECKPOINT_VERSION (version 1, without ``digest``, is still read)
     trainable      {name: tensor} the trainable parameters (CPU copies)
     optimizer      optimizer.state_dict()
     scheduler      scheduler.state_dict()
@@ -11,30 +11,77 @@ Checkpoint (``last.pt``, format `CHECKPOINT_VERSION`), a dict loadable with ``to
     config         SageConfig.to_dict()
     class_names    [str] * C
     class_counts   [int] * C
+    digest         "sha256:<hex>" over every other entry (`content_digest`): tensor bytes, dtypes, shapes
+                   and the non-tensor structure; recomputed on every read
+
+A run folder keeps two checkpoints: ``last.pt`` and ``previous.pt``, the one before it (`write_checkpoint`
+rotates them), so one bad save cannot lose a run. Nothing non-finite is ever written (`nonfinite_entries`).
+Reading verifies the digest; `find_resumable` falls back from a corrupt ``last.pt`` to ``previous.pt``.
 
 Export (``adapters.safetensors``): the trainable parameters as float32 CPU tensors; metadata ``config``,
-``class_names`` and ``class_counts`` (JSON text) and ``format`` (`ADAPTERS_FORMAT`).
+``class_names`` and ``class_counts`` (JSON text), ``format`` (`ADAPTERS_FORMAT`), ``epoch`` and
+``global_step`` and ``digest`` (over the tensors, checked by `read_weights`).
 
 Every write goes through `atomic_path`: readers never see a half-written file, and a crash or Ctrl-C
-keeps the previous file.
+keeps the previous file. A kill leaves at most a ``.NAME.PID.tmp`` file, which `remove_stale_temporaries`
+deletes when the next run starts in the folder.
+
+Errors a user can act on are `RunFolderError` (a ValueError; the CLI prints it as one line, exit status 2):
+a folder that already holds a run, a resume whose settings differ from the checkpoint's
+(`ConfigMismatchError`), a checkpoint that is corrupt or unreadable (`CheckpointError`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: versions `read_checkpoint` accepts; 1 has no digest and so cannot be verified
+READABLE_VERSIONS = (1, 2)
 ADAPTERS_FORMAT = "sage-fast adapters v1"
 #: the counters a checkpoint stores besides the states: where training stands
 PROGRESS = ("epoch", "step_in_epoch", "global_step", "skipped_total")
+LAST, PREVIOUS = "last.pt", "previous.pt"
+#: files whose presence means a folder holds a run that a fresh start would destroy
+RUN_MARKERS = (LAST, PREVIOUS, "adapters.safetensors", "metrics.json")
+#: everything a run writes at the top of its folder (deleted by `clear_run_files` before a fresh start)
+RUN_FILES = RUN_MARKERS + ("per_class.csv", "per_class_accuracy.png", "train_log.csv", "eval_log.csv", "config.yaml")
+REPORT_FILES = ("metrics.json", "per_class.csv", "per_class_accuracy.png")
+#: config keys that may differ between a checkpoint and the run resuming it: they decide where and how
+#: fast the run goes, or what it logs, never the weights it ends with
+RESUME_FREE_KEYS = frozenset({
+    "preset",  # the values a preset set are compared themselves
+    "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+    "train.output_dir", "train.device", "train.progress", "train.tensorboard", "train.log_every_steps",
+    "train.ckpt_every_steps", "train.eval_every_epochs", "train.eval_batch_size", "train.find_unused_parameters",
+    "model.text_batch_size",  # batching of the classifier's initialisation; the trained classifier is restored
+    "eval.tte",  # how the test set is evaluated, not what is trained
+})
+
+
+class RunFolderError(ValueError):
+    """A run folder or checkpoint that cannot be used as asked; the message is one line saying what to do."""
+
+    user_error = True  # the command line prints it as one line, exit status 2 (sage_fast.training.errors)
+
+
+class CheckpointError(RunFolderError):
+    """A checkpoint that cannot be used: unreadable, corrupt (digest mismatch), another format, non-finite."""
+
+
+class ConfigMismatchError(RunFolderError):
+    """Resuming with settings that change the result (`config_differences`), without forcing it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +141,40 @@ def atomic_write_text(path, text: str) -> None:
         tmp.write_text(text)
 
 
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.\d+\.tmp")
+
+
+def remove_stale_temporaries(folder, names: Sequence[str] = RUN_FILES) -> List[Path]:
+    """Delete the ``.NAME.PID.tmp`` files that a kill during `atomic_path` left beside NAME in `names`.
+
+    Call it only where no other process is writing into `folder` (a run's start, on rank 0)."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TMP_NAME.fullmatch(p.name)
+        if m and m["name"] in names and p.is_file():
+            _remove_quietly(p)
+            removed.append(p)
+    return removed
+
+
+def _replace_with_link(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src` atomically: a hard link where the file system has them, else a byte copy."""
+    # already linked (a kill came between this and the next rename): rename(2) of one hard link over
+    # another of the same file does nothing and would leave the temporary link behind
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, dst):
+            return
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+
+
 # --------------------------------------------------------------------------------------------------
 # RNG states
 
@@ -130,7 +211,7 @@ def set_rng_state(state: dict) -> None:
 
 def checkpoint_state(model, optimizer, scheduler, progress: Mapping[str, int], config: dict,
                      class_names: Sequence[str], class_counts: Sequence[int]) -> dict:
-    """The checkpoint dict (see the module docstring); `progress` holds the `PROGRESS` counters."""
+    """The checkpoint dict without its digest (see the module docstring); `progress` holds the `PROGRESS` counters."""
     return {
         "version": CHECKPOINT_VERSION,
         "trainable": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
@@ -144,62 +225,293 @@ def checkpoint_state(model, optimizer, scheduler, progress: Mapping[str, int], c
     }
 
 
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        h.update(b"D%d;" % len(obj))
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        # one tag for both: torch.load gives python's tuples back as lists
+        h.update(b"L%d;" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        # str, int, float, bool, None (and dtypes, devices): repr is exact and stable for these
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_digest(obj) -> str:
+    """"sha256:<hex>" over the bytes, dtypes and shapes of every tensor in `obj` and over its structure and
+    other values, in order; unchanged by a torch.save / torch.load round trip."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return "sha256:" + h.hexdigest()
+
+
+def nonfinite_entries(state: Mapping) -> List[str]:
+    """Names of the floating-point tensors of a checkpoint's weights and optimizer state that hold NaN or Inf."""
+    bad = []
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                bad.append(prefix)
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}[{i}]", v)
+
+    walk("", {"trainable": state.get("trainable", {}), "optimizer": state.get("optimizer", {})})
+    return bad
+
+
+def write_checkpoint(state: Mapping, path, keep_previous: bool = True) -> Path:
+    """Write `state` with its digest to `path` atomically (fsynced). With `keep_previous` and `path` named
+    ``last.pt``, the file it replaces becomes ``previous.pt`` first.
+
+    Refuses (ValueError) a state whose weights or optimizer state hold NaN or Inf: such a file could only
+    poison the run that resumes from it. At every moment of the write, a kill leaves a whole ``last.pt``
+    (the old or the new one) and a whole ``previous.pt``.
+    """
+    path = Path(path)
+    bad = nonfinite_entries(state)
+    if bad:
+        raise ValueError(f"not writing {path}: {', '.join(bad[:3])} hold NaN or Inf")
+    state = dict(state)
+    state.pop("digest", None)
+    state["digest"] = content_digest(state)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.name == LAST and path.is_file():
+            # the old last.pt stays whole under its own name until the new one replaces it
+            _replace_with_link(path, path.with_name(PREVIOUS))
+    fsync_dir(path.parent)
+    return path
+
+
+def _one_line(e: BaseException, lib: str = "torch") -> str:
+    from .errors import load_failure_reason
+
+    return load_failure_reason(e, lib)
+
+
+def _load(path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or corrupt zip / pickle: which error depends on where the damage is
+        raise CheckpointError(f"{path}: unreadable {what}: {_one_line(e)}") from None
+
+
 def read_checkpoint(path) -> dict:
-    """Load a checkpoint on the CPU (weights_only) and check its format version."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+    """Load a checkpoint on the CPU (weights_only), check its version, digest and finiteness.
+
+    Raises FileNotFoundError, or CheckpointError (one line) for a file that cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return _verified(_load(path, "checkpoint"), path)
+
+
+def _verified(ckpt, path) -> dict:
+    version = ckpt.get("version") if isinstance(ckpt, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint version {version} is not one of {READABLE_VERSIONS}")
+    if version >= 2:
+        stored = ckpt.pop("digest", None)
+        if stored is None or content_digest(ckpt) != stored:
+            raise CheckpointError(f"{path}: content does not match its checksum (the file is corrupt)")
+    else:
+        warnings.warn(f"{path}: a version-1 checkpoint has no checksum; it cannot be verified")
+    bad = nonfinite_entries(ckpt)
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad[:3])} hold NaN or Inf")
     return ckpt
 
 
-def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_counts: Sequence[int],
-                       device) -> Dict[str, int]:
-    """Load `path` into the model, optimizer, scheduler and the global RNGs; return the `PROGRESS` counters.
+def resume_candidates(path) -> List[Path]:
+    """`path`, then for a ``last.pt`` the ``previous.pt`` beside it: newest first."""
+    path = Path(path)
+    out = [path]
+    if path.name == LAST:
+        out.append(path.with_name(PREVIOUS))
+    return out
 
-    Refuses a checkpoint of other classes / counts (ValueError); warns when its ``model`` or ``optim``
-    config differs from `config`, since the resumed run then cannot match an uninterrupted one.
+
+def find_resumable(path) -> Tuple[dict, Path, List[str]]:
+    """The newest checkpoint among `resume_candidates(path)` that verifies: (checkpoint, its path, one line
+    per candidate skipped and why). CheckpointError when none does, FileNotFoundError when none exists."""
+    skipped: List[str] = []
+    existing = [p for p in resume_candidates(path) if p.is_file()]
+    if not existing:
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    for p in existing:
+        try:
+            return read_checkpoint(p), p, skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped))
+
+
+def _flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(stored: Mapping, current: Mapping) -> List[Tuple[str, Any, Any]]:
+    """(key, stored value, current value) for every config key outside `RESUME_FREE_KEYS` that differs."""
+    from .config import ConfigError, config_from_dict
+
+    try:
+        # a config stored by an older version: today's keys, its missing ones at their defaults
+        stored = config_from_dict(stored).to_dict()
+    except ConfigError:
+        pass
+    old, new = _flatten(stored), _flatten(current)
+    missing = object()
+    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
+            if k not in RESUME_FREE_KEYS and old.get(k, missing) != new.get(k, missing)]
+
+
+def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_counts: Sequence[int],
+                       device, force: bool = False) -> Dict[str, Any]:
+    """Load the newest verifying checkpoint of `find_resumable(path)` into the model, optimizer, scheduler
+    and the global RNGs. Returns the `PROGRESS` counters plus ``path`` (the file used) and ``skipped``
+    (why newer candidates were not used).
+
+    Refuses (ConfigMismatchError) a checkpoint whose config differs from `config` in a key that changes
+    the result, unless `force` (then it warns), and (RunFolderError) one of other classes / counts.
     """
-    ckpt = read_checkpoint(path)
+    ckpt, used, skipped = find_resumable(path)
     if len(ckpt["class_counts"]) != model.num_classes or ckpt["class_counts"] != list(class_counts):
-        raise ValueError(f"{path}: checkpoint was trained on other classes / counts than this data set")
-    old = ckpt["config"]
-    for section in ("model", "optim"):
-        if old[section] != config[section]:
-            warnings.warn(f"resuming with a different '{section}' config than the checkpoint's; "
-                          "the result will not match an uninterrupted run")
+        raise RunFolderError(f"{used}: checkpoint was trained on other classes / counts than this data set")
+    diffs = config_differences(ckpt["config"], config)
+    if diffs:
+        listed = ", ".join(f"{k} ({_show(a)} -> {_show(b)})" for k, a, b in diffs)
+        if not force:
+            raise ConfigMismatchError(f"cannot resume from {used}: these settings differ from the checkpoint's and "
+                                      f"change the result: {listed}; use the checkpoint's values, or force it "
+                                      "(--force-resume)")
+        warnings.warn(f"resuming from {used} with other settings than the checkpoint's: {listed}; the result "
+                      "will not match an uninterrupted run")
     model.load_trainable_state_dict({k: v.to(device) for k, v in ckpt["trainable"].items()})
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
-    return {k: int(ckpt[k]) for k in PROGRESS}
+    return {**{k: int(ckpt[k]) for k in PROGRESS}, "path": used, "skipped": skipped}
+
+
+def _show(v) -> str:
+    return "absent" if type(v) is object else json.dumps(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def run_markers(folder) -> List[str]:
+    """The `RUN_MARKERS` present in `folder`: a fresh run there would destroy a run."""
+    folder = Path(folder)
+    return [n for n in RUN_MARKERS if (folder / n).exists()]
+
+
+def folder_in_use_error(folder, found: Sequence[str]) -> RunFolderError:
+    return RunFolderError(f"{folder} already holds a run ({', '.join(found)}): continue it with --resume, start "
+                          "over with --overwrite (deletes it), or choose another train.output_dir")
+
+
+def clear_run_files(folder) -> None:
+    """Delete what an earlier run wrote in `folder` (`RUN_FILES`, TensorBoard events, eval/ reports), so
+    that nothing of it (a stale previous.pt above all) is mistaken for part of the new run."""
+    folder = Path(folder)
+    for n in RUN_FILES:
+        _remove_quietly(folder / n)
+    for p in (folder / "tb").glob("events.out.tfevents.*"):
+        _remove_quietly(p)
+    for n in REPORT_FILES:
+        _remove_quietly(folder / "eval" / n)
 
 
 # --------------------------------------------------------------------------------------------------
 # The safetensors export, and reading trained weights back
 
 
-def save_adapters(path, model, config: dict, class_names: Sequence[str], class_counts: Sequence[int]) -> None:
-    """The trainable parameters (float32, CPU) as safetensors, with config and classes in the metadata."""
+def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    return content_digest({k: tensors[k] for k in sorted(tensors)})
+
+
+def save_adapters(path, model, config: dict, class_names: Sequence[str], class_counts: Sequence[int],
+                  progress: Optional[Mapping[str, int]] = None) -> None:
+    """The trainable parameters (float32, CPU) as safetensors, with config, classes, progress and a digest
+    of the tensors in the metadata."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
     meta = {"config": json.dumps(config), "class_names": json.dumps(list(class_names)),
-            "class_counts": json.dumps(list(class_counts)), "format": ADAPTERS_FORMAT}
+            "class_counts": json.dumps(list(class_counts)), "format": ADAPTERS_FORMAT,
+            "digest": _tensors_digest(tensors)}
+    for k in ("epoch", "global_step"):
+        if progress is not None and k in progress:
+            meta[k] = str(int(progress[k]))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_weights(path) -> Dict[str, torch.Tensor]:
-    """Trainable parameters from ``adapters.safetensors`` or a checkpoint ``.pt`` (weights_only loading)."""
+def read_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Optional[int]]]:
+    """Trainable parameters from ``adapters.safetensors`` or a checkpoint ``.pt`` (weights_only loading),
+    verified against their digest where the file has one, and ``{"epoch", "step"}`` where known.
+
+    Raises FileNotFoundError, or CheckpointError (one line) for a corrupt or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt["trainable"] if isinstance(ckpt, dict) and "trainable" in ckpt else ckpt
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable weights: {_one_line(e, 'safetensors')}") from None
+        if "digest" in meta and _tensors_digest(tensors) != meta["digest"]:
+            raise CheckpointError(f"{path}: content does not match its checksum (the file is corrupt)")
+        info = {"epoch": _int_or_none(meta.get("epoch")), "step": _int_or_none(meta.get("global_step"))}
+        return tensors, info
+    ckpt = _load(path, "weights")
+    if isinstance(ckpt, dict) and "version" in ckpt and "trainable" in ckpt:
+        ckpt = _verified(ckpt, path)
+        return ckpt["trainable"], {"epoch": ckpt["epoch"], "step": ckpt["global_step"]}
+    # a bare {name: tensor} file
+    return (ckpt["trainable"] if isinstance(ckpt, dict) and "trainable" in ckpt else ckpt), {"epoch": None, "step": None}
+
+
+def _int_or_none(v) -> Optional[int]:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def load_weights(path) -> Dict[str, torch.Tensor]:
+    """The tensors of `read_weights`."""
+    return read_weights(path)[0]
 
 
 def config_from_weights(path) -> Optional[dict]:
@@ -208,8 +520,11 @@ def config_from_weights(path) -> Optional[dict]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable weights: {_one_line(e, 'safetensors')}") from None
         return json.loads(meta["config"]) if "config" in meta else None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _load(path, "weights")
     return ckpt.get("config") if isinstance(ckpt, dict) else None

@@ -8,13 +8,13 @@ plot, logs, checkpoint, exported adapters) are written under ``--out``/run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import numpy as np
 
 from .data import cifar_lt_counts
+from .errors import CommandParser
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220), "yellow": (230, 210, 40),
            "purple": (150, 50, 190)}
@@ -82,7 +82,7 @@ def demo_overrides(data: dict, out_dir: str, epochs: int = 30, batch_size: int =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sage-fast demo", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sage-fast demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="sage_runs/demo", help="folder for the generated data set and the run "
                                                                 "(default %(default)s)")
     parser.add_argument("--epochs", type=int, default=30)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                                                 args.lr, args.seed, args.workers))
     print(f"Sage on the tiny open_clip config (random weights): {sum(data['class_counts'])} training images, "
           f"{len(data['class_names'])} classes, {args.epochs} epochs; outputs in {cfg.train.output_dir}")
-    report = train(cfg)
+    report = train(cfg, overwrite=True)  # the demo regenerates its data set: its earlier run is stale
     print(f"test accuracy: overall {report['overall']:.1f}%  many {report['many']:.1f}%  "
           f"medium {report['medium']:.1f}%  few {report['few']:.1f}%   ({time.time() - start:.0f} s)")
     return 0

@@ -16,6 +16,7 @@ mistake of the user's, the code that detects it raises `UserError` instead.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import re
@@ -30,6 +31,22 @@ class UserError(ValueError):
     """
 
     user_error = True
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The commands' argument parser: its own mistakes (an unknown option, a bad choice) end as one line,
+    ``sage-fast: error: ...``, and status 2, like every other user error (argparse prints the usage too)."""
+
+    def error(self, message):
+        self.exit(2, f"sage-fast: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def report_user_error(message) -> int:
+    """Print a user error as ``sage-fast: error: ...`` on one line of stderr; returns the exit status, 2."""
+    import sys
+
+    print(f"sage-fast: error: {one_line(str(message))}", file=sys.stderr, flush=True)
+    return 2
 
 
 def is_marked_user_error(exc: BaseException) -> bool:
@@ -133,26 +150,30 @@ def _failed_loader(exc: BaseException):
     return None
 
 
-def _unreadable_file_message(exc: BaseException, lib: str, path: Optional[str]) -> str:
-    what = path or "a checkpoint file"
+def load_failure_reason(exc: BaseException, lib: str = "torch") -> str:
+    """Why torch.load (`lib` "torch") or safetensors could not read a file, on one line. Never torch's
+    advice to load with weights_only=False: that runs whatever code the file holds, which sage-fast
+    never does, so only the unpickler's reason is kept."""
     detail = str(exc).strip()
     if lib == "safetensors":
-        return f"cannot read {what}: not a valid safetensors file, or truncated ({detail})"
+        return f"not a valid safetensors file, or truncated ({one_line(detail)})"
     if detail.startswith("Weights only load failed"):
-        # torch's text suggests loading with weights_only=False, i.e. running whatever code the file holds;
-        # sage-fast never does that, so only the unpickler's reason is kept
         reason = detail.rsplit("WeightsUnpickler error:", 1)[-1]
         reason = re.split(r"Check the documentation|\. Please use", reason)[0]
         reason = one_line(reason).rstrip(".") or "not a pickle of tensors and plain data"
         if reason.startswith("Unsupported global"):
-            return (f"cannot read {what}: it holds Python objects other than tensors and plain data ({reason}); "
-                    "sage-fast only reads checkpoints it wrote, plain state dicts and safetensors files")
+            return (f"it holds Python objects other than tensors and plain data ({reason}); sage-fast only "
+                    "reads checkpoints it wrote, plain state dicts and safetensors files")
         detail = reason
     elif isinstance(exc, RuntimeError) and "PytorchStreamReader" in detail:
         detail = detail.split(". ")[0]
     elif not detail or isinstance(exc, KeyError):
         detail = f"{type(exc).__name__} {detail}".strip()
-    return f"cannot read {what}: the file is corrupt, truncated or not a PyTorch checkpoint ({detail})"
+    return f"the file is corrupt, truncated or not a PyTorch checkpoint ({one_line(detail)[:300]})"
+
+
+def _unreadable_file_message(exc: BaseException, lib: str, path: Optional[str]) -> str:
+    return f"cannot read {path or 'a checkpoint file'}: {load_failure_reason(exc, lib)}"
 
 
 def _as_path(value) -> Optional[str]:

@@ -1,8 +1,9 @@
 """Accuracy by many / medium / few-shot group, the run's CSV logs and the report files.
 
-`write_report` writes, into a run's output folder:
+`write_report` writes, into a run's output folder (or, for ``sage-fast eval``, its own folder):
 
-* ``metrics.json``: the report without ``per_class``, plus ``dataset``; NaN (a group without classes) as null;
+* ``metrics.json``: the report without ``per_class``, plus ``dataset``; NaN (a group without classes) as null
+  (`json_safe`: strict JSON, which NaN is not);
 * ``per_class.csv``: ``class,name,train_count,group_count,group,accuracy`` (accuracy empty without test images);
 * ``per_class_accuracy.png``: `plot_per_class`.
 """
@@ -41,6 +42,17 @@ def accuracy_report(correct: torch.Tensor, total: torch.Tensor, group_counts: Se
     out["per_class"] = (100.0 * per_class).tolist()
     out["test_images"] = int(total.sum())
     return out
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float (NaN: a group without classes) replaced by None, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def format_report(r: dict) -> str:
@@ -100,9 +112,7 @@ def write_report(out_dir, report: dict, data) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in report.items() if k != "per_class"}
     summary["dataset"] = data.name
-    # NaN is not JSON
-    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     masks = group_masks(data.group_counts)
     # group_count: the count that decides the group (CIFAR-100-LT ratios 50 / 10: ratio 100's count)
     rows = ["class,name,train_count,group_count,group,accuracy"]
@@ -117,16 +127,39 @@ def write_report(out_dir, report: dict, data) -> None:
 
 
 class CSVLog:
-    """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped."""
+    """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped.
+
+    A kill can tear the last row (or leave NUL bytes where the file system had not written it yet): rows
+    that are not whole (no line end, another number of fields, no integer step) are dropped on resume.
+    """
 
     def __init__(self, path: Path, fields: Sequence[str], resume_step: Optional[int] = None):
         self.path, self.fields = Path(path), list(fields)
         if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            self._rewrite(rows)
+            self._rewrite([r for r in self._whole_rows() if int(r["step"]) <= resume_step])
         else:
             self._rewrite([])
+
+    def _whole_rows(self) -> list:
+        text = self.path.read_bytes().replace(b"\0", b"").decode("utf-8", errors="replace")
+        lines = text.splitlines(keepends=True)
+        rows = []
+        for line in lines[1:]:
+            if not line.endswith("\n"):
+                continue
+            try:
+                (values,) = list(csv.reader([line]))
+            except (csv.Error, ValueError):
+                continue
+            if len(values) != len(self.fields):
+                continue
+            row = dict(zip(self.fields, values))
+            try:
+                int(row["step"])
+            except ValueError:
+                continue
+            rows.append(row)
+        return rows
 
     def _rewrite(self, rows) -> None:
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:

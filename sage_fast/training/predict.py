@@ -33,6 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import CommandParser, report_user_error
+
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -225,11 +227,10 @@ def overrides_help() -> str:
 
 
 def fail(prog: str, message) -> int:
-    """A user error: one line on stderr, exit status 1."""
+    """A user error: ``sage-fast: error: PROG: ...`` on one line of stderr, exit status 2."""
     if isinstance(message, KeyError) and message.args:
         message = message.args[0]
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 1
+    return report_user_error(f"{prog}: {message}")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -267,7 +268,7 @@ def split_overrides(tokens: Sequence[str]) -> Tuple[List[str], List[str]]:
 def main(argv=None) -> int:
     from .config import ConfigError
 
-    p = argparse.ArgumentParser(prog="sage-fast predict", allow_abbrev=False, description=__doc__,
+    p = CommandParser(prog="sage-fast predict", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=overrides_help(),
                                 usage="%(prog)s --weights W [--config C] [--topk K] [--json] [overrides] "
                                       "IMAGE_OR_FOLDER [...]")

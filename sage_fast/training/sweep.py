@@ -40,17 +40,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from .checkpoint import RESUME_FREE_KEYS
 from .config import ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
+from .errors import CommandParser
 
 METRICS = ("overall", "many", "medium", "few")
 
 #: keys that change how a run is carried out but not its result: a stored run that differs from the
 #: requested config only in these still counts as the same run
-IGNORED_KEYS = (
-    "train.output_dir", "train.progress", "train.tensorboard", "train.log_every_steps", "train.ckpt_every_steps",
-    "train.eval_batch_size", "train.find_unused_parameters", "data.num_workers", "data.pin_memory",
-    "data.persistent_workers", "data.prefetch_factor", "model.text_batch_size",
-)
+IGNORED_KEYS = RESUME_FREE_KEYS - {"eval.tte"}  # a finished run's metrics depend on how it was evaluated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,8 +58,10 @@ IGNORED_KEYS = (
 def _comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
     d = copy.deepcopy(dict(config))
     for key in IGNORED_KEYS:
-        section, name = key.split(".")
-        if isinstance(d.get(section), dict):
+        section, _, name = key.rpartition(".")
+        if not section:
+            d.pop(name, None)
+        elif isinstance(d.get(section), dict):
             d[section].pop(name, None)
     return d
 
@@ -126,7 +126,8 @@ def run_or_reuse(cfg: SageConfig, folder) -> Tuple[dict, str]:
             resume = Path(folder) / "last.pt"
         elif _is_main():
             warnings.warn(f"{folder} holds a run of another config: training it again from scratch")
-    report = train(cfg, resume=resume)
+    # this folder belongs to the sweep (or ablation): a run of another config there is replaced
+    report = train(cfg, resume=resume, overwrite=resume is None)
     return report, ("resumed" if resume else "trained")
 
 
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
     from .config import PRESETS
     from .predict import fail, overrides_help
 
-    p = argparse.ArgumentParser(prog="sage-fast sweep", allow_abbrev=False,
+    p = CommandParser(prog="sage-fast sweep", allow_abbrev=False,
                                 description=__doc__.split("\n\nFor other commands")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=overrides_help(),
                                 usage="%(prog)s [--config C] [--preset P] [--dry-run] [overrides] "

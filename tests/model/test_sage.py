@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.adapters import randomise_adapters
-from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip, text_classifier
+from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip
 from sage_fast.model.templates import TEMPLATES, prompts_for
 
 NAMES = ["golden_retriever", "red fox", "tabby cat", "school bus"]

@@ -12,7 +12,7 @@ import yaml
 from helpers.images import make_image_folder
 
 from sage_fast.model import ModelConfig
-from sage_fast.training.ablate import LADDER, SWITCHES, plan, row_folder, select_rows
+from sage_fast.training.ablate import SWITCHES, plan, row_folder, select_rows
 from sage_fast.training.cli import main as cli_main
 from sage_fast.training.config import ConfigError
 from sage_fast.training.predict import load_trained, resolve_run_config

@@ -134,7 +134,7 @@ def test_tte_none_leaves_the_evaluation_unchanged_and_fivecrop_evaluates_the_cro
         label = int(path.parent.name[1:])
         correct[label] += int(tte_logits(model, crops[None]).argmax(-1)) == label
     assert five["per_class"] == pytest.approx([100.0 * c / TEST_PER_CLASS for c in correct])
-    assert json.loads((tmp_path / "five" / "metrics.json").read_text())["test_images"] == len(images_of(data_root))
+    assert json.loads((tmp_path / "five" / "eval" / "metrics.json").read_text())["test_images"] == len(images_of(data_root))
 
 
 def test_tte_config():
@@ -192,12 +192,12 @@ def test_predict_errors(run, data_root, tmp_path, capsys):
     weights = str(out / "adapters.safetensors")
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"")
-    assert cli_main(["predict", "--weights", weights, str(bad), str(tmp_path / "missing.png")]) == 1
+    assert cli_main(["predict", "--weights", weights, str(bad), str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("sage-fast predict: error: none of the 2 images could be read")
-    assert cli_main(["predict", "--weights", str(tmp_path / "none.safetensors"), str(bad)]) == 1
+    assert len(err) == 1 and err[0].startswith("sage-fast: error: sage-fast predict: none of the 2 images could be read")
+    assert cli_main(["predict", "--weights", str(tmp_path / "none.safetensors"), str(bad)]) == 2
     assert "weights not found" in capsys.readouterr().err
-    assert cli_main(["predict", "--weights", weights, str(bad), "optim.lrr=1"]) == 1
+    assert cli_main(["predict", "--weights", weights, str(bad), "optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main(["predict", "--help"])
@@ -214,7 +214,7 @@ def test_predict_bare_weights_take_classes_from_the_config(run, data_root, tmp_p
     bare_result = json.loads(capsys.readouterr().out)
     assert cli_main(["predict", "--weights", str(out / "adapters.safetensors"), "--json", str(img)]) == 0
     assert json.loads(capsys.readouterr().out) == bare_result
-    assert cli_main(["predict", "--weights", str(bare), str(img)]) == 1
+    assert cli_main(["predict", "--weights", str(bare), str(img)]) == 2
     assert "holds no run config: give the run's --config" in capsys.readouterr().err
 
 
@@ -285,7 +285,7 @@ def test_attention_png(run, data_root, tmp_path, capsys):
     with Image.open(heads) as im:
         assert im.size == figure_pixels(*grid_shape(1, 4, heads=True)) == figure_pixels(2, 6)
     capsys.readouterr()
-    assert cli_main(["attention", "--weights", weights, "--images", imgs[0], "--out", str(heads), "--block", "2"]) == 1
+    assert cli_main(["attention", "--weights", weights, "--images", imgs[0], "--out", str(heads), "--block", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the model has 2 blocks" in err[0]
 

@@ -135,6 +135,9 @@ def test_cli_print_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["gamma"] == 0.06 and printed["optim"]["lr"] == 0.5
     assert printed["data"]["root"] == "/data/cifar"
+    assert cli_main(["train", "--print-config", "optim.lr=1e-2", "--optim.weight_decay", "5e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["optim"]["lr"], printed["optim"]["weight_decay"]) == (0.01, 0.0005)
 
 
 def test_cli_rejects_bad_config_before_running(tmp_path, capsys):

@@ -178,7 +178,7 @@ def test_eval_command_reproduces_the_metrics(reference, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["overall"] == pytest.approx(report["overall"])
     assert printed["few"] == pytest.approx(report["few"])
-    assert (eval_dir / "per_class_accuracy.png").is_file()
+    assert (eval_dir / "eval" / "per_class_accuracy.png").is_file()  # eval writes under OUTPUT_DIR/eval
     assert load_weights(out / "last.pt").keys() == load_file(str(out / "adapters.safetensors")).keys()
 
 

@@ -1,0 +1,469 @@
+"""Fault injection, black box through the command line: every run is a `python -m sage_fast train ...`
+subprocess on the tiny model (CPU, no DataLoader workers unless they are the point) and a small generated
+image folder.
+
+Faults are injected from outside the library: signals sent to the process, bytes flipped in its files, or
+a wrapper script in the test's folder that patches torch / os and then calls `sage_fast.training.cli.main`.
+
+4 classes with 40 / 12 / 6 / 3 training images (no many-shot class: its accuracy is NaN, null in JSON),
+2 test images each; batch 8: 7 steps per epoch, 2 epochs, a checkpoint every 3 steps and at epoch ends
+(steps 3, 6, 7, 9, 12, 14). Every comparison with the reference run is bitwise (one thread everywhere).
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.images import make_image_folder
+from safetensors.torch import load_file
+
+from sage_fast.training.checkpoint import CheckpointError, find_resumable, read_checkpoint
+
+COUNTS = (40, 12, 6, 3)
+STEPS_PER_EPOCH = sum(COUNTS) // 8
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+EXIT_PREEMPTED = 75
+TIMEOUT = 240
+
+
+def overrides(data, out, **extra):
+    o = {
+        "data.dataset": "folder", "data.root": str(data), "data.class_names": "classnames.txt",
+        "data.num_workers": 0, "model.name": "sage-tiny", "model.pretrained": "null", "model.backend": "torch",
+        "model.text_batch_size": 64, "optim.epochs": 2, "optim.batch_size": 8, "optim.lr": 0.05,
+        "train.output_dir": str(out), "train.device": "cpu", "train.ckpt_every_steps": 3,
+        "train.log_every_steps": 1, "train.eval_every_epochs": 0, "train.eval_batch_size": 16,
+        "train.progress": "false", "train.tensorboard": "false",
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _env():
+    # one thread: bitwise-equal results across processes, and no oversubscription of a small machine
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _cmd(args, wrapper=None):
+    return [sys.executable, str(wrapper)] + list(args) if wrapper else [sys.executable, "-m", "sage_fast"] + list(args)
+
+
+def sage(*args, wrapper=None) -> subprocess.CompletedProcess:
+    """`python -m sage_fast ARGS` (or `python WRAPPER ARGS`) to completion."""
+    return subprocess.run(_cmd(args, wrapper), env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def start(*args, wrapper=None) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(args, wrapper), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=TIMEOUT)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def why(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+
+
+def error_line(proc, prefix="sage-fast: error: sage-fast train: ") -> str:
+    """The one line the CLI printed for a refusal: no traceback, the message on a single line."""
+    assert "Traceback" not in proc.stderr, why(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1, why(proc)
+    return lines[0]
+
+
+def wrapper_script(folder, patch: str) -> Path:
+    """A script that applies `patch` and then runs the CLI with its arguments."""
+    path = Path(folder) / "inject.py"
+    path.write_text("import os, signal, sys\nimport torch\n" + textwrap.dedent(patch) + textwrap.dedent("""
+        from sage_fast.training.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    return path
+
+
+def assert_same_weights(run, ref):
+    got, want = load_file(str(Path(run) / "adapters.safetensors")), load_file(str(Path(ref) / "adapters.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def wait_for_log_rows(path, rows, proc, timeout=TIMEOUT):
+    """Wait until the train log holds `rows` rows (training is under way); fail if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) > rows:
+            return
+        if proc.poll() is not None:
+            pytest.fail("the run ended before the fault could be injected:\n" + why(finish(proc)))
+        time.sleep(0.02)
+    pytest.fail("the run did not start training in time")
+
+
+def tree_digest(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def temporaries(folder):
+    return sorted(p.name for p in Path(folder).glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- shared data and reference run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The image folder: read only, every test uses it as it is."""
+    return make_image_folder(tmp_path_factory.mktemp("fault_data"), COUNTS, test=2)
+
+
+@pytest.fixture(scope="module")
+def _reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fault_ref") / "run"
+    proc = sage("train", *overrides(data, out))
+    assert proc.returncode == 0, why(proc)
+    return out
+
+
+@pytest.fixture()
+def reference(_reference):
+    """The uninterrupted run's folder: read it, never write into it (copy it with `finished_copy`)."""
+    return _reference
+
+
+@pytest.fixture()
+def finished_copy(_reference, tmp_path):
+    """This test's own copy of the finished reference run."""
+    return Path(shutil.copytree(_reference, tmp_path / "finished"))
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+def test_kill9_at_a_random_moment_then_resume_is_bitwise_equal(data, reference, tmp_path):
+    """SIGKILL at a random moment of training; a torn log line and a stale temporary file on top (what a
+    kill during a write leaves); `--resume auto` ends at the uninterrupted run's weights."""
+    seed = random.randrange(10**6)
+    delay = random.Random(seed).uniform(0.0, 1.0)
+    out = tmp_path / "run"
+    proc = start("train", *overrides(data, out))
+    wait_for_log_rows(out / "train_log.csv", 1, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    with open(out / "train_log.csv", "a") as f:
+        f.write("9")  # a row torn after its first character
+    (out / ".last.pt.999999.tmp").write_bytes(b"PK\x03\x04 torn")
+    proc = sage("train", *overrides(data, out), "--resume", "auto")
+    assert proc.returncode == 0, f"seed {seed}, delay {delay:.3f} s\n" + why(proc)
+    assert_same_weights(out, reference)
+    assert temporaries(out) == []
+    steps = [int(r.split(",")[0]) for r in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS
+
+
+_KILL_IN_WRITE = {
+    # the second checkpoint (step 6) dies half written: last.pt stays the step-3 one
+    "mid_write": """
+        _save, _calls = torch.save, []
+        def save(obj, f, *a, **k):
+            _calls.append(1)
+            if len(_calls) == 2:
+                f.write(b"PK\\x03\\x04 half a checkpoint")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _save(obj, f, *a, **k)
+        torch.save = save
+    """,
+    # the step-6 checkpoint is whole and the old last.pt is already previous.pt, but not yet replaced
+    "between_rotation_and_replace": """
+        _replace, _calls = os.replace, []
+        def replace(src, dst, *a, **k):
+            if os.path.basename(dst) == "last.pt":
+                _calls.append(1)
+                if len(_calls) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return _replace(src, dst, *a, **k)
+        os.replace = replace
+    """,
+}
+
+
+@pytest.mark.parametrize("where", sorted(_KILL_IN_WRITE))
+def test_kill9_inside_a_checkpoint_write_then_resume_is_bitwise_equal(data, reference, tmp_path, where):
+    out = tmp_path / "run"
+    proc = sage("train", *overrides(data, out), wrapper=wrapper_script(tmp_path, _KILL_IN_WRITE[where]))
+    assert proc.returncode == -signal.SIGKILL, why(proc)
+    assert read_checkpoint(out / "last.pt")["global_step"] == 3
+    (tmp,) = temporaries(out)
+    assert tmp.startswith(".last.pt.")
+    if where == "between_rotation_and_replace":
+        assert read_checkpoint(out / "previous.pt")["global_step"] == 3
+    proc = sage("train", *overrides(data, out), "--resume")
+    assert proc.returncode == 0, why(proc)
+    assert_same_weights(out, reference)
+    assert temporaries(out) == []
+
+
+# ---------------------------------------------------------------- NaN
+
+
+_NAN_ON_STEP_6 = """
+    _step, _calls = torch.optim.SGD.step, []
+    def step(self, *a, **k):
+        _calls.append(1)
+        if len(_calls) == 6:
+            p = next(p for g in self.param_groups for p in g["params"] if p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+        return _step(self, *a, **k)
+    torch.optim.SGD.step = step
+"""
+
+
+def test_nan_gradient_on_a_checkpoint_step_keeps_the_last_good_checkpoint(data, reference, tmp_path):
+    """A NaN gradient on step 6 (a checkpoint step): exit 3 naming step 6 and the step-3 checkpoint, nothing
+    non-finite on disk, and the run resumes (data moved meanwhile) to the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    proc = sage("train", *overrides(data, out), wrapper=wrapper_script(tmp_path, _NAN_ON_STEP_6))
+    assert proc.returncode == 3, why(proc)
+    line = error_line(proc)
+    assert "diverged at step 6" in line and f"{out / 'last.pt'} (step 3)" in line, line
+    ckpt = read_checkpoint(out / "last.pt")  # verifies digest and finiteness
+    assert ckpt["global_step"] == 3
+    assert not (out / "previous.pt").exists() and not (out / "adapters.safetensors").exists()
+    moved = Path(shutil.copytree(data, tmp_path / "moved_data"))
+    proc = sage("train", *overrides(moved, out), "--resume")
+    assert proc.returncode == 0, why(proc)
+    assert_same_weights(out, reference)
+
+
+# ---------------------------------------------------------------- corrupt checkpoints
+
+
+def _flip_tensor_bytes(path):
+    """Flip one byte inside the stored block_scales tensor: the zip and the pickle stay readable."""
+    raw = bytearray(path.read_bytes())
+    needle = torch.load(path, weights_only=True)["trainable"]["block_scales"].numpy().tobytes()
+    at = raw.find(needle)
+    assert at >= 0 and raw.find(needle, at + 1) < 0, "block_scales bytes not found once in the checkpoint"
+    raw[at + 1] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_in_last_pt_fall_back_to_previous_pt(data, reference, finished_copy):
+    out = finished_copy
+    _flip_tensor_bytes(out / "last.pt")
+    # eval of the corrupt file: one line, exit 2, no report written
+    proc = sage("eval", "--weights", str(out / "last.pt"), f"train.output_dir={out}")
+    assert proc.returncode == 2, why(proc)
+    assert "checksum" in error_line(proc, "sage-fast: error: sage-fast eval: ")
+    assert not (out / "eval").exists()
+    # resume: previous.pt (step 12) verifies; the last two steps are trained again to the same weights
+    proc = sage("train", *overrides(data, out), "--resume")
+    assert proc.returncode == 0, why(proc)
+    assert re.search(r"last\.pt: content does not match its checksum.*resuming from .*previous\.pt \(step 12\)",
+                     proc.stderr), why(proc)
+    assert_same_weights(out, reference)
+    assert read_checkpoint(out / "last.pt")["global_step"] == TOTAL_STEPS
+    # the corrupt file was not rotated into previous.pt
+    assert read_checkpoint(out / "previous.pt")["global_step"] == 12
+
+
+def test_no_verifying_checkpoint_is_a_one_line_error(reference, tmp_path):
+    for name in ("last.pt", "previous.pt"):
+        shutil.copy(reference / name, tmp_path / name)
+        _flip_tensor_bytes(tmp_path / name)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from verifies") as e:
+        find_resumable(tmp_path / "last.pt")
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_mid_epoch_writes_a_checkpoint_and_resume_is_bitwise_equal(data, reference, tmp_path):
+    """SIGTERM to the whole process group, as SLURM sends it, with two DataLoader workers in it: the run
+    finishes its step, writes a checkpoint, exits 75. Only epoch-end checkpoints (ckpt_every_steps=0), so a
+    mid-epoch checkpoint can only come from the SIGTERM. The resume (no workers, a periodic checkpoint:
+    settings a resume may change) ends at the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(["train", *overrides(data, out, **{"train.ckpt_every_steps": 0, "data.num_workers": 2})]),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_log_rows(out / "train_log.csv", 1, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc = finish(proc)
+    assert proc.returncode == EXIT_PREEMPTED, why(proc)
+    m = re.search(r"sage-fast: stopped: sage-fast train: SIGTERM after step (\d+) .*checkpoint (\S+last\.pt); continue with "
+                  r"--resume", proc.stderr)
+    assert m, why(proc)
+    step = int(m[1])
+    ckpt = read_checkpoint(out / "last.pt")
+    assert ckpt["global_step"] == step and ckpt["step_in_epoch"] > 0
+    assert not (out / "adapters.safetensors").exists()
+    proc = sage("train", *overrides(data, out), "--resume")
+    assert proc.returncode == 0, why(proc)
+    assert_same_weights(out, reference)
+
+
+# ---------------------------------------------------------------- run folders and eval
+
+
+def test_fresh_run_in_a_finished_folder_is_refused_and_overwrite_starts_over(data, reference, finished_copy):
+    out = finished_copy
+    before = tree_digest(out)
+    proc = sage("train", *overrides(data, out))
+    assert proc.returncode == 2, why(proc)
+    assert "already holds a run" in error_line(proc)
+    assert tree_digest(out) == before  # nothing touched: logs, checkpoints, reports
+    proc = sage("train", *overrides(data, out), "--overwrite")
+    assert proc.returncode == 0, why(proc)
+    assert_same_weights(out, reference)
+    assert read_checkpoint(out / "previous.pt")["global_step"] == 12
+
+
+def test_eval_writes_its_own_files_and_valid_json(reference, finished_copy):
+    out = finished_copy
+    before = tree_digest(out)
+    # the weights' stored config names the reference folder: point eval at this copy
+    proc = sage("eval", "--weights", str(out / "adapters.safetensors"), f"train.output_dir={out}")
+    assert proc.returncode == 0, why(proc)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    printed = strict(proc.stdout.strip().splitlines()[-1])
+    assert printed["many"] is None  # no class has more than 100 training images
+    assert {k: v for k, v in tree_digest(out).items() if not k.startswith("eval/")} == before
+    metrics = strict((out / "eval" / "metrics.json").read_text())
+    trained = strict((out / "metrics.json").read_text())
+    assert metrics["overall"] == trained["overall"] == printed["overall"] and metrics["many"] is None
+    assert metrics["step"] == TOTAL_STEPS and metrics["weights"] == str(out / "adapters.safetensors")
+    assert (out / "eval" / "per_class.csv").is_file() and (out / "eval" / "per_class_accuracy.png").is_file()
+
+
+def test_resume_with_settings_that_change_the_result_is_refused_unless_forced(data, finished_copy):
+    out = finished_copy
+    before = tree_digest(out)
+    proc = sage("train", *overrides(data, out, **{"train.seed": 1, "optim.batch_size": 4}), "--resume")
+    assert proc.returncode == 2, why(proc)
+    line = error_line(proc)
+    assert "optim.batch_size (8 -> 4)" in line and "train.seed (0 -> 1)" in line and "--force-resume" in line
+    assert tree_digest(out) == before
+    # forced: the finished run is only evaluated and exported again, under a warning naming the key
+    proc = sage("train", *overrides(data, out, **{"train.seed": 1}), "--resume", "--force-resume")
+    assert proc.returncode == 0, why(proc)
+    assert "train.seed (0 -> 1)" in proc.stderr
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+_RANK_WRAPPER = """
+    import os, sys
+    folder = sys.argv.pop(1)
+    with open(os.path.join(folder, "pid." + os.environ["RANK"]), "w") as f:
+        f.write(str(os.getpid()))
+    {patch}
+    from sage_fast.training.cli import main
+    rc = main(sys.argv[1:])
+    with open(os.path.join(folder, "rc." + os.environ["RANK"]), "w") as f:
+        f.write(str(rc))
+    sys.exit(rc)
+"""
+
+
+def _torchrun(tmp_path, args, patch=""):
+    """`torchrun --nproc_per_node 2` (gloo, CPU) of the CLI through a wrapper that writes each rank's pid
+    (``pid.RANK``) and exit code (``rc.RANK``) into `tmp_path`."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    if importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torchrun (torch.distributed.run) is not available in this build")
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(_RANK_WRAPPER).replace("{patch}", textwrap.indent(textwrap.dedent(patch), "")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), *args]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _communicate(proc, timeout):
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers before it exits
+        try:
+            output = proc.communicate(timeout=40)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0]
+        pytest.fail(f"torchrun did not end within {timeout} s:\n{output[-3000:]}")
+
+
+def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tmp_path):
+    """SIGTERM to rank 1 only (SIGUSR1 / SIGTERM reach one process first in practice): both ranks agree to
+    stop after the same step, rank 0 writes that step's checkpoint, both exit 75."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(tmp_path, ["train", *overrides(data, out, **{"train.ckpt_every_steps": 0})])
+    wait_for_log_rows(out / "train_log.csv", 1, proc)
+    os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGTERM)
+    output = _communicate(proc, 120)
+    assert proc.returncode != 0, output[-3000:]
+    stops = {int(r): int(s) for r, s in re.findall(r"rank (\d): SIGTERM after step (\d+)", output)}
+    assert sorted(stops) == [0, 1] and len(set(stops.values())) == 1, output[-3000:]
+    rcs = [int((tmp_path / f"rc.{r}").read_text()) for r in (0, 1)]
+    assert rcs == [EXIT_PREEMPTED, EXIT_PREEMPTED], output[-3000:]
+    assert read_checkpoint(out / "last.pt")["global_step"] == stops[0]
+    assert not (out / "adapters.safetensors").exists()
+
+
+_HANG_RANK_1 = """
+    import time
+    from sage_fast.training.loop import Trainer
+    _step, _calls = Trainer.train_step, []
+    def train_step(self, batch):
+        _calls.append(1)
+        if self.dist.rank == 1 and len(_calls) == 3:
+            open(os.path.join(folder, "hung"), "w").close()
+            time.sleep(600)
+        return _step(self, batch)
+    Trainer.train_step = train_step
+"""
+
+
+def test_torchrun_sigterm_does_not_wait_for_a_stuck_rank(data, tmp_path):
+    """Rank 1 hangs inside its third step, so rank 0 waits in DDP's all-reduce: a SIGTERM to both (as
+    SLURM sends) cannot be honoured with a checkpoint, and must not keep the job alive either (without the
+    stop watchdog it would last until the sleep or gloo's 30-minute timeout ends)."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(tmp_path, ["train", *overrides(data, out, **{"train.ckpt_every_steps": 0})], _HANG_RANK_1)
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "hung").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("rank 1 did not reach its third step:\n" + _communicate(proc, 1)[-3000:])
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    for rank in (0, 1):
+        os.kill(int((tmp_path / f"pid.{rank}").read_text()), signal.SIGTERM)
+    output = _communicate(proc, 60)
+    assert time.monotonic() - t0 < 60 and proc.returncode != 0
+    assert "did not reach the end of its step" in output, output[-3000:]
+    assert not (out / "last.pt").exists()
