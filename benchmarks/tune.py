@@ -663,7 +663,8 @@ def tune_problem(p: Problem, runner, base, cands: Sequence, deadline: float, clo
     """Gate, time, confirm and decide one problem before `deadline` (a `clock` value).
 
     runner: `outputs(cfg) -> dict`, `time(cfg, target_s=None) -> seconds` (KernelRunner, or a fake).
-    wait(cfg): blocks until cfg's ahead-of-time compilation is done; an error text if it failed.
+    wait(cfg): blocks until cfg's ahead-of-time compilation is done; an error text rejects cfg (the
+    Precompiler never returns one: a failed precompile is retried by the main process).
     """
     t0 = clock()
     res = ProblemResult(p, key, base)
@@ -794,6 +795,7 @@ class Precompiler:
         self.futures: Dict[tuple, Future] = {}
         self.workers = workers
         self.broken = False
+        self.errors: List[str] = []
 
     def submit(self, p: Problem, cfgs: Sequence) -> None:
         for c in cfgs:
@@ -802,26 +804,29 @@ class Precompiler:
                 self.futures[key] = self.pool.submit(_warm, p.to_json(), config_to_json(c))
 
     def wait(self, p: Problem, c, timeout: float) -> Optional[str]:
+        """Wait up to `timeout` s for cfg's compilation. Never rejects a candidate: on an error (noted in
+        `errors`) or a timeout the main process compiles it itself, and only a failure there rejects it,
+        so that a problem of the pool (e.g. a Triton version whose warmup differs) cannot reject the grid."""
         fut = self.futures.get((p, c))
         if fut is None or self.broken:
             return None
         try:
             fut.result(timeout=max(0.0, timeout))
         except TimeoutError:
-            return None  # still compiling: the main process compiles it itself
+            pass  # still compiling: the main process compiles it itself
         except BrokenProcessPool:
             self.broken = True  # a worker died: the main process compiles from now on
-            return None
-        except Exception as exc:  # noqa: BLE001 - a compile error rejects the candidate
+        except Exception as exc:  # noqa: BLE001 - recorded; the main process decides
             text = str(exc).strip().splitlines()
-            return f"{type(exc).__name__}: {text[-1] if text else ''}"
+            self.errors.append(f"{p.name} {config_to_json(c)}: {type(exc).__name__}: {text[-1] if text else ''}"[:400])
         return None
 
     def stats(self) -> dict:
         done = [f for f in self.futures.values() if f.done() and not f.cancelled()]
         ok = [f.result() for f in done if f.exception() is None]
         return {"workers": self.workers, "submitted": len(self.futures), "done": len(done), "failed": len(done) - len(ok),
-                "compile_s_median": statistics.median(ok) if ok else None, "compile_s_total": sum(ok)}
+                "compile_s_median": statistics.median(ok) if ok else None, "compile_s_total": sum(ok),
+                "broken": self.broken, "errors": self.errors[:20]}
 
     def close(self) -> None:
         for fut in self.futures.values():
@@ -1118,6 +1123,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run(problems, args.results, args.budget_s, args.table_out or args.results / "tuned_launch.json",
         base_table=args.base_table, grid_path=args.grid, workers=workers if on_gpu else 0,
         max_candidates=args.max_candidates if (on_gpu or args.max_candidates) else 4)
+    if on_gpu and workers:
+        # Everything is written. Leave at once: the interpreter's exit would join the compile pool's
+        # threads, and a worker stuck in a compile must not hold the stage until its time limit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -17,10 +17,15 @@ once per distinct specialisation. Cases: adapter d in {768, 1024} with r in {1, 
 padded by the glue), forward and backward, block epilogue with inputs bf16 / fp16 / fp32 plus a
 mixed case (fp32 residual stream, bf16 mlp_out and GEMM operands: a user's fp32 model under bf16
 autocast; the Sage model itself runs all-bf16 there, as open_clip's LayerNorm casts back to bf16),
-drop-in form in bf16; every entry of the tuned tables (`sage_fast.ops.launch.TUNED_*`, empty
-today) at its own (device name, d, r, dtype); loss C in {8142, 100}, FIT on and off, logits
-bf16 / fp16 / fp32 with all gradients, and fp32 inference (no gradient). About 40 s on 2 shared
-cores (~60 distinct compilations).
+drop-in form in bf16; every entry of the tuned tables (`sage_fast.ops.launch.TUNED_FWD`, `_DX`,
+`_WEIGHT_GRAD`, `_LOSS`, loaded from sage_fast/ops/tuned_launch.json; empty until a GPU run's table is
+committed) at its own key; loss C in {8142, 100}, FIT on and off, logits bf16 / fp16 / fp32 with all
+gradients, and fp32 inference (no gradient). About 40 s on 2 shared cores (~60 distinct compilations).
+
+The same child process, given `--grid GRID.json`, compiles the candidates of the tuning grid instead
+(each launched through the glue with its kernel's launch function forced to the candidate):
+`python -m benchmarks.tune prefilter` uses it to write benchmarks/tune_grid.json, the grid the GPU
+run tries (benchmarks/test_tune.py checks that file against the generator).
 
 The child process is needed because tests/conftest.py sets TRITON_INTERPRET=1 for the whole
 session on CPU, and Triton fixes interpret mode when a kernel is decorated. The same file is the
