@@ -73,7 +73,8 @@ for s in ${STAGES//,/ }; do
 done
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
-left() { echo $(( BUDGET - (SECONDS - START) )); }
+SIM_OFFSET=0  # SAGE_PLAN_ONLY: simulated seconds spent
+left() { echo $(( BUDGET - (SECONDS - START) - SIM_OFFSET )); }
 # keep_after <stage>: seconds the enabled stages after it are guaranteed, plus the report
 keep_after() {
     local seen=0 keep=$REPORT_S name max reserve
@@ -99,6 +100,25 @@ limit() {
     echo "$avail"
 }
 stage() { echo; echo "=== [$(date -u +%H:%M:%S), $(( SECONDS - START ))s] $*"; }
+
+# SAGE_PLAN_ONLY=1: print the worst-case schedule (setup taking SAGE_PLAN_SETUP_S, default 25 s; every
+# stage running to its limit, then its grace) and exit without running anything.
+if [[ "${SAGE_PLAN_ONLY:-0}" == "1" ]]; then
+    SIM_OFFSET=${SAGE_PLAN_SETUP_S:-25}
+    for row in "${STAGE_TABLE[@]}"; do
+        read -r name max reserve <<< "$row"
+        want "$name" || continue
+        lim=$(limit "$name")
+        if (( lim < 10 )); then
+            echo "plan $name start $SIM_OFFSET limit 0 end $SIM_OFFSET reserve $reserve skipped"
+            continue
+        fi
+        echo "plan $name start $SIM_OFFSET limit $lim end $(( SIM_OFFSET + lim + KILL_GRACE )) reserve $reserve"
+        SIM_OFFSET=$(( SIM_OFFSET + lim + KILL_GRACE ))
+    done
+    echo "plan report start $SIM_OFFSET budget $BUDGET report_s $REPORT_S"
+    exit 0
+fi
 
 # Wheels carried from the development machine (benchmarks/gpu_wheels.sh): the GPU image has no
 # open_clip_torch and cannot download it.

@@ -197,7 +197,7 @@ def test_the_budget_cuts_a_sweep_and_keeps_what_it_measured():
     cands = tune.grid(P_FWD)
     times = {c: 1.0 - 0.01 * i for i, c in enumerate(cands)}
     runner = FakeRunner(times, step_s=1.0)
-    # each timing costs 1 s of the fake clock; the confirmation reserve is (3 + 1) x 3 x 1.1 s
+    # each timing costs 1 s of the fake clock; the confirmation reserve is (3 + 1) x 3 x 1.5 s
     res = tune.tune_problem(P_FWD, runner, cands[0], cands, deadline=25.0, clock=runner.clock)
     timed = [e for e in res.candidates if e["status"] == "timed"]
     assert res.status == "decided (sweep cut by the budget)"
@@ -426,3 +426,27 @@ def test_the_tuner_runs_end_to_end_in_the_interpreter(tmp_path):
         assert len(prob["base_times_s"]) >= 3
     entries = launch.read_table(tmp_path / "out" / "tuned_launch.json")
     assert all(e.key[0] == "cpu (interpreter)" for e in entries)
+
+
+def test_the_run_shares_its_budget_and_skips_what_it_cannot_reach(tmp_path, monkeypatch):
+    """Budget 20 s (2 s kept for writing): the first problem may use 6 s (a third), takes 4 s; the
+    second gets (20 - 2 - 4) / 2 = 7 s, takes 13.5 s (a sweep overrunning its share); nothing is left
+    for the third, which is skipped; the first two are decided and in the log."""
+    problems = [tune.Problem("fwd", "float32", d=64, r=r, rows=96) for r in (4, 8, 16)]
+    now = [0.0]
+    shares = []
+
+    def fake_tune_problem(p, runner, base, cands, deadline, clock, wait, sms, log, key, **kw):
+        shares.append(deadline - clock())
+        now[0] += 4.0 if len(shares) == 1 else 13.5
+        return _result(p, key[0], None)
+
+    monkeypatch.setattr(tune, "tune_problem", fake_tune_problem)
+    monkeypatch.setattr(tune, "DataCache", lambda device, sms: types.SimpleNamespace(get=lambda p: None))
+    monkeypatch.setattr(tune, "KernelRunner", lambda *a, **k: types.SimpleNamespace(release=lambda: None,
+                                                                                      estimate_reps=1))
+    base = launch.write_table(tmp_path / "base.json", [])
+    content = tune.run(problems, tmp_path / "out", 20.0, tmp_path / "out" / "t.json", base_table=base,
+                       grid_path=None, device="cpu", log=lambda s: None, clock=lambda: now[0])
+    assert shares == pytest.approx([6.0, 7.0])
+    assert [p["status"] for p in content["problems"]] == ["decided", "decided", "skipped: out of time budget"]

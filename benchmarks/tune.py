@@ -680,8 +680,9 @@ def tune_problem(p: Problem, runner, base, cands: Sequence, deadline: float, clo
         res.status = f"heuristic output not finite: {bad}"
         res.decision = Decision(None, None, None, None, None, res.status)
         return res
+    t1 = clock()
     res.base_times.append(runner.time(base))
-    per_measure = max(1e-3, clock() - t0)  # first run + one timing: an upper estimate of one measurement
+    per_measure = max(1e-3, 1.5 * (clock() - t1))  # one timing (with a margin): what a confirmation step costs
     sweep_times: Dict[object, float] = {}
     todo = [c for c in cands if c != base]
 
@@ -873,11 +874,11 @@ def _versions() -> dict:
 def run(problems: Sequence[Problem], out_dir: Path, budget_s: float, table_out: Path,
         base_table: Optional[Path] = None, grid_path: Optional[Path] = GRID_FILE, workers: int = 0,
         device=None, max_candidates: Optional[int] = None, measure_s: float = 0.02,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> dict:
     """Tune `problems` within budget_s seconds; write out_dir/tune.json and the table to table_out.
     Returns the log's content."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    budget = Budget(budget_s)
+    budget = Budget(budget_s, clock=clock)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device_name, sms = launch.device_info(device)
