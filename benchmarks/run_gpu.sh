@@ -9,7 +9,7 @@
 # gets SIGINT, so pytest and the tuner still write what they measured, and every measured case is
 # already in records.jsonl):
 #   0. setup: carried wheels (.whl/) into /tmp/site, package and CUDA checks, env.json
-#   1. parity           pytest tests -m gpu                                   -> parity.log, parity-junit.xml
+#   1. parity           pytest tests -m gpu (-n 6 with pytest-xdist)          -> parity.log, parity-junit.xml
 #   2. adapter          bench_adapter.py -k "not compile" (eager, fused_torch, fused, autocast)  -> adapter.json
 #   3. loss             bench_loss.py -k "not compile" (eager, fused)          -> loss.json
 #   4. tune             python -m benchmarks.tune run: launch-configuration grid per kernel, correctness
@@ -203,7 +203,16 @@ run_stage() {
     export_results
 }
 
-run_stage parity $PY -m pytest tests -m gpu -p no:cacheprovider -ra --junitxml="$RESULTS/parity-junit.xml"
+PARITY=($PY -m pytest tests -m gpu -p no:cacheprovider -ra --junitxml="$RESULTS/parity-junit.xml")
+if $PY -c "import xdist" 2>/dev/null; then
+    # pytest-xdist (in the GPU image): 6 processes compile the Triton kernels of the parity tests side by
+    # side; should xdist itself fail (internal or usage error), run them serially in the time left
+    run_stage parity bash -c '"$@" -n 6; rc=$?
+        if (( rc == 3 || rc == 4 )); then echo "pytest-xdist failed (exit $rc): the parity tests serially"; exec "$@"; fi
+        exit $rc' parity "${PARITY[@]}"
+else
+    run_stage parity "${PARITY[@]}"
+fi
 run_stage adapter $PY -m pytest benchmarks/bench_adapter.py -k "not compile" "${COMMON[@]}" \
     --benchmark-json="$RESULTS/adapter.json"
 run_stage loss $PY -m pytest benchmarks/bench_loss.py -k "not compile" "${COMMON[@]}" --benchmark-json="$RESULTS/loss.json"
