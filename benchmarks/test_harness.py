@@ -233,3 +233,22 @@ def test_cpu_timing_records_its_method():
     assert "l2_flush_MiB" in fields and fields["iqr_s"] == 0.1
     t, reps = harness.median_time(lambda: sum(range(100)), target_s=1e-3, min_reps=3, max_reps=10, warmup=1)
     assert 3 <= reps <= 10 and t > 0
+
+
+def test_the_input_benchmark_measures_a_gpu_decode_loader_on_cpu(tmp_path):
+    """The gpu_decode path of bench_input_pipeline (raw bytes from the workers, GpuBatchTransform per batch),
+    with the transform on the CPU: the same code the GPU run takes, minus nvJPEG."""
+    from sage_fast.training.config import DataConfig
+    from sage_fast.training.data import GpuBatchTransform, TrainSampler, build_data, build_loader
+
+    from . import bench_input_pipeline as bip
+
+    info = bip.make_jpeg_folder(tmp_path, files=8, classes=2, repeat=2, processes=1)
+    assert info["files"] == 8 and 5 < info["mean_file_KB"] < 500
+    cfg = DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, gpu_decode=True, check_images=False,
+                     pin_memory=False)
+    data = build_data(cfg, 64, raw=True)
+    loader = build_loader(data.train, 4, TrainSampler(data.train, 4, 1, 0, seed=0), cfg, pin_memory=False, train=True)
+    transform = GpuBatchTransform(64, True, "cpu", cfg.crop_scale, cfg.train_augment)
+    out = bip.measure(loader, warmup=1, batches=3, transform=transform)
+    assert out["images"] == 12 and out["images_per_s"] > 0

@@ -450,3 +450,26 @@ def test_the_run_shares_its_budget_and_skips_what_it_cannot_reach(tmp_path, monk
                        grid_path=None, device="cpu", log=lambda s: None, clock=lambda: now[0])
     assert shares == pytest.approx([6.0, 7.0])
     assert [p["status"] for p in content["problems"]] == ["decided", "decided", "skipped: out of time budget"]
+
+
+def test_an_error_in_a_problem_stops_the_run_and_keeps_what_was_decided(tmp_path, monkeypatch):
+    problems = [tune.Problem("fwd", "float32", d=64, r=r, rows=96) for r in (4, 8, 16)]
+    winner = RowLaunch(128, 32, 4)
+    calls = []
+
+    def fake_tune_problem(p, runner, base, cands, deadline, clock, wait, sms, log, key, **kw):
+        calls.append(p)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _result(p, key[0], winner)
+
+    monkeypatch.setattr(tune, "tune_problem", fake_tune_problem)
+    monkeypatch.setattr(tune, "DataCache", lambda device, sms: types.SimpleNamespace(get=lambda p: None))
+    monkeypatch.setattr(tune, "KernelRunner", lambda *a, **k: types.SimpleNamespace(release=lambda: None,
+                                                                                      estimate_reps=1))
+    base = launch.write_table(tmp_path / "base.json", [])
+    content = tune.run(problems, tmp_path / "out", 60, tmp_path / "out" / "t.json", base_table=base, grid_path=None,
+                       device="cpu", log=lambda s: None)
+    assert [p["status"][:7] for p in content["problems"]] == ["decided", "failed:", "not rea"]
+    assert "illegal memory access" in content["error"] and len(calls) == 2
+    assert [e.config for e in launch.read_table(tmp_path / "out" / "t.json")] == [winner]

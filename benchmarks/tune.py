@@ -956,8 +956,14 @@ def run(problems: Sequence[Problem], out_dir: Path, budget_s: float, table_out: 
                                   warmup=2 if gpu else 0)
             if not gpu:
                 runner.estimate_reps = 1
-            done = tune_problem(p, runner, r.heuristic, cands, deadline, budget.clock, wait, sms, log, r.key,
-                                confirm_top=CONFIRM_TOP if gpu else 1, confirm_rounds=CONFIRM_ROUNDS if gpu else 1)
+            try:
+                done = tune_problem(p, runner, r.heuristic, cands, deadline, budget.clock, wait, sms, log, r.key,
+                                    confirm_top=CONFIRM_TOP if gpu else 1, confirm_rounds=CONFIRM_ROUNDS if gpu else 1)
+            except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error: the context may be unusable, stop here
+                r.status = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+                meta["error"] = traceback.format_exc()[-3000:]
+                log(f"{p.name}: {r.status}; stopping (the problems decided so far are kept)")
+                break
             done.candidates += [{"config": {"compile_key": k}, "status": "rejected by the sm_90 prefilter",
                                  "error": v} for k, v in rejected.items()]
             results[i] = done
