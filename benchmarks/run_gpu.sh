@@ -24,9 +24,11 @@
 # Every stage measures the committed tuned table (sage_fast/ops/tuned_launch.json); the tune stage writes
 # its new table into the results folder only (commit it, and the next run confirms it).
 #
-# Time budget (SAGE_BUDGET_S, default 540 s): stage i gets min(MAX_i, left - KEEP_i) seconds, where
-# KEEP_i is what the later enabled stages are guaranteed (their RESERVE, plus KILL_GRACE each for those
-# with a reserve) plus REPORT_S for the report; a stage with less than 10 s is skipped. A stage that
+# Time budget (SAGE_BUDGET_S, default 540 s): stage i gets min(MAX_i, max(RESERVE_i, left - KEEP_i))
+# seconds, never more than left - REPORT_S, where KEEP_i is what the later enabled stages
+# are guaranteed (their RESERVE, plus KILL_GRACE each for those with a reserve) plus REPORT_S for the
+# report: a stage's own guarantee comes before the later ones' (a short budget loses the last stages
+# first); a stage with less than 10 s is skipped. A stage that
 # ignores SIGINT is killed KILL_GRACE (10) s later. So even if every stage runs to its limit, the last
 # one ends by BUDGET - REPORT_S + KILL_GRACE and the report follows; stages that finish early pass
 # their time on. The results are exported after every stage (SAGE_EXPORT_DIR), so a command killed
@@ -87,14 +89,18 @@ keep_after() {
     done
     echo "$keep"
 }
-# limit <stage>: this stage's time limit now
+# limit <stage>: this stage's time limit now: what the later stages' guarantees leave, but at least its
+# own guarantee (an earlier stage's comes first), never into the report's time, at most its maximum
 limit() {
-    local name max reserve avail
+    local name max reserve avail last
     for row in "${STAGE_TABLE[@]}"; do
         read -r name max reserve <<< "$row"
         [[ "$name" == "$1" ]] && break
     done
     avail=$(( $(left) - $(keep_after "$1") ))
+    (( avail < reserve )) && avail=$reserve
+    last=$(( $(left) - REPORT_S ))
+    (( avail > last )) && avail=$last
     (( avail > max )) && avail=$max
     (( avail < 0 )) && avail=0
     echo "$avail"
