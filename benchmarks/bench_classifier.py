@@ -75,7 +75,7 @@ def _time(benchmark, fn, warm):
     harness.sync()
     benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
     st = benchmark.stats.stats
-    return harness.Timing(st.median, st.mean, st.stddev, st.min, 1, 1)
+    return harness.Timing(st.median, st.mean, st.stddev, st.min, 1, 1, "synchronised host clock, one call")
 
 
 @pytest.mark.parametrize("classes,impl", GPU_CASES if ON_GPU else CPU_CASES,

@@ -1,159 +1,167 @@
-"""Input-pipeline benchmark: training images per second per worker, read from a raw image folder, from the
-same folder with reduced-scale JPEG decoding (``data.fast_decode``), and from ``sage-fast prepare``'s shards.
+"""Input-pipeline benchmark: the images per second the training loader delivers on this machine, to set
+beside the training step's images/s (does loading keep up?).
 
-Data: generated JPEGs (q90, smooth synthetic photos) of two sizes, 500 x 375 (a small iNaturalist /
-ImageNet image) and 1600 x 1200 (a large original); CPU smoke: 6 of each, CUDA machine: 64 of each. The
-shards are prepared from them with the defaults (short side 320, quality 90) before timing.
+Data: generated JPEGs of 500 x 375 px (quality 90: smooth colour gradients plus pixel noise, a few tens
+of KB each, like a photo's size), written to a temporary folder (several processes) and read through the
+`folder` data set with sage-fast's own loader (`build_data`, `TrainSampler`, `build_loader`: the data
+config's workers, pinned memory on CUDA, persistent workers, prefetching), batch 128 (the training
+batch), ViT-B/16's 224 px, crop_flip augmentation. The training split lists each file several times, so
+that one epoch is long enough for a steady state; after the first pass the files sit in the page cache,
+as a warm data set on a local disk does, so this measures decoding and augmentation, not the disk.
 
-Implementations (the "impl" of a record; case = the image size):
-  raw        ImageListDataset, full PIL decode + RandomResizedCrop(224) + flip + normalise (the default)
-  raw_fast   the same files, decoded at 1/2..1/8 scale where the crop allows (data.fast_decode=true)
-  prepared   PreparedDataset (pread from the shard) + the same transform
-One call is one pass over the images in this process, ``dataset[(index, seed)]`` as a DataLoader worker
-does it; images/s of one process is the per-worker rate. The record of ``prepared`` keeps
-``speedup_vs_raw`` (the target: >= 2x on large originals, measured in the same run: reported, never
-asserted).
+Modes ("case"):
+  cpu         data.gpu_decode = false: the workers decode with PIL and augment (RandomResizedCrop, flip,
+              normalise); images/s of the batches the loader hands over
+  gpu_decode  data.gpu_decode = true: the workers only read file bytes; `GpuBatchTransform` decodes on
+              the GPU (torchvision's nvJPEG) and augments there; timed to the synchronised end of the last
+              batch, as the training step would receive it
+The first `warmup` batches are not timed (at least one per worker: the workers all start together and
+the first wave arrives at once), then `batches` batches are. GPU: 16 workers (or the machine's cores),
+2,048 files listed 3 times (48 batches: 16 warm-up, 32 timed). CPU smoke run: 2 workers, 24 files,
+batch 8, 2 + 4 batches; gpu_decode skipped.
 
-Workers: where the machine has CUDA or at least 16 cores, one more case runs a DataLoader with
-min(16, cores) workers over the prepared large images (batches of 128) and records whether it keeps
-ahead of 1,500 images/s (``keeps_ahead``): about what one Sage training step on an H100 consumes.
+Records: group "input", impl "loader", with images/s, workers, batch and the image count; the summary
+sets them beside the fused training step's images/s.
 """
 from __future__ import annotations
 
-import io
+import multiprocessing
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from sage_fast.training.config import DataConfig
-from sage_fast.training.data import ImageListDataset, build_data, build_transform, collate_skip, sample_seed
-from sage_fast.training.data.prepare import prepare
 
 from . import harness
-from .harness import ON_GPU
+from .harness import DEVICE, ON_GPU
 
-SIZES = {"500x375": (500, 375), "1600x1200": (1600, 1200)}
-PER_SIZE = 64 if ON_GPU else 6
-IMPLS = ("raw", "raw_fast", "prepared")
+WIDTH, HEIGHT = 500, 375
 IMAGE_SIZE = 224
-STEP_RATE = 1500.0  # images/s one H100 Sage step consumes, roughly
-LOADER_WORKERS = min(16, os.cpu_count() or 1)
-PLAN = harness.TimingPlan(warmup_rounds=1, rounds=5 if ON_GPU else 2, target_round_s=0.0, max_iterations=1)
 
 
-def _photo(w: int, h: int, seed: int) -> bytes:
-    """A smooth synthetic photo (sums of sinusoids plus noise): JPEG sizes and decode times like a photo's."""
+def settings() -> dict:
+    if ON_GPU:
+        workers = min(16, os.cpu_count() or 16)
+        return {"files": 2048, "repeat": 3, "classes": 64, "batch": 128, "workers": workers,
+                "warmup": max(16, workers), "batches": 32}
+    return {"files": 24, "repeat": 2, "classes": 4, "batch": 8, "workers": 2, "warmup": 2, "batches": 4}
+
+
+def _write_jpeg(args) -> int:
+    """Write one 500 x 375 JPEG: a smooth random colour field plus noise. Returns its size in bytes."""
+    from PIL import Image
+
+    path, seed = args
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(w, h)
-    img = np.zeros((h, w, 3), np.float32)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    img = np.empty((HEIGHT, WIDTH, 3), np.float32)
     for c in range(3):
-        for _ in range(4):
-            fx, fy, ph = rng.uniform(1, 25), rng.uniform(1, 25), rng.uniform(0, 6)
-            img[..., c] += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
-    img = (img - img.min()) / (img.max() - img.min()) * 255 + rng.normal(0, 4, img.shape).astype(np.float32)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+        a, b, f = rng.uniform(-1, 1, 3)
+        img[..., c] = 128 + 60 * np.sin(a * xx / 40 + b * yy / 30 + f * 6) + rng.normal(0, 12, (HEIGHT, WIDTH))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=90)
+    return os.path.getsize(path)
+
+
+def make_jpeg_folder(root: Path, files: int, classes: int, repeat: int, processes: int) -> dict:
+    """The `folder` data set: files JPEGs under root/train/c{k}/, train.txt listing each `repeat` times,
+    test.txt with one file per class. Returns sizes and the generation time."""
+    t0 = time.perf_counter()
+    jobs, train = [], []
+    for i in range(files):
+        rel = f"train/c{i % classes}/{i}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(root / rel), i))
+        train.append(f"{rel} {i % classes}\n")
+    if processes > 1:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            sizes = pool.map(_write_jpeg, jobs, chunksize=16)
+    else:
+        sizes = [_write_jpeg(j) for j in jobs]
+    (root / "train.txt").write_text("".join(train * repeat))
+    (root / "test.txt").write_text("".join(train[:classes]))
+    return {"files": files, "mean_file_KB": sum(sizes) / len(sizes) / 1e3, "generate_s": time.perf_counter() - t0}
 
 
 @pytest.fixture(scope="module")
-def image_sets():
-    """{case: {"root", "samples", "prepared"}}: generated folders (one class per image pair) and their shards."""
-    base = Path(tempfile.mkdtemp(prefix="sage-fast-input-"))
-    out = {}
-    for case, (w, h) in SIZES.items():
-        root = base / case
-        samples = []
-        for i in range(PER_SIZE):
-            rel = f"img/{i}.jpg"
-            (root / "img").mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(_photo(w, h, i))
-            samples.append((rel, i % 2))
-        for split in ("train", "test"):
-            (root / f"{split}.txt").write_text("".join(f"{p} {t}\n" for p, t in samples))
-        cfg = DataConfig(dataset="folder", root=str(root))
-        prepare(cfg, base / f"{case}-shards", workers=os.cpu_count(), progress=False, log=lambda m: None)
-        out[case] = {"root": root, "samples": samples, "prepared": base / f"{case}-shards"}
-    yield out
-    import shutil
-
-    shutil.rmtree(base, ignore_errors=True)
+def jpeg_folder():
+    s = settings()
+    root = Path(tempfile.mkdtemp(prefix="sage-fast-input-bench-"))
+    try:
+        info = make_jpeg_folder(root, s["files"], s["classes"], s["repeat"], min(16, os.cpu_count() or 1))
+        yield root, info
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def _dataset(sets, case, impl):
-    s = sets[case]
-    names = ["a", "b"]
-    if impl == "prepared":
-        return build_data(DataConfig(prepared=str(s["prepared"])), IMAGE_SIZE).train
-    tf = build_transform(IMAGE_SIZE, train=True, fast_decode=impl == "raw_fast")
-    return ImageListDataset(s["root"], s["samples"], names, tf)
+def measure(loader, warmup: int, batches: int, transform=None) -> dict:
+    """Images/s over `batches` batches after `warmup` untimed ones; `transform` (gpu_decode) applied to each."""
+    it = iter(loader)
+    n_img = 0
+
+    def take():
+        batch = next(it)
+        images = batch.images
+        if transform is not None:
+            images, keep = transform(images, batch.seeds)
+        elif ON_GPU:
+            images = images.to(DEVICE, non_blocking=True)
+        return len(images)
+
+    for _ in range(warmup):
+        take()
+    harness.sync()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        n_img += take()
+    harness.sync()
+    dt = time.perf_counter() - t0
+    return {"images": n_img, "seconds": dt, "images_per_s": n_img / dt}
 
 
-@pytest.mark.parametrize("case,impl", [(c, i) for c in SIZES for i in IMPLS],  # raw first: the ratios need it
-                         ids=[f"{c}-{i}" for c in SIZES for i in IMPLS])
-def test_input_pipeline_per_worker(impl, case, image_sets, benchmark, recorder):
-    benchmark.group = f"input {case}"
-    ds = _dataset(image_sets, case, impl)
-    n = len(ds)
-    epoch = [0]
+@pytest.mark.parametrize("mode", ["cpu", "gpu_decode"])
+def test_input_pipeline(mode, jpeg_folder, benchmark, recorder):
+    from sage_fast.training.config import DataConfig
+    from sage_fast.training.data import GpuBatchTransform, TrainSampler, build_data, build_loader
 
-    def one_pass():
-        epoch[0] += 1
-        for i in range(n):
-            sample = ds[(i, sample_seed(0, epoch[0], i))]
-            assert sample.image.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    if mode == "gpu_decode" and not ON_GPU:
+        pytest.skip("gpu_decode needs CUDA (nvJPEG)")
+    benchmark.group = "input_pipeline"
+    root, info = jpeg_folder
+    s = settings()
+    raw = mode == "gpu_decode"
+    cfg = DataConfig(dataset="folder", root=str(root), num_workers=s["workers"], gpu_decode=raw,
+                     check_images=False, pin_memory=ON_GPU)
+    data = build_data(cfg, IMAGE_SIZE, raw=raw)
+    sampler = TrainSampler(data.train, s["batch"], 1, 0, seed=0)
+    needed = s["warmup"] + s["batches"]
+    assert sampler.batches_per_epoch() >= needed, (sampler.batches_per_epoch(), needed)
+    loader = build_loader(data.train, s["batch"], sampler, cfg, pin_memory=cfg.pin_memory, train=True)
+    transform = GpuBatchTransform(IMAGE_SIZE, True, DEVICE, cfg.crop_scale, cfg.train_augment) if raw else None
+    result = {}
 
-    timing = harness.run_benchmark(benchmark, one_pass, PLAN)
-    if timing is None:
-        return
+    def run():
+        result.update(measure(loader, s["warmup"], s["batches"], transform))
+
+    # One measurement (it takes seconds and starts the workers itself): pytest-benchmark records it as
+    # a single round; images/s comes from the loop's own clock.
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    del loader
     record = {
-        "group": "input",
-        "case": case,
-        "impl": impl,
-        "params": {"images": n, "image_size": IMAGE_SIZE, "transform": "RandomResizedCrop+flip",
-                   "prepared_short_side": 320 if impl == "prepared" else None, "jpeg_quality": 90},
-        "time_s": timing.median_s,
-        "rounds": timing.rounds,
-        "images_per_s_per_worker": n / timing.median_s,
+        "group": "input", "case": mode, "impl": "loader",
+        "params": {"width": WIDTH, "height": HEIGHT, "image_size": IMAGE_SIZE, "batch": s["batch"],
+                   "workers": s["workers"], "files": info["files"], "repeat": s["repeat"],
+                   "mean_file_KB": round(info["mean_file_KB"], 1), "warmup_batches": s["warmup"],
+                   "timed_batches": s["batches"]},
+        "time_s": result["seconds"] / s["batches"],
+        "images_per_s": result["images_per_s"],
+        "images": result["images"],
+        "cpu_count": os.cpu_count(),
+        "timing_method": "host clock over the timed batches, device synchronised at both ends",
+        "generate_s": round(info["generate_s"], 2),
     }
-    # harness.add_ratios knows no "input" group: ratios to raw are taken here, same session
-    base = next((r for r in recorder.records if (r.get("group"), r.get("case"), r.get("impl"))
-                 == ("input", case, "raw")), None)
-    if impl != "raw" and base and base.get("time_s"):
-        record["speedup_vs_raw"] = base["time_s"] / timing.median_s
-        if impl == "prepared" and case == "1600x1200":
-            record["target_speedup_vs_raw"] = 2.0
-            record["meets_target"] = record["speedup_vs_raw"] >= 2.0
     recorder.add(record, benchmark.extra_info)
-
-
-@pytest.mark.skipif(not ON_GPU and LOADER_WORKERS < 16,
-                    reason="the 16-worker loader case runs on a CUDA machine or with >= 16 cores")
-def test_prepared_loader_keeps_ahead_of_a_step(image_sets, benchmark, recorder):
-    from torch.utils.data import DataLoader
-
-    benchmark.group = "input loader"
-    ds = _dataset(image_sets, "1600x1200", "prepared")
-    batch, batches = 128, 24
-    order = [(i % len(ds), sample_seed(0, 0, i)) for i in range(batch * batches)]
-    loader = DataLoader(ds, batch_size=batch, sampler=order, num_workers=LOADER_WORKERS, collate_fn=collate_skip,
-                        persistent_workers=True, prefetch_factor=4)
-
-    def one_pass():
-        for b in loader:
-            assert len(b.labels) == batch
-
-    timing = harness.run_benchmark(benchmark, one_pass, harness.TimingPlan(1, 3, 0.0, 1))
-    if timing is None:
-        return
-    rate = batch * batches / timing.median_s
-    recorder.add({"group": "input", "case": "1600x1200 loader", "impl": f"prepared x{LOADER_WORKERS}",
-                  "params": {"workers": LOADER_WORKERS, "batch": batch, "batches": batches,
-                             "torch_threads": torch.get_num_threads()},
-                  "time_s": timing.median_s, "images_per_s": rate, "step_rate": STEP_RATE,
-                  "keeps_ahead": rate >= STEP_RATE}, benchmark.extra_info)
+    assert result["images"] == s["batch"] * s["batches"]

@@ -8,12 +8,19 @@ CPU: the tiny open_clip config of `sage-tiny` (sage_fast/model/configs: 32 px, 2
 batch 4, 10 classes, fp32; a smoke test of the harness, not a measurement.
 
 Configurations ("impl", with the FIT setting as "case"):
-  floor       frozen backbone (no autograd) + trainable cosine head + compensated LA loss
-  floor_bwd   the same, with gradients flowing back through the frozen backbone (what any method
-              that adapts inside the blocks must at least pay)
-  reference   Sage, reference SG-Adapter (`SGAdapter`) and the PyTorch loss
-  fused       Sage, `SGAdapterFused` (Triton on CUDA) and the Triton loss; on CPU the fused
-              modules' PyTorch backend, so the smoke run never touches the Triton interpreter
+  floor          frozen backbone (no autograd) + trainable cosine head + compensated LA loss (case
+                 "floor": the cheapest way to train on CLIP features)
+  floor_bwd      the frozen-backbone floor of Sage: forward and backward through the frozen blocks
+                 without adapters (gradients flow back to the input) + the cosine head and LA loss,
+                 and with FIT on also FIT's second forward (the frozen f_zs pass, no autograd): what
+                 any method that adapts inside the blocks must at least pay
+  reference      Sage, reference SG-Adapter (`SGAdapter`) and the PyTorch loss (backend "torch")
+  fused          Sage, backend "auto": `SGAdapterFused` (Triton on CUDA) and the Triton loss; on CPU
+                 the fused modules' PyTorch backend, so the smoke run never touches the Triton interpreter
+  fused_compile  the fused model's forward under torch.compile (default mode, static shapes; Dynamo
+                 traces the adapters' custom ops, AOTAutograd compiles the backward), the loss eager
+                 (its one host sync, the input check, would break the graph anyway); run_gpu.sh times
+                 these in its last stage (-k compile), after the uncompiled ones
 FIT on: the four-term loss and the extra frozen forward pass for f_zs; FIT off: the compensated LA loss.
 A training step is zero_grad, forward, loss, backward and an SGD step (lr 0.01, momentum 0.9,
 weight decay 5e-4) over the trainable parameters. Inference is `SageModel.predict` (FIT on: two
@@ -41,8 +48,9 @@ from sage_fast.model import SageModel, load_clip
 from . import harness
 from .harness import DEVICE, ON_GPU
 
-TRAIN_CASES = [("floor", "floor"), ("floor", "floor_bwd"), ("fit_on", "reference"), ("fit_on", "fused"),
-               ("fit_off", "reference"), ("fit_off", "fused")]
+TRAIN_CASES = [("floor", "floor"), ("fit_off", "floor_bwd"), ("fit_on", "floor_bwd"),
+               ("fit_on", "reference"), ("fit_on", "fused"), ("fit_off", "reference"), ("fit_off", "fused"),
+               ("fit_on", "fused_compile"), ("fit_off", "fused_compile")]
 INFER_CASES = [("floor", "floor"), ("fit_on", "reference"), ("fit_on", "fused"), ("fit_off", "reference"),
                ("fit_off", "fused")]
 LOGIT_SCALE = 25.0
@@ -101,10 +109,12 @@ def build_sage(e2e, fit: bool, impl: str) -> SageModel:
 
 def _backends(impl: str) -> dict:
     """What actually ran for a Sage configuration (the table says "fused" on CPU too)."""
-    if impl == "fused":
-        if ON_GPU:
-            return {"adapter_backend": "triton", "loss_backend": "triton"}
-        return {"adapter_backend": "folded torch", "loss_backend": "torch"}
+    if impl in ("fused", "fused_compile"):
+        out = ({"adapter_backend": "triton", "loss_backend": "triton"} if ON_GPU
+               else {"adapter_backend": "folded torch", "loss_backend": "torch"})
+        if impl == "fused_compile":
+            out["compiled"] = "torch.compile(model): forward and backward; loss eager"
+        return out
     return {"adapter_backend": "reference", "loss_backend": "torch"}
 
 
@@ -197,6 +207,7 @@ def _record(recorder, benchmark, group, case, impl, e2e, timing, extra):
         "iterations": timing.iterations,
         "images_per_s": batch / timing.median_s,
         "tokens_per_s": batch * _tokens(e2e) / timing.median_s,
+        **timing.record_fields(),
         "peak_mem_MiB": harness.peak_memory_mib(),
         **extra,
     }
@@ -220,8 +231,10 @@ def _finish(recorder, benchmark, group, case, impl, e2e, timing, extra, check) -
 
 
 @pytest.mark.parametrize("case,impl", TRAIN_CASES, ids=[f"{c}-{i}" for c, i in TRAIN_CASES])
-def test_train_step(case, impl, e2e, benchmark, recorder):
+def test_train_step(case, impl, e2e, benchmark, recorder, compile_enabled):
     benchmark.group = "train_step"
+    if impl == "fused_compile" and not compile_enabled:
+        pytest.skip(harness.CPU_NO_COMPILE if not ON_GPU else "torch.compile baselines disabled (--sage-no-compile)")
     harness.free_memory()
     images, target = e2e["images"], e2e["target"]
     extra, check = {}, None
@@ -230,20 +243,35 @@ def test_train_step(case, impl, e2e, benchmark, recorder):
         head = FloorHead(sage, e2e["init"], e2e["counts"])
         params = [head.weight]
         backbone_grad = impl == "floor_bwd"
+        second_forward = case == "fit_on"  # FIT's frozen f_zs pass
         inputs = images.detach().clone().requires_grad_(backbone_grad)
+        extra["second_forward"] = second_forward
 
         def loss_fn():
-            return head.criterion(head.logits(inputs, backbone_grad), target)
+            loss = head.criterion(head.logits(inputs, backbone_grad), target)
+            if second_forward:
+                with torch.no_grad():
+                    sage.visual_features(images, adapters=False)
+            return loss
     else:
-        sage = build_sage(e2e, fit=(case == "fit_on"), impl=impl)
-        check = error_check(e2e, sage, step_outputs)
+        sage = build_sage(e2e, fit=(case == "fit_on"), impl="fused" if impl == "fused_compile" else impl)
+        model = sage
+        if impl == "fused_compile":
+            torch._dynamo.reset()  # a fresh cache per case (see bench_adapter.make_call)
+            model = torch.compile(sage, dynamic=False)
+        try:
+            check = error_check(e2e, model, step_outputs)  # the first call: compiles
+        except Exception as err:  # a torch.compile failure is reported, not a crash of the run
+            if impl == "fused_compile":
+                harness.skip_if_compile_failed("compile", err)
+            raise
         params = sage.trainable_parameters()
         extra["bottleneck"] = sage.bottleneck
         extra["trainable_params"] = sage.num_trainable_parameters()
         extra.update(_backends(impl))
 
         def loss_fn():
-            loss, _ = sage.loss(sage(images), target)
+            loss, _ = sage.loss(model(images), target)
             return loss
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 

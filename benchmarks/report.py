@@ -149,6 +149,9 @@ def _env_lines(env: dict, ceilings: Optional[dict], records: list[dict]) -> list
     keys = ["device", "driver", "gpu_capability", "torch", "torch_cuda", "triton", "open_clip", "xformers",
             "sdpa_kernel", "date_utc", "git_commit", "git_dirty", "command"]
     lines += [f"- **{k}**: `{env.get(k)}`" for k in keys if k in env]
+    methods = sorted({r["timing_method"] for r in records if r.get("timing_method")})
+    if methods:
+        lines.append("- **timing**: " + "; ".join(f"`{m}`" for m in methods))
     for cmd in env.get("sessions", []):
         lines.append(f"- **session**: `{cmd}`")
     lines.append("")
@@ -202,20 +205,29 @@ def _kernel_rows(records, group, fields: list[str], impls: list[str]) -> tuple[l
     return header, rows
 
 
+E2E_ORDER = [("floor", "floor")] + [(c, i) for c in ("fit_on", "fit_off")
+                                    for i in ("floor_bwd", "reference", "fused", "fused_compile")]
+
+
+def _floor_ratio(records, group, case, impl) -> Optional[float]:
+    """images/s as a fraction of the floor: training, the frozen-backbone floor with the same FIT setting
+    (floor_bwd); inference, the no-grad floor."""
+    if group == "train":
+        return _ratio(records, group, case, impl, "floor_bwd") if impl not in ("floor", "floor_bwd") else None
+    return _ratio(records, group, case, impl, "floor", base_case="floor") if case != "floor" else None
+
+
 def _e2e_rows(records, group) -> list[list[str]]:
     rows = []
-    order = [("floor", "floor"), ("floor", "floor_bwd")]
-    order += [(c, i) for c in ("fit_on", "fit_off") for i in ("reference", "fused")]
-    for case, impl in order:
+    for case, impl in E2E_ORDER:
         rec = _find(records, group, case, impl)
         if rec is None:
             continue
-        vs_ref = _ratio(records, group, case, impl, "reference") if impl == "fused" else None
-        vs_floor = _ratio(records, group, case, impl, "floor", base_case="floor") if case != "floor" else None
+        vs_ref = _ratio(records, group, case, impl, "reference") if impl.startswith("fused") else None
         rows.append([
             impl, {"fit_on": "on", "fit_off": "off"}.get(case, "–"),
             _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), _f(rec.get("peak_mem_MiB"), "{:.0f}"),
-            _x(vs_ref), _pct(vs_floor), _err(rec), _attention(rec),
+            _x(vs_ref), _pct(_floor_ratio(records, group, case, impl)), _err(rec), _attention(rec),
         ])
     return rows
 
@@ -269,7 +281,7 @@ def _headlines(records, gpu: bool = True) -> list[tuple[str, str, str]]:
     r = _ratio(records, "train", "fit_on", "fused", "reference")
     out.append((f"Train step (FIT on): Sage fused >= {TARGETS['train_fused_vs_reference']}x Sage reference images/s",
                 _x(r) if r is not None else "not measured", status(r, TARGETS["train_fused_vs_reference"])))
-    r = _ratio(records, "train", "fit_on", "fused", "floor", base_case="floor")
+    r = _ratio(records, "train", "fit_on", "fused", "floor_bwd")
     out.append(("Train step (FIT on): Sage fused within 15% of the frozen-backbone floor (>= 85% of its images/s)",
                 _pct(r) + " of floor" if r is not None else "not measured", status(r, TARGETS["train_vs_floor"])))
     return out
@@ -301,10 +313,14 @@ def build_markdown(results_dir: Path) -> str:
         lines += [f"## {title}", ""]
         if some:
             p = some.get("params", {})
+            floors = ("floor = frozen backbone (no grad) + cosine head; floor_bwd = forward and backward through "
+                      "the frozen blocks without adapters (+ FIT's second, no-grad forward with FIT on): the "
+                      "frozen-backbone floor \"of floor\" compares with, same FIT setting; fused_compile = the fused "
+                      "model's forward under torch.compile (loss eager)." if group == "train" else
+                      "floor = frozen backbone + cosine head (\"of floor\" compares with it).")
             lines += [f"{p.get('model')} at {p.get('image_size')} px, batch {p.get('batch')}, {p.get('classes')} classes "
                       f"(r = {p.get('bottleneck')}), {p.get('precision')}, synthetic data on the device, "
-                      f"attention: **{_attention(some)}**. floor = frozen backbone (no grad) + cosine head; "
-                      "floor_bwd = the same with gradients through the frozen backbone.", ""]
+                      f"attention: **{_attention(some)}**. {floors}", ""]
         fused = next((r for r in records if r.get("group") == group and r.get("impl") == "fused"), None)
         if fused and fused.get("adapter_backend"):
             lines += [f"fused = SG-Adapter backend `{fused['adapter_backend']}`, loss backend "
@@ -313,6 +329,9 @@ def build_markdown(results_dir: Path) -> str:
         lines += _table(["config", "FIT", "images/s", unit, "peak MiB", "fused vs reference", "of floor",
                          "err / limit", "attention"], _e2e_rows(records, group))
 
+    lines += _input_lines(records)
+    lines += _decode_lines(records)
+    lines += _tune_lines(results_dir)
     lines += _error_lines(records)
 
     if skips:
@@ -323,6 +342,91 @@ def build_markdown(results_dir: Path) -> str:
         lines += [f"- {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
         lines.append("")
     return "\n".join(lines)
+
+
+def _input_lines(records: list[dict]) -> list[str]:
+    """The input pipeline's images/s beside the fused training step's (FIT on): does loading keep up?"""
+    recs = [r for r in records if r.get("group") == "input"]
+    if not recs:
+        return []
+    step = _find(records, "train", "fit_on", "fused")
+    need = step.get("images_per_s") if step else None
+    p = recs[0].get("params", {})
+    lines = ["## Input pipeline", "",
+             f"Generated {p.get('width')} x {p.get('height')} JPEGs ({p.get('files')} files of about "
+             f"{p.get('mean_file_KB')} KB, each listed {p.get('repeat')} times, page-cached), sage-fast's loader, batch "
+             f"{p.get('batch')}, {p.get('image_size')} px crop_flip; {p.get('warmup_batches')} batches of warm-up, "
+             f"{p.get('timed_batches')} timed. cpu = the workers decode (PIL); gpu_decode = the workers read bytes, "
+             "nvJPEG decodes and the GPU augments. \"keeps up\" compares with the fused training step, FIT on"
+             + (f" ({need:.1f} images/s)." if need else " (not measured in this run)."), ""]
+    rows = []
+    for rec in sorted(recs, key=lambda r: str(r.get("case"))):
+        ips = rec.get("images_per_s")
+        rows.append([str(rec.get("case")), str(rec.get("params", {}).get("workers")), str(rec.get("cpu_count")),
+                     _f(ips, "{:.0f}"), _pct(ips / need if ips and need else None),
+                     "–" if not (ips and need) else ("yes" if ips >= need else "no")])
+    return lines + _table(["mode", "workers", "CPU cores", "images/s", "of train step", "keeps up"], rows)
+
+
+def _decode_lines(records: list[dict]) -> list[str]:
+    """bench_input_decode.py: images/s per worker from a raw folder, with reduced-scale decoding, and from
+    prepared shards; and the many-worker loader over the shards."""
+    recs = [r for r in records if r.get("group") == "input_decode"]
+    if not recs:
+        return []
+    lines = ["## Input decoding per worker", "",
+             "One process reading, decoding and augmenting (RandomResizedCrop 224 + flip) generated JPEGs: raw = "
+             "full decode, raw_fast = data.fast_decode, prepared = sage-fast prepare's shards (short side 320). "
+             "The prepared target: >= 2x raw on large originals (reported, not asserted).", ""]
+    rows = []
+    for rec in sorted(recs, key=lambda r: (str(r.get("case")), str(r.get("impl")))):
+        ips = rec.get("images_per_s_per_worker", rec.get("images_per_s"))
+        keeps = rec.get("keeps_ahead")
+        rows.append([str(rec.get("case")), str(rec.get("impl")), _f(ips, "{:.0f}"),
+                     _f(rec.get("speedup_vs_raw"), "{:.2f}x"), "–" if keeps is None else ("yes" if keeps else "no")])
+    return lines + _table(["images", "impl", "images/s", "vs raw", "keeps ahead of 1,500/s"], rows)
+
+
+def _tune_lines(results_dir: Path) -> list[str]:
+    """The tuning stage's decisions (tune.json), one row per problem."""
+    data = _load_json(Path(results_dir) / "tune.json", None)
+    if not data:
+        return []
+    lines = ["## Launch-configuration tuning", ""]
+    if not data.get("problems"):
+        return lines + [f"_{data.get('note', 'nothing tuned')}_", ""]
+    pre = data.get("precompile") or {}
+    lines += [f"Device {data.get('device')} ({data.get('sms')} SMs), budget {data.get('budget_s')} s, "
+              f"{data.get('elapsed_s')} s used; {data.get('timing')}. A candidate wins only when it beats the "
+              f"heuristic by more than max(noise, {data.get('min_margin', 0):.0%})."
+              + (f" Precompile: {pre.get('done')} of {pre.get('submitted')} compiled ahead by {pre.get('workers')} "
+                 f"workers ({pre.get('failed')} failed)." if pre else ""), ""]
+    rows = []
+    for prob in data["problems"]:
+        dec = prob.get("decision") or {}
+        cands = prob.get("candidates", [])
+        timed = sum(c.get("status") == "timed" for c in cands)
+        rejected = sum("rejected" in str(c.get("status")) or "failed" in str(c.get("status")) for c in cands)
+        base = prob.get("base_times_s") or []
+        base_us = statistics.median(base) * 1e6 if base else None
+        best = dec.get("best")
+        speedup = dec.get("speedup")
+        rows.append([prob["problem"], str(prob.get("status")), _f(base_us, "{:.1f}"),
+                     _cfg(best), _f(base_us / (1 + speedup) if base_us and speedup is not None else None, "{:.1f}"),
+                     _f(None if speedup is None else 100 * speedup, "{:+.1f}%"),
+                     _f(None if dec.get("noise") is None else 100 * dec["noise"], "{:.1f}%"),
+                     f"{timed} / {rejected}", "**yes**" if dec.get("winner") else "no"])
+    lines += _table(["problem", "status", "heuristic µs", "best candidate", "best µs", "vs heuristic", "noise",
+                     "timed / rejected", "table entry"], rows)
+    return lines
+
+
+def _cfg(cfg: Optional[dict]) -> str:
+    if not cfg:
+        return "–"
+    short = {"block_m": "m", "block_d": "d", "block_h": "h", "block_b": "b", "block_c": "c", "split": "split",
+             "num_warps": "w", "num_stages": "s"}
+    return " ".join(f"{short.get(k, k)}{v}" for k, v in cfg.items() if v is not None)
 
 
 def _error_lines(records: list[dict]) -> list[str]:
@@ -396,14 +500,12 @@ def build_chart(results_dir: Path, path: Path) -> None:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
     ax = axes[2]
-    rows = [(f"{impl}\n{case}", rec["images_per_s"]) for case, impl in
-            [("floor", "floor"), ("floor", "floor_bwd"), ("fit_on", "reference"), ("fit_on", "fused"),
-             ("fit_off", "reference"), ("fit_off", "fused")]
+    rows = [(f"{impl}\n{case}", rec["images_per_s"]) for case, impl in E2E_ORDER
             if (rec := _find(records, "train", case, impl)) and rec.get("images_per_s")]
     if rows:
         ax.bar(range(len(rows)), [v for _, v in rows], color="tab:green")
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([k for k, _ in rows], fontsize=8)
+        ax.set_xticklabels([k for k, _ in rows], fontsize=7, rotation=45, ha="right")
         ax.set_ylabel("images / s")
     else:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)

@@ -184,9 +184,9 @@ def test_wrong_adapter_in_the_model_fails_the_train_step_and_inference(monkeypat
     monkeypatch.setattr(bench_train_step, "build_sage", build)
     e2e = bench_train_step.make_e2e(classes=10, batch=2)
     recorder = harness.Recorder(tmp_path, append=False)
-    bench_train_step.test_train_step("fit_on", "reference", e2e, FakeBenchmark(), recorder)
+    bench_train_step.test_train_step("fit_on", "reference", e2e, FakeBenchmark(), recorder, False)
     assert recorder.records[-1]["rel_err_ok"] is True
-    _expect_failure(lambda: bench_train_step.test_train_step("fit_on", "fused", e2e, FakeBenchmark(), recorder),
+    _expect_failure(lambda: bench_train_step.test_train_step("fit_on", "fused", e2e, FakeBenchmark(), recorder, False),
                     recorder)
     _expect_failure(lambda: bench_train_step.test_inference("fit_off", "fused", e2e, FakeBenchmark(), recorder),
                     recorder)
@@ -197,3 +197,58 @@ def test_the_fused_adapter_benchmark_builds_the_kernel_module():
     case = bench_adapter.AdapterCase(2, 17, 64, 4, "fp32", "fwd", "fused")
     module = bench_adapter.build_module(case)
     assert isinstance(module, SGAdapterFused) and module.backend == "triton" and module.check_finite is False
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU timing plumbing that runs without a GPU
+
+
+def test_the_replay_timer_makes_pytest_benchmark_record_the_given_samples():
+    samples = [3e-3, 1e-3, 2e-3, 5e-3, 4e-3]
+    timer = harness.ReplayTimer(samples)
+    durations = []
+    for _ in samples:  # what pedantic's runner does per round: timer(), call, timer()
+        start = timer()
+        harness._noop()
+        durations.append(timer() - start)
+    assert durations == pytest.approx(samples)
+
+
+def test_the_replay_timer_through_pytest_benchmark(benchmark):
+    """The real fixture: its median is the median of the replayed samples (CPU or GPU alike)."""
+    samples = [0.7, 0.1, 0.4, 0.2, 0.9]
+    benchmark._timer = harness.ReplayTimer(samples)
+    benchmark.pedantic(harness._noop, rounds=len(samples), iterations=1, warmup_rounds=0)
+    if not getattr(benchmark, "disabled", False):
+        assert benchmark.stats.stats.median == pytest.approx(0.4)
+        assert benchmark.stats.stats.min == pytest.approx(0.1)
+
+
+def test_cpu_timing_records_its_method():
+    timing = harness.Timing(1.0, 1.0, 0.0, 1.0, 3, 2)
+    assert timing.record_fields()["timing_method"] == harness.CPU_TIMING_METHOD
+    gpu = harness.Timing(1.0, 1.0, 0.0, 1.0, 20, 1, harness.GPU_TIMING_METHOD, 5, 0.1)
+    fields = gpu.record_fields()
+    assert fields["timing_method"].startswith("cuda-events") and fields["timing_warmup"] == 5
+    assert "l2_flush_MiB" in fields and fields["iqr_s"] == 0.1
+    t, reps = harness.median_time(lambda: sum(range(100)), target_s=1e-3, min_reps=3, max_reps=10, warmup=1)
+    assert 3 <= reps <= 10 and t > 0
+
+
+def test_the_input_benchmark_measures_a_gpu_decode_loader_on_cpu(tmp_path):
+    """The gpu_decode path of bench_input_pipeline (raw bytes from the workers, GpuBatchTransform per batch),
+    with the transform on the CPU: the same code the GPU run takes, minus nvJPEG."""
+    from sage_fast.training.config import DataConfig
+    from sage_fast.training.data import GpuBatchTransform, TrainSampler, build_data, build_loader
+
+    from . import bench_input_pipeline as bip
+
+    info = bip.make_jpeg_folder(tmp_path, files=8, classes=2, repeat=2, processes=1)
+    assert info["files"] == 8 and 5 < info["mean_file_KB"] < 500
+    cfg = DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, gpu_decode=True, check_images=False,
+                     pin_memory=False)
+    data = build_data(cfg, 64, raw=True)
+    loader = build_loader(data.train, 4, TrainSampler(data.train, 4, 1, 0, seed=0), cfg, pin_memory=False, train=True)
+    transform = GpuBatchTransform(64, True, "cpu", cfg.crop_scale, cfg.train_augment)
+    out = bip.measure(loader, warmup=1, batches=3, transform=transform)
+    assert out["images"] == 12 and out["images_per_s"] > 0

@@ -79,7 +79,7 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
     status = torch.zeros(batch, dtype=torch.int32, device=device)
     n_valid = (target != ignore_index).sum().reshape(1)
     if batch:
-        cfg = launch.loss_launch(batch, num_classes)
+        cfg = launch.select_loss_launch(batch, num_classes, z.dtype, fit, device)
         zv_, zt_ = (zv, zt) if fit else (z, z)
         grid = (cfg.programs(batch),)
         lam1, lam2, lam3 = lambdas
@@ -96,7 +96,7 @@ def _fit_la_loss_forward(z, zv, zt, s, target, log_prior, lambdas, ignore_index,
                 batch, num_classes, ignore_index,
                 float(lam1), float(lam2), float(lam3),
                 FIT=fit, NEED_DZ=need_dz, NEED_DZV=need_dzv, NEED_DZT=need_dzt, WRITE_ZHAT=write_zhat,
-                BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+                BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, **cfg.options(),
             )
         bad = int(status.max())  # the one host sync: validation
         if bad:

@@ -1,21 +1,26 @@
 """Launch configurations of the Triton kernels, as typed values: what the glue launches, and why.
 
-| type               | kernels                                               | fields                                      |
-| ------------------ | ----------------------------------------------------- | ------------------------------------------- |
-| `RowLaunch`        | `sg_adapter_fwd_kernel`, `sg_adapter_bwd_dx_kernel`   | block_m, block_d, num_warps                 |
-| `WeightGradLaunch` | `sg_adapter_bwd_dw_kernel`                            | block_m, block_d, block_h, split, num_warps |
-| `LossLaunch`       | `fit_la_loss_fwd_kernel`                              | block_b, block_c, num_warps                 |
+| type               | kernels                                               | fields                                                  |
+| ------------------ | ----------------------------------------------------- | ------------------------------------------------------- |
+| `RowLaunch`        | `sg_adapter_fwd_kernel`, `sg_adapter_bwd_dx_kernel`   | block_m, block_d, num_warps, num_stages                 |
+| `WeightGradLaunch` | `sg_adapter_bwd_dw_kernel`                            | block_m, block_d, block_h, split, num_warps, num_stages |
+| `LossLaunch`       | `fit_la_loss_fwd_kernel`                              | block_b, block_c, num_warps, num_stages                 |
 
 The row kernels' BLOCK_H is not a choice: each program holds whole hidden rows, so it is H = 2r
-padded to a power of two, at least 16 (`row_block_h`). The glue passes every field by name.
+padded to a power of two, at least 16 (`row_block_h`). The glue passes every field by name, the
+compiler options through `options()` (num_stages None: Triton's default).
 
-Each configuration comes from one function (`row_launch`, `weight_grad_launch`, `loss_launch`):
+Each configuration comes from one function (`row_launch` for the forward and, with kernel="dx", the
+dx backward; `weight_grad_launch`; `select_loss_launch`, which falls back on `loss_launch`):
 
 1. under Triton's interpreter (CPU tensors: the tests), the interpreter's own configurations
    (`interpreter_row_launch`, ...): few, large programs, because the interpreter pays per program
    instance (about 5 ms each) and per op, not per element, and has no registers to spill;
-2. on a GPU, a tuned entry for the device where there is one (`TUNED_ROW`, `TUNED_WEIGHT_GRAD`,
-   keyed by `TuneKey`): empty, as no configuration has been timed on hardware yet;
+2. on a GPU, a tuned entry for the device where there is one: `TUNED_FWD`, `TUNED_DX`,
+   `TUNED_WEIGHT_GRAD` keyed by `TuneKey` (device name, d, r, operand dtype) and `TUNED_LOSS` keyed
+   by `LossTuneKey` (device name, classes, logits dtype, FIT), loaded when this module is imported
+   from `tuned_launch.json` beside it (written by `python -m benchmarks.tune`, the tuning stage of
+   benchmarks/run_gpu.sh; `SAGE_FAST_TUNED_LAUNCH` names another file, or "none" for no table);
 3. else the GPU heuristics (`gpu_row_launch`, ...): chosen so that ptxas (sm_90) reports no
    register spills, for bf16, fp16 and fp32 operands. tests/ops/test_kernels_compile.py compiles
    every configuration they give for its shapes, and every tuned entry, for sm_90.
@@ -25,8 +30,12 @@ Pure Python: nothing here needs Triton.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -46,7 +55,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def _is_pow2(v) -> bool:
-    return isinstance(v, int) and v >= 1 and v & (v - 1) == 0
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v & (v - 1) == 0
 
 
 def _check_fields(obj, tiles: Tuple[str, ...], min_tile: int) -> None:
@@ -57,6 +66,16 @@ def _check_fields(obj, tiles: Tuple[str, ...], min_tile: int) -> None:
     small = [n for n in tiles if getattr(obj, n) < min_tile]
     if small:
         raise ValueError(f"{type(obj).__name__}: {', '.join(small)} must be >= {min_tile} (GPU tl.dot tiles)")
+    stages = obj.num_stages
+    if stages is not None and not (isinstance(stages, int) and not isinstance(stages, bool) and 1 <= stages <= 8):
+        raise ValueError(f"{type(obj).__name__}.num_stages must be None (Triton's default) or 1 to 8, got {stages!r}")
+
+
+def _options(obj) -> Dict[str, int]:
+    opts = {"num_warps": obj.num_warps}
+    if obj.num_stages is not None:
+        opts["num_stages"] = obj.num_stages
+    return opts
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,12 +91,17 @@ class RowLaunch:
     block_m: int
     block_d: int
     num_warps: int
+    num_stages: Optional[int] = None
 
     def __post_init__(self):
         _check_fields(self, ("block_m", "block_d"), MIN_DOT_TILE)
 
     def programs(self, rows: int) -> int:
         return cdiv(rows, self.block_m)
+
+    def options(self) -> Dict[str, int]:
+        """Triton launch options: num_warps, and num_stages when set."""
+        return _options(self)
 
 
 @dataclass(frozen=True)
@@ -90,14 +114,18 @@ class WeightGradLaunch:
     block_h: int
     split: int
     num_warps: int
+    num_stages: Optional[int] = None
 
     def __post_init__(self):
         _check_fields(self, ("block_m", "block_d", "block_h"), MIN_DOT_TILE)
-        if not (isinstance(self.split, int) and self.split >= 1):
+        if not (isinstance(self.split, int) and not isinstance(self.split, bool) and self.split >= 1):
             raise ValueError(f"WeightGradLaunch.split must be a positive integer, got {self.split!r}")
 
     def grid(self, d: int, h: int) -> Tuple[int, int, int]:
         return (cdiv(h, self.block_h), cdiv(d, self.block_d), self.split)
+
+    def options(self) -> Dict[str, int]:
+        return _options(self)
 
 
 @dataclass(frozen=True)
@@ -107,12 +135,19 @@ class LossLaunch:
     block_b: int
     block_c: int
     num_warps: int
+    num_stages: Optional[int] = None
 
     def __post_init__(self):
         _check_fields(self, ("block_b", "block_c"), 1)
 
     def programs(self, batch: int) -> int:
         return cdiv(batch, self.block_b)
+
+    def options(self) -> Dict[str, int]:
+        return _options(self)
+
+
+LaunchConfig = Union[RowLaunch, WeightGradLaunch, LossLaunch]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,12 +156,179 @@ class LossLaunch:
 
 #: (device name as `torch.cuda.get_device_name` gives it, d, r, GEMM operand dtype)
 TuneKey = Tuple[str, int, int, torch.dtype]
+#: (device name, number of classes, logits dtype, FIT on)
+LossTuneKey = Tuple[str, int, torch.dtype, bool]
 
-#: Tuned row-kernel configurations. Empty: nothing has been timed on hardware yet.
-TUNED_ROW: Dict[TuneKey, RowLaunch] = {}
-#: Tuned weight-gradient configurations. Empty. An entry is used as it is, except that its split
-#: is capped at the number of row blocks (more would only add programs with nothing to sum).
+#: Tuned forward-kernel configurations (loaded from `TABLE_PATH`; empty until a GPU run wrote some).
+TUNED_FWD: Dict[TuneKey, RowLaunch] = {}
+#: Tuned dx-backward configurations.
+TUNED_DX: Dict[TuneKey, RowLaunch] = {}
+#: Tuned weight-gradient configurations. An entry is used as it is, except that its split is capped
+#: at the number of row blocks (more would only add programs with nothing to sum).
 TUNED_WEIGHT_GRAD: Dict[TuneKey, WeightGradLaunch] = {}
+#: Tuned loss-kernel configurations.
+TUNED_LOSS: Dict[LossTuneKey, LossLaunch] = {}
+
+#: The table the glue reads: JSON beside this module (shipped as package data).
+TABLE_PATH = Path(__file__).with_name("tuned_launch.json")
+#: Environment variable naming another table file, or "none" for no tuned entries at all.
+TABLE_ENV = "SAGE_FAST_TUNED_LAUNCH"
+TABLE_FORMAT = 1
+
+#: kernel name in the table -> (config type, the table it fills)
+KERNEL_TABLES = {
+    "fwd": (RowLaunch, TUNED_FWD),
+    "dx": (RowLaunch, TUNED_DX),
+    "dw": (WeightGradLaunch, TUNED_WEIGHT_GRAD),
+    "loss": (LossLaunch, TUNED_LOSS),
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float16" or "float32": how the table file writes a dtype."""
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"no tuned configurations for dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class TunedEntry:
+    """One row of the tuned table: which kernel, for which key, which configuration, and the
+    measurement that earned it its place (`evidence`: times, speedup, noise, versions; informative)."""
+
+    kernel: str
+    key: tuple
+    config: LaunchConfig
+    evidence: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.kernel not in KERNEL_TABLES:
+            raise ValueError(f"unknown kernel {self.kernel!r} (one of {sorted(KERNEL_TABLES)})")
+        cls = KERNEL_TABLES[self.kernel][0]
+        if not isinstance(self.config, cls):
+            raise ValueError(f"a {self.kernel} entry needs a {cls.__name__}, got {type(self.config).__name__}")
+        n = 4
+        if not (isinstance(self.key, tuple) and len(self.key) == n):
+            raise ValueError(f"key of a {self.kernel} entry must be a {n}-tuple, got {self.key!r}")
+
+    def to_json(self) -> dict:
+        if self.kernel == "loss":
+            device, classes, dtype, fit = self.key
+            head = {"kernel": self.kernel, "device": device, "classes": int(classes), "dtype": dtype_name(dtype),
+                    "fit": bool(fit)}
+        else:
+            device, d, r, dtype = self.key
+            head = {"kernel": self.kernel, "device": device, "d": int(d), "r": int(r), "dtype": dtype_name(dtype)}
+        return {**head, "config": dataclasses.asdict(self.config), "evidence": dict(self.evidence)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "TunedEntry":
+        """Parse one entry; ValueError (naming the problem) on anything malformed."""
+        try:
+            kernel = obj["kernel"]
+            config_cls = KERNEL_TABLES[kernel][0]
+            dtype = _DTYPES[obj["dtype"]]
+            device = obj["device"]
+            if not isinstance(device, str) or not device:
+                raise ValueError("device must be a non-empty string")
+            if kernel == "loss":
+                if not isinstance(obj["fit"], bool):
+                    raise ValueError("fit must be true or false")
+                key = (device, _positive_int(obj["classes"], "classes"), dtype, obj["fit"])
+            else:
+                key = (device, _positive_int(obj["d"], "d"), _positive_int(obj["r"], "r"), dtype)
+            fields = {f.name for f in dataclasses.fields(config_cls)}
+            config = dict(obj["config"])
+            if set(config) - fields:
+                raise ValueError(f"unknown config fields {sorted(set(config) - fields)}")
+            return cls(kernel, key, config_cls(**config), dict(obj.get("evidence") or {}))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed tuned entry {obj!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _positive_int(v, name: str) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _sort_key(e: TunedEntry):
+    return (e.key[0], e.kernel, tuple(dtype_name(k) if isinstance(k, torch.dtype) else k for k in e.key[1:]))
+
+
+def table_to_json(entries: Iterable[TunedEntry], note: str = "") -> dict:
+    """The file's content: format, a note, entries sorted by (device, kernel, key); one key once."""
+    entries = sorted(entries, key=_sort_key)
+    seen = set()
+    for e in entries:
+        if (e.kernel, e.key) in seen:
+            raise ValueError(f"two {e.kernel} entries for {e.key}")
+        seen.add((e.kernel, e.key))
+    return {"format": TABLE_FORMAT, "note": note, "entries": [e.to_json() for e in entries]}
+
+
+def write_table(path: Union[str, Path], entries: Iterable[TunedEntry], note: str = "") -> Path:
+    """Write a table file (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    text = json.dumps(table_to_json(entries, note), indent=1) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: Union[str, Path]) -> List[TunedEntry]:
+    """Entries of a table file; ValueError on a malformed file (a missing file is an empty table)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("entries"), list):
+        raise ValueError(f"{path}: not a tuned launch table of format {TABLE_FORMAT}")
+    entries = [TunedEntry.from_json(obj) for obj in data["entries"]]
+    table_to_json(entries)  # rejects duplicate keys
+    return entries
+
+
+def install_table(entries: Iterable[TunedEntry]) -> None:
+    """Make `entries` the tuned tables (every table is cleared first)."""
+    entries = list(entries)
+    for _, table in KERNEL_TABLES.values():
+        table.clear()
+    for e in entries:
+        KERNEL_TABLES[e.kernel][1][e.key] = e.config
+
+
+def installed_entries() -> List[TunedEntry]:
+    """The tuned tables as entries (without evidence)."""
+    return sorted((TunedEntry(k, key, cfg) for k, (_, table) in KERNEL_TABLES.items() for key, cfg in table.items()),
+                  key=_sort_key)
+
+
+def table_path() -> Optional[Path]:
+    """The table file in effect: $SAGE_FAST_TUNED_LAUNCH when set ("none": no table), else TABLE_PATH."""
+    given = os.environ.get(TABLE_ENV, "").strip()
+    if given.lower() in ("none", "off", "0"):
+        return None
+    return Path(given) if given else TABLE_PATH
+
+
+def load_tuned_tables(path: Union[str, Path, None] = "default") -> List[TunedEntry]:
+    """Read the table file (default: `table_path()`) into the TUNED_* tables and return its entries.
+    A malformed file warns and leaves the tables empty: the heuristics then run, never a bad entry."""
+    path = table_path() if path == "default" else path
+    try:
+        entries = read_table(path) if path is not None else []
+    except ValueError as exc:
+        warnings.warn(f"sage-fast: ignoring the tuned launch table: {exc}", stacklevel=2)
+        entries = []
+    install_table(entries)
+    return entries
 
 
 def device_info(device: Union[str, torch.device]) -> Tuple[str, int]:
@@ -198,11 +400,18 @@ def interpreter_weight_grad_launch(d: int, h: int, m: int) -> WeightGradLaunch:
     )
 
 
-def row_launch(d: int, h: int, op_dtype: torch.dtype, device: Union[str, torch.device]) -> RowLaunch:
-    """The row kernels' configuration for (d, H = 2r, GEMM operand dtype) on `device`."""
+ROW_KERNELS = ("fwd", "dx")
+
+
+def row_launch(d: int, h: int, op_dtype: torch.dtype, device: Union[str, torch.device], kernel: str = "fwd") -> RowLaunch:
+    """The configuration of row kernel `kernel` ("fwd": the forward, "dx": the dx backward) for
+    (d, H = 2r, GEMM operand dtype) on `device`. The two kernels share the heuristic, not the tuned table."""
+    if kernel not in ROW_KERNELS:
+        raise ValueError(f"kernel must be one of {ROW_KERNELS}, got {kernel!r}")
     if backend.interpret_enabled():
         return interpreter_row_launch(d, h)
-    return _tuned(TUNED_ROW, device, d, h, op_dtype) or gpu_row_launch(d, h, op_dtype)
+    table = TUNED_FWD if kernel == "fwd" else TUNED_DX
+    return _tuned(table, device, d, h, op_dtype) or gpu_row_launch(d, h, op_dtype)
 
 
 def weight_grad_launch(
@@ -244,7 +453,23 @@ def interpreter_loss_launch(batch: int, num_classes: int) -> LossLaunch:
 
 
 def loss_launch(batch: int, num_classes: int) -> LossLaunch:
-    """The fused loss kernel's configuration for a (batch, num_classes) problem."""
+    """The fused loss kernel's untuned configuration for a (batch, num_classes) problem (tests replace
+    this function to force small tiles)."""
     if backend.interpret_enabled():
         return interpreter_loss_launch(batch, num_classes)
     return gpu_loss_launch(batch, num_classes)
+
+
+def select_loss_launch(batch: int, num_classes: int, dtype: torch.dtype, fit: bool,
+                       device: Union[str, torch.device]) -> LossLaunch:
+    """What the loss glue launches: the tuned entry for (device, num_classes, logits dtype, FIT) when
+    there is one (GPU only), else `loss_launch`."""
+    if TUNED_LOSS and not backend.interpret_enabled():
+        hit = TUNED_LOSS.get((device_info(device)[0], int(num_classes), dtype, bool(fit)))
+        if hit is not None:
+            return hit
+    return loss_launch(batch, num_classes)
+
+
+# The table shipped beside this module (or the one $SAGE_FAST_TUNED_LAUNCH names), read once at import.
+load_tuned_tables()

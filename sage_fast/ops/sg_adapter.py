@@ -106,14 +106,14 @@ def sg_adapter_fwd(
     op_dtype = _operand_dtype(compute_dtype, backend.interpret_enabled())
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_t = w_up.t().to(op_dtype).contiguous()                           # (H, d): coalesced rows of W_up^T
-    row = launch.row_launch(d, h, op_dtype, x.device)
+    row = launch.row_launch(d, h, op_dtype, x.device, kernel="fwd")
     with device_ctx(x):
         k.sg_adapter_fwd_kernel[(row.programs(m_rows),)](
             x, mlp if block_epilogue else x, out, mean, rstd, w_cat_c, b_cat.float().contiguous(), w_up_t,
             b_up.float().contiguous(), scale.float() if block_epilogue else b_cat,
             m_rows, d, h, 1.0 - alpha, eps,
             BLOCK_M=row.block_m, BLOCK_D=row.block_d, BLOCK_H=launch.row_block_h(h),
-            BLOCK_EPILOGUE=block_epilogue, DOT_PRECISION=_dot_precision(op_dtype), num_warps=row.num_warps,
+            BLOCK_EPILOGUE=block_epilogue, DOT_PRECISION=_dot_precision(op_dtype), **row.options(),
         )
     return out, mean, rstd
 
@@ -157,7 +157,7 @@ def sg_adapter_bwd(
     w_cat_c = w_cat.to(op_dtype).contiguous()
     w_up_c = w_up.to(op_dtype).contiguous()
     scale32 = scale.float() if block_epilogue else None
-    row = launch.row_launch(d, h, op_dtype, dev)
+    row = launch.row_launch(d, h, op_dtype, dev, kernel="dx")
     n_prog = row.programs(m_rows)
     act = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
     dh = torch.empty((m_rows, h), device=dev, dtype=op_dtype)
@@ -171,7 +171,7 @@ def sg_adapter_bwd(
             act, dh, ds_part, dbcat_part,
             m_rows, d, h, 1.0 - alpha,
             BLOCK_M=row.block_m, BLOCK_D=row.block_d, BLOCK_H=launch.row_block_h(h),
-            BLOCK_EPILOGUE=block_epilogue, DOT_PRECISION=prec, num_warps=row.num_warps,
+            BLOCK_EPILOGUE=block_epilogue, DOT_PRECISION=prec, **row.options(),
         )
     dw = launch.weight_grad_launch(d, h, m_rows, op_dtype, dev)
     dwcat_part = torch.empty((dw.split, d, h), device=dev, dtype=torch.float32)
@@ -182,7 +182,7 @@ def sg_adapter_bwd(
             x, dout, mean, rstd, act, dh, dwcat_part, dwup_part, dbup_part,
             m_rows, d, h, SPLIT=dw.split,
             BLOCK_M=dw.block_m, BLOCK_D=dw.block_d, BLOCK_H=dw.block_h, DOT_PRECISION=prec,
-            num_warps=dw.num_warps,
+            **dw.options(),
         )
     colsum = dbup_part.sum(0)                                           # sum over rows of dout
     dw_cat = dwcat_part.sum(0)

@@ -17,10 +17,15 @@ once per distinct specialisation. Cases: adapter d in {768, 1024} with r in {1, 
 padded by the glue), forward and backward, block epilogue with inputs bf16 / fp16 / fp32 plus a
 mixed case (fp32 residual stream, bf16 mlp_out and GEMM operands: a user's fp32 model under bf16
 autocast; the Sage model itself runs all-bf16 there, as open_clip's LayerNorm casts back to bf16),
-drop-in form in bf16; every entry of the tuned tables (`sage_fast.ops.launch.TUNED_*`, empty
-today) at its own (device name, d, r, dtype); loss C in {8142, 100}, FIT on and off, logits
-bf16 / fp16 / fp32 with all gradients, and fp32 inference (no gradient). About 40 s on 2 shared
-cores (~60 distinct compilations).
+drop-in form in bf16; every entry of the tuned tables (`sage_fast.ops.launch.TUNED_FWD`, `_DX`,
+`_WEIGHT_GRAD`, `_LOSS`, loaded from sage_fast/ops/tuned_launch.json; empty until a GPU run's table is
+committed) at its own key; loss C in {8142, 100}, FIT on and off, logits bf16 / fp16 / fp32 with all
+gradients, and fp32 inference (no gradient). About 40 s on 2 shared cores (~60 distinct compilations).
+
+The same child process, given `--grid GRID.json`, compiles the candidates of the tuning grid instead
+(each launched through the glue with its kernel's launch function forced to the candidate):
+`python -m benchmarks.tune prefilter` uses it to write benchmarks/tune_grid.json, the grid the GPU
+run tries (benchmarks/test_tune.py checks that file against the generator).
 
 The child process is needed because tests/conftest.py sets TRITON_INTERPRET=1 for the whole
 session on CPU, and Triton fixes interpret mode when a kernel is decorated. The same file is the
@@ -144,27 +149,114 @@ def _record_launches() -> list:
             for block in (True, False) if cdt == bf16 and x_dt == bf16 else (True,):
                 adapter_case(d, r, x_dt, mlp_dt, cdt, block)
 
-    # Every tuned entry (sage_fast.ops.launch.TUNED_*), on the device it was tuned for: block
-    # epilogue with inputs in the entry's operand dtype.
-    for dev_name, d, r, cdt in sorted(set(launch.TUNED_ROW) | set(launch.TUNED_WEIGHT_GRAD), key=repr):
+    # Every tuned entry (sage_fast.ops.launch.TUNED_FWD, _DX, _WEIGHT_GRAD), on the device it was tuned
+    # for: block epilogue with inputs in the entry's operand dtype (the glue picks the entries itself).
+    tuned = set(launch.TUNED_FWD) | set(launch.TUNED_DX) | set(launch.TUNED_WEIGHT_GRAD)
+    for dev_name, d, r, cdt in sorted(tuned, key=repr):
         device[0] = dev_name
         adapter_case(d, r, cdt, cdt, cdt, True)
     device[0] = H100_NAME
 
-    batch = 64
-    for num_classes in (8142, 100):
+    def loss_case(num_classes, dt, fit, train, batch=64):
+        label[0] = (f"C={num_classes} logits={name[dt]} FIT={'on' if fit else 'off'} {'train' if train else 'eval'}"
+                    + ("" if device[0] == H100_NAME else f" tuned for {device[0]}"))
         log_prior = torch.randn(num_classes)
         target = torch.randint(0, num_classes, (batch,))
+        z = torch.randn(batch, num_classes, dtype=dt)
+        zv, zt = (torch.randn_like(z), torch.randn_like(z)) if fit else (None, None)
+        s = torch.tensor([0.3, 0.2]) if fit else log_prior
+        need = (train, train and fit, train and fit)
+        fl._fit_la_loss_forward(z, zv, zt, s, target, log_prior, (0.015, 0.02, 0.4), -100, need, fit)
+
+    for num_classes in (8142, 100):
         for dt in (bf16, f16, f32):
             for fit in (True, False):
                 # Inference (no gradient: pass 1 only) in fp32, the model's logits dtype.
                 for train in (True, False) if dt == f32 else (True,):
-                    label[0] = f"C={num_classes} logits={name[dt]} FIT={'on' if fit else 'off'} {'train' if train else 'eval'}"
-                    z = torch.randn(batch, num_classes, dtype=dt)
-                    zv, zt = (torch.randn_like(z), torch.randn_like(z)) if fit else (None, None)
-                    s = torch.tensor([0.3, 0.2]) if fit else log_prior
-                    need = (train, train and fit, train and fit)
-                    fl._fit_la_loss_forward(z, zv, zt, s, target, log_prior, (0.015, 0.02, 0.4), -100, need, fit)
+                    loss_case(num_classes, dt, fit, train)
+
+    # Every tuned loss entry (TUNED_LOSS), on its device, training (all gradients).
+    for dev_name, num_classes, dt, fit in sorted(launch.TUNED_LOSS, key=repr):
+        device[0] = dev_name
+        loss_case(num_classes, dt, fit, True)
+    device[0] = H100_NAME
+    return launches
+
+
+def _record_grid_launches(items: list) -> list:
+    """The launches of a tuning grid (benchmarks/tune.py writes `items`, one per candidate): each
+    candidate is launched through the glue, with the launch function of its kernel forced to return
+    the candidate's configuration, and only its own kernel's launch is kept (label = the item's label)."""
+    import types
+
+    import torch
+
+    import sage_fast.ops.la_loss as fl
+    import sage_fast.ops.launch as launch
+    import sage_fast.ops.sg_adapter as fa
+    from sage_fast.kernels import la_loss as kl
+    from sage_fast.kernels import sg_adapter as ka
+
+    from helpers.adapters import random_folded_weights
+
+    launches: list = []
+    label = [""]
+    keep = [""]
+
+    class _Keep(_Capture):
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                if self.fn.__name__ == keep[0]:
+                    self.launches.append((self.fn, args, kwargs, self.label[0]))
+            return record
+
+    def proxy(module, names):
+        ns = types.SimpleNamespace(**{k: v for k, v in vars(module).items() if not k.startswith("__")})
+        for n in names:
+            setattr(ns, n, _Keep(getattr(module, n), launches, label))
+        return ns
+
+    fa._kernels = proxy(ka, ["sg_adapter_fwd_kernel", "sg_adapter_bwd_dx_kernel", "sg_adapter_bwd_dw_kernel"])
+    loss_kernels = proxy(kl, ["fit_la_loss_fwd_kernel"])
+    fl._kernels = lambda: loss_kernels
+    launch.device_info = lambda dev: (H100_NAME, 132)
+    kernel_names = {"fwd": "sg_adapter_fwd_kernel", "dx": "sg_adapter_bwd_dx_kernel",
+                    "dw": "sg_adapter_bwd_dw_kernel", "loss": "fit_la_loss_fwd_kernel"}
+    types_ = {"fwd": launch.RowLaunch, "dx": launch.RowLaunch, "dw": launch.WeightGradLaunch,
+              "loss": launch.LossLaunch}
+    rows = 512  # 16-divisible like the real M = 128 x 197: the same specialisation
+    for item in items:
+        kernel = item["kernel"]
+        cfg = types_[kernel](**item["config"])
+        dt = getattr(torch, item["dtype"])
+        label[0], keep[0] = item["label"], kernel_names[kernel]
+        if kernel == "loss":
+            launch.select_loss_launch = lambda *a, cfg=cfg: cfg
+            c, fit = item["classes"], item["fit"]
+            log_prior = torch.randn(c)
+            target = torch.randint(0, c, (64,))
+            z = torch.randn(64, c, dtype=dt)
+            zv, zt = (torch.randn_like(z), torch.randn_like(z)) if fit else (None, None)
+            s = torch.tensor([0.3, 0.2]) if fit else log_prior
+            fl._fit_la_loss_forward(z, zv, zt, s, target, log_prior, (0.015, 0.02, 0.4), -100, (True, fit, fit), fit)
+            continue
+        d, r = item["d"], item["r"]
+        orig_row, orig_dw = launch.row_launch, launch.weight_grad_launch
+        if kernel in ("fwd", "dx"):
+            launch.row_launch = lambda d_, h_, dt_, dev_, kernel="fwd", k=kernel, cfg=cfg, orig=orig_row: (
+                cfg if kernel == k else orig(d_, h_, dt_, dev_, kernel=kernel))
+        else:
+            launch.weight_grad_launch = lambda *a, cfg=cfg: cfg
+        try:
+            w_cat, b_cat, w_up, b_up = random_folded_weights(d, r)
+            x = torch.randn(rows, d, dtype=dt)
+            mlp = torch.randn(rows, d, dtype=dt)
+            scale = torch.tensor(0.5)
+            out, mean, rstd = fa.sg_adapter_fwd(x, w_cat, b_cat, w_up, b_up, scale, mlp, 0.1, 1e-5, dt)
+            if kernel != "fwd":
+                fa.sg_adapter_bwd(torch.randn_like(out), x, mean, rstd, w_cat, b_cat, w_up, b_up, scale, 0.1, dt)
+        finally:
+            launch.row_launch, launch.weight_grad_launch = orig_row, orig_dw
     return launches
 
 
@@ -256,7 +348,7 @@ def _compile_one(i: int) -> dict:
     return json.loads(json.dumps(case, default=repr))
 
 
-def _child_main(out_path: str) -> None:
+def _child_main(out_path: str, grid_path: str | None = None) -> None:
     t_start = time.time()
     report: dict = {"skip": None, "cases": []}
     try:
@@ -274,7 +366,10 @@ def _child_main(out_path: str) -> None:
         return
     report["triton"] = triton.__version__
 
-    launches = _record_launches()
+    if grid_path:
+        launches = _record_grid_launches(json.loads(open(grid_path).read())["items"])
+    else:
+        launches = _record_launches()
     report["launches"] = len(launches)
     unique: dict = {}
     for fn, args, kwargs, label in launches:
@@ -389,5 +484,13 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 
 if __name__ == "__main__":
+    # python tests/ops/test_kernels_compile.py OUT.json [--grid GRID.json]: the child process (the glue's own
+    # launches, or with --grid the candidates of a tuning grid; `python -m benchmarks.tune prefilter`).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: `helpers`
-    _child_main(sys.argv[1])
+    args = sys.argv[1:]
+    grid = None
+    if "--grid" in args:
+        i = args.index("--grid")
+        grid = args[i + 1]
+        del args[i:i + 2]
+    _child_main(args[0], grid)
