@@ -29,7 +29,7 @@ TARGETS = {
     "adapter_vs_compile": 1.5,
     "adapter_copy_fraction": 0.70,
     "loss_vs_eager": 3.0,
-    "train_fused_vs_reference": 2.0,
+    "train_fused_vs_reference": 1.5,
     "train_vs_floor": 0.85,
 }
 
