@@ -124,7 +124,7 @@ def _train(argv):
 
 
 def _eval(argv):
-    from .config import PRESETS, ConfigError, build_config
+    from .config import PRESETS
 
     p = CommandParser(prog="sage-fast eval", allow_abbrev=False,
                                 epilog=_OVERRIDE_HELP + " Exit status: 0 done; 1 crashed; 2 bad arguments or config, "
@@ -140,20 +140,14 @@ def _eval(argv):
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json, per_class.csv and "
                                                 "per_class_accuracy.png (default: OUTPUT_DIR/eval)")
     args, rest = p.parse_known_args(argv)
-    from .checkpoint import RunFolderError, config_from_weights
+    from .checkpoint import RunFolderError
     from .loop import evaluate_weights
     from .metrics import format_report, json_safe
+    from .predict import resolve_run_config
 
+    # a bad config, a missing file: user errors, printed as one line by `main`
     try:
-        base = None if (args.config or args.preset) else config_from_weights(args.weights)
-        cfg = build_config(args.config, _split_overrides(rest), preset=args.preset, base=base)
-    except ConfigError as e:
-        p.error(str(e))
-    except FileNotFoundError as e:
-        p.error(str(e))
-    except RunFolderError as e:
-        return _fail(p.prog, e, 2)
-    try:
+        cfg = resolve_run_config(args.weights, args.config, _split_overrides(rest), args.preset)
         report = evaluate_weights(cfg, args.weights, out_dir=args.out)
     except RunFolderError as e:
         return _fail(p.prog, e, 2)
