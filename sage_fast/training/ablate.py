@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import ConfigError, SageConfig, build_config, parse_overrides
-from .errors import CommandParser, report_user_error, user_error_message
+from .errors import CommandParser, UserError
 from .sweep import METRICS, _is_main, finished_report, run_or_reuse
 
 #: the switches the rows set, in the table's column order
@@ -290,22 +290,6 @@ def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequenc
 # The command
 
 
-def _one_line(message) -> str:
-    if isinstance(message, KeyError) and message.args:
-        message = message.args[0]
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-
-
-def _user_error(e: BaseException) -> bool:
-    """Errors that are the user's to fix: printed as one line (exit 2), not as a traceback."""
-    return user_error_message(e) is not None
-
-
-def error(message) -> int:
-    """A user error: ``sage-fast: error: ...`` on one line of stderr; exit status 2."""
-    return report_user_error(_one_line(message))
-
-
 def _description() -> str:
     return __doc__.split("\n\n", 1)[1]
 
@@ -332,19 +316,15 @@ def main(argv=None) -> int:
     rest = [n for n in names if "=" in n] + rest
     names = [n for n in names if "=" not in n]
     if args.rows is not None and not names:
-        return error("--rows names no row; rows: " + ", ".join(r.name for r in LADDER))
+        raise UserError("--rows names no row; rows: " + ", ".join(r.name for r in LADDER))
     overrides = _split_overrides(rest)
     unknown = [a for a in overrides if "=" not in a]
     if unknown:
-        return error(f"{p.prog}: unrecognized arguments: {' '.join(unknown)} (overrides are section.key=value; "
-                     f"see {p.prog} --help)")
-    try:
-        selected = select_rows(names)
-        base, planned = plan(args.config, overrides, args.preset)
-    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
-        if _user_error(e):
-            return error(e)
-        raise
+        raise UserError(f"{p.prog}: unrecognized arguments: {' '.join(unknown)} (overrides are section.key=value; "
+                        f"see {p.prog} --help)")
+    # user errors (a bad row, config or path) are printed as one line by the command line's `main`
+    selected = select_rows(names)
+    base, planned = plan(args.config, overrides, args.preset)
     out_dir = Path(base.train.output_dir)
     if args.dry_run:
         lines = [[str(planned[i].index), planned[i].row.name, " ".join(row_overrides(planned[i].row)),
@@ -355,12 +335,7 @@ def main(argv=None) -> int:
         for line in lines:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths + [0])).rstrip())
         return 0
-    try:
-        done = run_ablation(base, planned, selected)
-    except Exception as e:  # noqa: BLE001
-        if _user_error(e):
-            return error(e)
-        raise
+    done = run_ablation(base, planned, selected)
     if _is_main():
         print()
         print(markdown_table(table_rows([(d[0], d[1]) for d in done])), end="")
