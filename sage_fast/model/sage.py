@@ -188,14 +188,19 @@ class SageModel(nn.Module):
                     raise ValueError(f"{n}: shape {tuple(t.shape)} does not match {tuple(own[n].shape)}")
                 own[n].copy_(t)
 
-    def check_parameters_finite(self) -> None:
-        """Raise ValueError naming the first trainable parameter that holds NaN or Inf (one host sync)."""
+    def finite_parameters(self):
+        """(names, mask): the trainable parameters' names and a bool tensor on their device, True where a
+        parameter holds no NaN / Inf. No host sync: the caller decides when to read it."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         # foreach max-abs: one fused pass over all parameters; NaN and Inf propagate into the maxima.
         maxima = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
-        finite = torch.isfinite(torch.stack(maxima))
+        return [n for n, _ in named], torch.isfinite(torch.stack(maxima))
+
+    def check_parameters_finite(self) -> None:
+        """Raise ValueError naming the first trainable parameter that holds NaN or Inf (one host sync)."""
+        names, finite = self.finite_parameters()
         if not bool(finite.all()):
-            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
             raise ValueError(f"trainable parameters hold NaN or Inf: {', '.join(bad[:5])}")
 
     # -- forward ------------------------------------------------------------------------------

@@ -362,6 +362,9 @@ class Trainer:
         cfg = self.cfg
         log_every = cfg.train.log_every_steps
         signals = contextlib.ExitStack()
+        # The weights are checked after every step (`_step_flags`) and a checkpoint only loads when finite:
+        # the model's own check in every forward would be a second host sync per step for nothing.
+        check_in_forward, self.model.check_finite = self.model.check_finite, False
         try:
             signals.enter_context(self._stop_signals_caught())
             while self.epoch < cfg.optim.epochs:
@@ -427,6 +430,7 @@ class Trainer:
                 result = self.evaluate(write=True)
                 self.export_adapters()
         finally:
+            self.model.check_finite = check_in_forward
             signals.close()
             if self._tb is not None:
                 self._tb.close()
@@ -511,16 +515,16 @@ class Trainer:
         flags = torch.zeros(2, device=self.device)
         flags[0] = float(self._stop_signal or 0)
         if check_weights:
-            params = [p.detach() for p in self.model.trainable_parameters()]
-            flags[1] = (~torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all()).float()
+            flags[1] = (~self.model.finite_parameters()[1].all()).float()
         if self.dist.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, bad = flags.tolist()
         return int(stop), bool(bad)
 
     def _nonfinite_names(self) -> str:
-        named = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-        return ", ".join(named[:3]) or "some trainable parameters (on another rank)"
+        names, finite = self.model.finite_parameters()
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+        return ", ".join(bad[:3]) or "some trainable parameters (on another rank)"
 
     def _diverged(self, what: str) -> Diverged:
         if self._last_good is None:
