@@ -373,8 +373,8 @@ def _flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def config_differences(stored: Mapping, current: Mapping) -> List[Tuple[str, Any, Any]]:
-    """(key, stored value, current value) for every config key outside `RESUME_FREE_KEYS` that differs."""
+def config_differences(stored: Mapping, current: Mapping, free=RESUME_FREE_KEYS) -> List[Tuple[str, Any, Any]]:
+    """(key, stored value, current value) for every config key outside `free` (dotted keys) that differs."""
     from .config import ConfigError, config_from_dict
 
     try:
@@ -385,7 +385,7 @@ def config_differences(stored: Mapping, current: Mapping) -> List[Tuple[str, Any
     old, new = _flatten(stored), _flatten(current)
     missing = object()
     return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
-            if k not in RESUME_FREE_KEYS and old.get(k, missing) != new.get(k, missing)]
+            if k not in free and old.get(k, missing) != new.get(k, missing)]
 
 
 def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_counts: Sequence[int],

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .checkpoint import RESUME_FREE_KEYS
+from .checkpoint import RESUME_FREE_KEYS, config_differences
 from .config import ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
 from .errors import CommandParser
 
@@ -53,17 +53,6 @@ IGNORED_KEYS = RESUME_FREE_KEYS - {"eval.tte"}  # a finished run's metrics depen
 
 # --------------------------------------------------------------------------------------------------
 # Finished runs
-
-
-def _comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
-    d = copy.deepcopy(dict(config))
-    for key in IGNORED_KEYS:
-        section, _, name = key.rpartition(".")
-        if not section:
-            d.pop(name, None)
-        elif isinstance(d.get(section), dict):
-            d[section].pop(name, None)
-    return d
 
 
 def stored_config(folder) -> Optional[Dict[str, Any]]:
@@ -80,7 +69,7 @@ def stored_config(folder) -> Optional[Dict[str, Any]]:
 def same_run(cfg: SageConfig, folder) -> bool:
     """Whether `folder`'s ``config.yaml`` is `cfg`, up to `IGNORED_KEYS`."""
     stored = stored_config(folder)
-    return stored is not None and _comparable(stored) == _comparable(cfg.to_dict())
+    return stored is not None and not config_differences(stored, cfg.to_dict(), free=IGNORED_KEYS)
 
 
 def finished_report(cfg: SageConfig, folder) -> Optional[dict]:
