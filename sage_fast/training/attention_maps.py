@@ -216,19 +216,17 @@ def draw(path, rgbs: Sequence, names: Sequence[str], result: dict, class_names: 
 def load_images(paths: Sequence[Path], image_size: int):
     """-> (tensors (B, 3, S, S) of the readable images, their RGB crops for display, their paths,
     [(path, error)] of the others)."""
-    from PIL import Image
-
     from .data import CLIP_MEAN, CLIP_STD, build_transform
+    from .predict import ImageFiles
 
     transform = build_transform(image_size, train=False)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     tensors, rgbs, good, bad = [], [], [], []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                x = transform(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            bad.append((p, f"{type(e).__name__}: {e}"))
+    files = ImageFiles(paths, transform)  # the reading and its error messages of `sage-fast predict`
+    for i, p in enumerate(paths):
+        x = files[i][1]
+        if isinstance(x, str):
+            bad.append((p, x))
             continue
         tensors.append(x)
         rgbs.append((x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())

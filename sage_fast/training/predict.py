@@ -143,10 +143,12 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
+        from .data.checks import READ_ERRORS
+
         try:
             with Image.open(self.paths[i]) as im:
                 return i, self.transform(im.convert("RGB"))  # convert(): the full decode, so truncation raises here
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except READ_ERRORS as e:
             return i, f"{type(e).__name__}: {e}"
 
 
