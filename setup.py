@@ -8,6 +8,7 @@ from setuptools import setup
 setup(
     packages=[
         "sage_fast",
+        "sage_fast.utils",
         "sage_fast.ops",
         "sage_fast.model",
         "sage_fast.training",

@@ -11,14 +11,12 @@ class names and the templates, so resuming, evaluating or re-running does not re
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -26,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..utils.files import atomic_write_bytes
 from .templates import TEMPLATES, prompts_for
 
 #: Bump when anything that shapes the cached numbers changes (prompt filling, averaging, projection).
@@ -275,23 +274,11 @@ def _load_cached(path: Path, key: str, rows: int, width: Optional[int]) -> Optio
 
 
 def _save_atomic(path: Path, weight: torch.Tensor, metadata: dict) -> None:
-    """Write a safetensors file to a temporary file beside `path`, then rename it over `path`: readers
-    see the old file or the complete new one, never a partial write (also with concurrent writers)."""
+    """Readers see the old file or the complete new one, never a partial write (also with concurrent writers)."""
     from safetensors.torch import save
 
-    data = save({"classifier": weight.detach().float().cpu().contiguous()}, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save({"classifier": weight.detach().float().cpu().contiguous()}, metadata=metadata))
 
 
 def cached_text_classifier(clip, tokenizer, class_names: Sequence[str], *, model_name: str,

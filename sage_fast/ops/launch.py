@@ -39,6 +39,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from ..utils.files import atomic_write_text
 from . import backend
 
 # GPU tl.dot needs every dimension of its tiles to be at least 16.
@@ -270,13 +271,10 @@ def table_to_json(entries: Iterable[TunedEntry], note: str = "") -> dict:
 
 
 def write_table(path: Union[str, Path], entries: Iterable[TunedEntry], note: str = "") -> Path:
-    """Write a table file (atomically: a temporary file, then a rename)."""
+    """Write a table file (atomically, `sage_fast.utils.files`)."""
     path = Path(path)
     text = json.dumps(table_to_json(entries, note), indent=1) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def read_table(path: Union[str, Path]) -> List[TunedEntry]:

@@ -243,7 +243,7 @@ def markdown(base: SageConfig, rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def write_results(out_dir, base: SageConfig, done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
-    from .checkpoint import atomic_write_text
+    from ..utils.files import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

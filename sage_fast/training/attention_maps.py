@@ -179,7 +179,7 @@ def draw(path, rgbs: Sequence, names: Sequence[str], result: dict, class_names: 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_path
+    from ..utils.files import atomic_path
 
     num_heads = result["zero_shot"][0].shape[1]
     rows, cols = grid_shape(len(rgbs), num_heads, heads)

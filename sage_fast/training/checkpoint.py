@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -45,6 +44,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from ..utils.files import atomic_path, remove_quietly
+from ..utils.files import remove_stale_temporaries as _remove_stale
 
 CHECKPOINT_VERSION = 2
 #: versions `read_checkpoint` accepts; 1 has no digest and so cannot be verified
@@ -84,79 +86,9 @@ class ConfigMismatchError(RunFolderError):
     """Resuming with settings that change the result (`config_differences`), without forcing it."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: some platforms / file systems cannot open or fsync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass  # the original error matters more than a leftover temporary file
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it.
-
-    Readers never see a half-written file, and an existing `path` survives a failed write (an
-    exception, Ctrl-C)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save through `atomic_path`, fsynced, so a checkpoint is whole or absent, even after a crash."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path, text: str) -> None:
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(text)
-
-
-_TMP_NAME = re.compile(r"\.(?P<name>.+)\.\d+\.tmp")
-
-
 def remove_stale_temporaries(folder, names: Sequence[str] = RUN_FILES) -> List[Path]:
-    """Delete the ``.NAME.PID.tmp`` files that a kill during `atomic_path` left beside NAME in `names`.
-
-    Call it only where no other process is writing into `folder` (a run's start, on rank 0)."""
-    folder, removed = Path(folder), []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        m = _TMP_NAME.fullmatch(p.name)
-        if m and m["name"] in names and p.is_file():
-            _remove_quietly(p)
-            removed.append(p)
-    return removed
+    """Delete the temporary files that a kill during a write left beside the run's files (`RUN_FILES`)."""
+    return _remove_stale(folder, names)
 
 
 def _replace_with_link(src: Path, dst: Path) -> None:
@@ -171,8 +103,6 @@ def _replace_with_link(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,12 +220,9 @@ def write_checkpoint(state: Mapping, path, keep_previous: bool = True) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
         if keep_previous and path.name == LAST and path.is_file():
             # the old last.pt stays whole under its own name until the new one replaces it
             _replace_with_link(path, path.with_name(PREVIOUS))
-    fsync_dir(path.parent)
     return path
 
 
@@ -440,11 +367,11 @@ def clear_run_files(folder) -> None:
     that nothing of it (a stale previous.pt above all) is mistaken for part of the new run."""
     folder = Path(folder)
     for n in RUN_FILES:
-        _remove_quietly(folder / n)
+        remove_quietly(folder / n)
     for p in (folder / "tb").glob("events.out.tfevents.*"):
-        _remove_quietly(p)
+        remove_quietly(p)
     for n in REPORT_FILES:
-        _remove_quietly(folder / "eval" / n)
+        remove_quietly(folder / "eval" / n)
 
 
 # --------------------------------------------------------------------------------------------------

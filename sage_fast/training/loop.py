@@ -59,7 +59,6 @@ from .checkpoint import (
     LAST,
     PREVIOUS,
     RunFolderError,
-    atomic_write_text,
     checkpoint_state,
     clear_run_files,
     folder_in_use_error,
@@ -72,6 +71,7 @@ from .checkpoint import (
     save_adapters,
     write_checkpoint,
 )
+from ..utils.files import atomic_write_text
 from .config import SageConfig
 from .data import (
     GpuBatchTransform,

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path, atomic_write_text
+from ..utils.files import atomic_path, atomic_write_text
 
 
 def group_masks(group_counts: Sequence[int]) -> Dict[str, torch.Tensor]:

@@ -143,7 +143,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        from .data.checks import READ_ERRORS
+        from .data.unreadable import READ_ERRORS
 
         try:
             with Image.open(self.paths[i]) as im:

@@ -227,7 +227,7 @@ def _number(v) -> float:
 
 def write_csv(path, keys: Sequence[str], rows: Sequence[Tuple[Run, dict]]) -> None:
     """``sweep.csv``: the axis values, overall / many / medium / few (empty: no class in the group), run folder."""
-    from .checkpoint import atomic_write_text
+    from ..utils.files import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -257,7 +257,7 @@ def plot(path, keys: Sequence[str], rows: Sequence[Tuple[Run, dict]], title: str
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_path
+    from ..utils.files import atomic_path
 
     first = list(dict.fromkeys(value_text(r.assignment[keys[0]]) for r, _ in rows))
     raw_first = {value_text(r.assignment[keys[0]]): r.assignment[keys[0]] for r, _ in rows}

@@ -118,7 +118,7 @@ def test_interrupted_prepare_resumes(_source, _prepared, tmp_path, monkeypatch):
         _prepare(_source, out)
     monkeypatch.setattr(prepare_mod, "_write_shard", real)
     assert not (out / "manifest.json").exists()
-    (out / "train-000099.tar.tmp-1").write_bytes(b"half")  # a killed worker's temporary file
+    (out / ".train-000099.tar.1.tmp").write_bytes(b"half")  # a killed worker's temporary file
     stamps = {n: (out / n).stat().st_mtime_ns for n in written}
     with open(out / written[1], "r+b") as fh:  # damaged after it was finished
         fh.seek(600)
@@ -127,7 +127,7 @@ def test_interrupted_prepare_resumes(_source, _prepared, tmp_path, monkeypatch):
     assert summary["kept"] == 2 and summary["written"] == summary["shards"] - 2
     assert (out / written[0]).stat().st_mtime_ns == stamps[written[0]]
     assert (out / written[2]).stat().st_mtime_ns == stamps[written[2]]
-    assert not list(out.glob("*.tmp-*")) and not (out / ".prepare").exists()
+    assert not list(out.glob(".*.tmp")) and not (out / ".prepare").exists()
     want = read_manifest(_prepared)
     assert read_manifest(out) == want  # shards and checksums equal to those of the uninterrupted run
     # other settings on a finished folder: an error, not a silent mix

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from sage_fast.training.cli import main as cli_main
 from sage_fast.training.config import build_config
-from sage_fast.training.checkpoint import atomic_torch_save, load_weights
+from sage_fast.training.checkpoint import load_weights
+from sage_fast.utils.files import atomic_torch_save
 from sage_fast.training.distributed import resolve_device
 from sage_fast.training.loop import Trainer, cosine_lambda, train
 from sage_fast.training.metrics import accuracy_report, plot_per_class

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from sage_fast.training.cli import main
 from sage_fast.training.config import ConfigError, build_config
 from sage_fast.training.data import GpuBatchTransform, ImageListDataset, TrainSampler, build_data, build_loader
-from sage_fast.training.data.checks import UnreadableImagesError
+from sage_fast.training.data.unreadable import UnreadableImagesError
 from sage_fast.training.errors import UserError, user_error_message
 
 COUNTS = (12, 6, 4)

@@ -2,7 +2,7 @@
 
 Unreadable images (missing, truncated, not an image): indexing returns an `Unreadable` (index, reason)
 instead of a `Sample`, `sage_fast.training.data.loaders.collate_skip` drops and counts them, and the
-loader counts them against ``data.max_unreadable`` (`sage_fast.training.data.checks`); the trainer
+loader counts them against ``data.max_unreadable`` (`sage_fast.training.data.unreadable`); the trainer
 reports the count at the end of each epoch.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .checks import READ_ERRORS, Unreadable, UnreadableLimit, read_error_reason
+from .unreadable import READ_ERRORS, Unreadable, UnreadableLimit, read_error_reason
 
 
 class Sample(NamedTuple):

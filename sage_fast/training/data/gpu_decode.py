@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .checks import UnreadableLimit
+from .unreadable import UnreadableLimit
 from .transforms import CLIP_MEAN, CLIP_STD, test_resize_size
 
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import UserError
-from .checks import Unreadable, UnreadableLimit
+from .unreadable import Unreadable, UnreadableLimit
 from .datasets import Sample
 from .transforms import sample_seed
 

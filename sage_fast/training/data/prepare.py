@@ -30,8 +30,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from ...utils.files import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from ..errors import UserError
-from .checks import READ_ERRORS, UnreadableImagesError, UnreadableLimit, read_error_reason
+from .unreadable import READ_ERRORS, UnreadableImagesError, UnreadableLimit, read_error_reason
 from .datasets import ImageListDataset, LTDataset
 from .shards import FORMAT, MANIFEST, VERSION, read_manifest, sample_key, shard_name
 
@@ -98,17 +99,12 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        # in chunks, not hashlib.file_digest: that needs Python 3.11
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_shard(job: dict) -> dict:
@@ -116,10 +112,9 @@ def _write_shard(job: dict) -> dict:
     ds = _SOURCES[job["split"]]
     out = Path(job["out"])
     final = out / job["name"]
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     index: Dict[str, List] = {"offset": [], "size": [], "label": [], "key": [], "source": []}
     unreadable: List[Tuple[str, str]] = []
-    with open(tmp, "wb") as fh:
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(job["start"], job["stop"]):
                 try:
@@ -137,12 +132,9 @@ def _write_shard(job: dict) -> dict:
                 if _COUNTER is not None:
                     with _COUNTER.get_lock():
                         _COUNTER.value += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
     record = {"name": job["name"], "bytes": final.stat().st_size, "sha256": _sha256(final),
               "samples": len(index["key"]), "index": index, "unreadable": unreadable}
-    _atomic_write(out / STATE_DIR / f"{job['name']}.json", json.dumps(record).encode())
+    atomic_write_bytes(out / STATE_DIR / f"{job['name']}.json", json.dumps(record).encode())
     return record
 
 
@@ -226,8 +218,8 @@ def prepare(data_cfg, out, short_side: int = DEFAULT_SHORT_SIDE, quality: int = 
 
     state = out / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.tmp-*")) + list(state.glob("*.tmp-*")):
-        stale.unlink()  # a killed run's half-written files
+    for folder in (out, state):
+        remove_stale_temporaries(folder)  # a killed run's half-written files
     plan_path = state / "plan.json"
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
@@ -237,7 +229,7 @@ def prepare(data_cfg, out, short_side: int = DEFAULT_SHORT_SIDE, quality: int = 
     else:
         plan = {"settings": settings,
                 "per_shard": {s: _per_shard(ds, short_side, quality, shard_mb) for s, ds in splits.items()}}
-        _atomic_write(plan_path, json.dumps(plan).encode())
+        atomic_write_bytes(plan_path, json.dumps(plan).encode())
 
     jobs: List[dict] = []
     for split, ds in splits.items():
@@ -284,7 +276,7 @@ def prepare(data_cfg, out, short_side: int = DEFAULT_SHORT_SIDE, quality: int = 
             "shards": [{k: r[k] for k in ("name", "bytes", "sha256", "samples")} for r in recs],
             "samples": cols,
         }
-    _atomic_write(out / MANIFEST, json.dumps(manifest).encode())
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest).encode())
     shutil.rmtree(state, ignore_errors=True)  # the manifest now holds everything the records held
     return {"out": str(out), "done_before": False, "shards": len(jobs), "kept": len(jobs) - len(todo),
             "written": len(todo), "bytes": sum(r["bytes"] for r in records.values()),

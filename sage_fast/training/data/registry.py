@@ -17,7 +17,7 @@ are counted on the training split, over the images that can be read.
 
 Before anything is trained the builders check what the user gave: every label is a class index (an error
 names the split file and line, or the iNaturalist annotation), every class has a training image, and the
-images can be read (`sage_fast.training.data.checks.screen_images`: ``data.check_images``,
+images can be read (`sage_fast.training.data.unreadable.screen_images`: ``data.check_images``,
 ``data.max_unreadable``). A mistake raises `sage_fast.training.errors.UserError` (or FileNotFoundError for
 a missing root or split file), which the command prints as one line.
 
@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import UserError
-from .checks import screen_images
+from .unreadable import screen_images
 from .cifar import cifar100_lt_indices, cifar_lt_counts, load_cifar100
 from .class_names import names_from_paths, places_names, read_class_names, synset_names
 from .datasets import ArrayDataset, ImageListDataset, LTData
@@ -63,7 +63,7 @@ class BuildContext:
     raw: bool
     #: from ``cfg.class_names``; they win over the data set's own names
     user_names: Optional[List[str]]
-    #: a progress bar while the images are checked (`sage_fast.training.data.checks`)
+    #: a progress bar while the images are checked (`sage_fast.training.data.unreadable`)
     progress: bool = False
 
     def path(self, given: str, default: str) -> Path:

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .checks import UnreadableLimit
+from .unreadable import UnreadableLimit
 from .datasets import LTData, LTDataset
 
 FORMAT = "sage-fast-prepared"
