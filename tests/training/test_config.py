@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import yaml
 
-from sage_fast.training.cli import main as cli_main
+from sage_fast.cli import main as cli_main
 from sage_fast.training.config import PRESETS, ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
 from sage_fast.training.data import ArrayDataset, LTData, dataset_names
-from sage_fast.training.loop import Trainer
+from sage_fast.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
