@@ -13,16 +13,26 @@ rows per image (zero-shot CLIP, fine-tuned), each image | mean over heads | head
 scaled per panel (the maps' ranges differ between blocks and heads). The adapters act after each block, so
 block 0 attends alike in both models: its maps differ only in the predictions.
 
-The model, classes and overrides are chosen as in ``sage-fast predict``. Unreadable images are reported
-and left out; only when none can be read is it an error. How the maps are computed:
+The model, classes and overrides are chosen as in ``sage-fast predict`` (``--force-config`` too); W_zs is
+the one stored with the weights, or, for weights written before it was stored, computed from the templates
+with the text encoder. Unreadable images are reported and left out; only when none can be read is it an
+error. How the maps are computed:
 `sage_fast.model.attention_maps`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .common import OVERRIDE_HELP, CommandParser, add_weights_arguments, images_and_overrides, trained_model
+from .common import (
+    OVERRIDE_HELP,
+    CommandError,
+    CommandParser,
+    add_weights_arguments,
+    images_and_overrides,
+    trained_model,
+)
 
 
 def main(argv) -> int:
@@ -39,9 +49,11 @@ def main(argv) -> int:
                    help="the block whose attention is drawn: 0-based, negative from the end (default: the last)")
     p.add_argument("--heads", action="store_true", help="draw every head, not only their mean (Fig. 2)")
     args, rest = p.parse_known_args(argv)
+    if Path(args.out).is_dir():
+        raise CommandError(p.prog, f"--out {args.out} is a folder: give the PNG file to write")
     # --images takes every later word: overrides written after it are picked out again here
     paths, overrides = images_and_overrides(p, list(args.images) + rest)
-    cfg, model = trained_model(args, overrides)
+    cfg, model = trained_model(args, overrides, zero_shot=True)
     info = render(model, cfg, paths, args.out, args.block, args.heads)
     for path, err in info["unreadable"]:
         print(f"{p.prog}: skipped unreadable image {path}: {err}", file=sys.stderr)

@@ -58,8 +58,15 @@ def add_weights_arguments(p: argparse.ArgumentParser, weights_help: str = "adapt
     from ..training.config import PRESETS
 
     p.add_argument("--weights", required=True, help=weights_help)
-    p.add_argument("--config", help="YAML run config; default: the config stored with the weights")
+    p.add_argument("--config", help="YAML run config; default: the config stored with the weights. Where the "
+                                    "weights store one, the given config may differ from it only in what does "
+                                    "not change the result (data.root, data.test_split, eval.tte, train.device, "
+                                    "train.eval_batch_size, the data loading keys, optim, ...)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a row of Table 8 instead of the stored config")
+    p.add_argument("--force-config", action="store_true",
+                   help="use a config or overrides that differ from the weights' own in settings that change the "
+                        "result (model.alpha, model.fit, model.bottleneck, ...), or a data set whose class names "
+                        "differ, with a warning instead of refusing")
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
@@ -106,10 +113,11 @@ def images_and_overrides(p: argparse.ArgumentParser, words: Sequence[str]) -> Tu
     return paths, overrides
 
 
-def trained_model(args, overrides: Sequence[str]):
+def trained_model(args, overrides: Sequence[str], zero_shot: bool = False):
     """-> (run config, `SageModel` in eval mode) of ``--weights`` with ``--config`` / ``--preset`` and
-    `overrides` (`sage_fast.training.inference`)."""
-    from ..training.inference import load_trained, resolve_run_config
+    `overrides` (`sage_fast.training.inference`); zero_shot: the caller reads W_zs (`load_trained`)."""
+    from ..training.inference import load_trained, read_trained, resolve_run_config
 
-    cfg = resolve_run_config(args.weights, args.config, overrides, args.preset)
-    return cfg, load_trained(args.weights, cfg)
+    weights = read_trained(args.weights)
+    cfg = resolve_run_config(weights, args.config, overrides, args.preset, force=args.force_config)
+    return cfg, load_trained(weights, cfg, zero_shot=zero_shot)

@@ -9,7 +9,9 @@ from .common import OVERRIDE_HELP, CommandError, CommandParser, add_weights_argu
 def main(argv) -> int:
     p = CommandParser(prog="sage-fast eval", allow_abbrev=False,
                       epilog=OVERRIDE_HELP + " Exit status: 0 done; 1 crashed; 2 bad arguments or config, "
-                             "weights that are corrupt (checksum mismatch) or unreadable.",
+                             "settings or class names that differ from the weights' (without --force-config), "
+                             "weights that are corrupt (checksum mismatch) or unreadable; 130 SIGINT (Ctrl-C), "
+                             "75 SIGTERM / SIGUSR1: stopped, nothing written.",
                       description="Evaluate trained Sage weights: overall / many / medium / few top-1, "
                                   "per-class accuracy (CSV) and plot, written to their own folder "
                                   "(--out; never over the training run's reports); the last line "
@@ -20,14 +22,15 @@ def main(argv) -> int:
                                                 "per_class_accuracy.png (default: OUTPUT_DIR/eval)")
     args, rest = p.parse_known_args(argv)
     from ..training.distributed import is_main_process
-    from ..training.inference import evaluate_weights, resolve_run_config
+    from ..training.inference import evaluate_weights, read_trained, resolve_run_config
     from ..training.metrics import ACCURACIES, format_report, json_safe
     from ..training.run_folder import RunFolderError
 
     # a bad config, a missing file: user errors, printed as one line by `main`
     try:
-        cfg = resolve_run_config(args.weights, args.config, split_arguments(rest)[0], args.preset)
-        report = evaluate_weights(cfg, args.weights, out_dir=args.out)
+        weights = read_trained(args.weights)
+        cfg = resolve_run_config(weights, args.config, split_arguments(rest)[0], args.preset, args.force_config)
+        report = evaluate_weights(cfg, weights, out_dir=args.out, force=args.force_config)
     except RunFolderError as e:
         raise CommandError(p.prog, e) from None
     if is_main_process():

@@ -3,12 +3,15 @@
     sage-fast predict --weights runs/sage/adapters.safetensors photo.jpg more_photos/
     sage-fast predict --weights runs/sage/last.pt --topk 3 --json photos/ > predictions.json
 
-Which model: the run config stored with the weights (``adapters.safetensors`` metadata or ``last.pt``),
-unless ``--config`` / ``--preset`` give one; ``section.key=value`` overrides apply on top (for instance
-``train.device=cpu``, ``train.eval_batch_size=64``, ``eval.tte=tencrop``). The class names are the
-ones stored with the weights; weights without them (a bare state dict) take them from the config's
-data set. The frozen CLIP is loaded as the config says (``model.pretrained``), so it must be the one the
-weights were trained on.
+Which model: the one the weights were trained as: the run config, class names and template classifier
+stored with them (``adapters.safetensors`` or ``last.pt``). ``section.key=value`` overrides (or a
+``--config``) may change how the images are read and run (for instance ``train.device=cpu``,
+``train.eval_batch_size=64``, ``eval.tte=tencrop``, ``model.pretrained=/here/vit_b16.bin`` where the
+weights name a CLIP file on another machine), but not what decides the result (``model.alpha``,
+``model.fit``, the architecture, ...): that is refused, naming the keys, unless ``--force-config``.
+Weights without stored metadata (a bare state dict) take their config from ``--config`` / ``--preset``
+and their class names from its data set; a config that does not fit them is an error naming the tensor,
+both shapes and the key.
 
 Images: files, or folders (their image files, sorted by name, not recursive). Each image gets the test
 transform (or the ``eval.tte`` crops), batches of ``train.eval_batch_size`` go through the model on
@@ -16,9 +19,9 @@ transform (or the ``eval.tte`` crops), batches of ``train.eval_batch_size`` go t
 probabilities are the softmax of z^. An unreadable image is reported in the output and skipped; only
 when no image can be read is it an error.
 
-Output: a table (one row per image), or with ``--json`` a JSON list of
-``{"image": path, "predictions": [{"class": name, "index": k, "probability": p}, ...]}``, or
-``{"image": path, "error": message}`` for an unreadable one. Progress and warnings go to stderr, so
+Output: a table (one row per image), or with ``--json`` a JSON list (strict JSON: a probability that is
+not a number is null) of ``{"image": path, "predictions": [{"class": name, "index": k, "probability": p},
+...]}``, or ``{"image": path, "error": message}`` for an unreadable one. Progress and warnings go to stderr, so
 stdout holds only the result.
 """
 from __future__ import annotations
@@ -77,7 +80,10 @@ def main(argv) -> int:
         raise CommandError(p.prog, f"none of the {len(results)} images could be read (first: {bad[0]['image']}: "
                                    f"{bad[0]['error']})")
     if args.json:
-        print(json.dumps(results, indent=2))
+        from ..training.metrics import json_safe
+
+        # strict JSON: a NaN probability (NaN logits) is null, as in the reports of sage-fast eval
+        print(json.dumps(json_safe(results), indent=2, allow_nan=False))
     else:
         print(format_table(results, min(args.topk, model.num_classes)))
     if bad:

@@ -8,8 +8,9 @@ a cosine classifier initialised from the 60 templates, and FIT's frozen zero-sho
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
-from typing import Dict, NamedTuple, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -183,17 +184,81 @@ class SageModel(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict) -> None:
+        """Copy trained parameters (`trainable_state_dict`'s names) into the model.
+
+        WeightsMismatchError when they do not fit, naming a tensor and the config key that decides it
+        (`weights_mismatch`); nothing is copied then."""
+        reason = self.weights_mismatch(state)
+        if reason is not None:
+            raise WeightsMismatchError(reason)
         own = dict(self.named_parameters())
-        expected = {n for n, p in own.items() if p.requires_grad}
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise WeightsMismatchError(f"trained weights do not fit this model: missing {sorted(missing)[:5]}, "
-                                       f"unexpected {sorted(unexpected)[:5]}")
         with torch.no_grad():
             for n, t in state.items():
-                if own[n].shape != t.shape:
-                    raise WeightsMismatchError(f"{n}: shape {tuple(t.shape)} does not match {tuple(own[n].shape)}")
                 own[n].copy_(t)
+
+    # -- why trained weights do not fit --------------------------------------------------------
+    def weights_mismatch(self, state: dict) -> Optional[str]:
+        """Why `state` cannot be loaded into this model, on one line, else None: the first tensor that the
+        model lacks, that the weights lack, or whose shape differs, and the config key behind it (the adapter
+        kind, the text projection, FIT, the bottleneck, the architecture, the number of classes)."""
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            return self._explain_names(state, missing, unexpected)
+        for n, p in own.items():  # in the model's order: the first adapter's tensors first
+            if tuple(state[n].shape) != tuple(p.shape):
+                return self.shape_mismatch(n, tuple(state[n].shape), tuple(p.shape))
+        return None
+
+    def _setting(self, key: str) -> str:
+        """``model.KEY=value`` of this model, with what a null bottleneck became."""
+        if key == "bottleneck" and self.config.bottleneck is None:
+            return (f"model.bottleneck=null (LIFT's rule: {self.bottleneck} for {self.num_classes} classes and "
+                    f"{self.num_layers} blocks)")
+        if key == "name":
+            return f"model.name={self.config.name} (width {self.dim}, {self.num_layers} blocks)"
+        value = getattr(self.config, key)
+        return f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+    def shape_mismatch(self, name: str, weights: tuple, model: tuple) -> str:
+        """``NAME: shape W in the weights, M for KEY=VALUE``: the key whose value decides the differing size."""
+        if name in ("classifier", "zs_classifier") and weights[:1] != model[:1]:
+            why = f"{model[0]} classes (the weights were trained on {weights[0]})"
+        elif name.startswith("adapters.") and any(w != m and m != self.dim for w, m in zip(weights, model)):
+            why = self._setting("bottleneck")  # the sizes that are not the width d are r or 2r
+        else:
+            why = self._setting("name")
+        return f"{name}: shape {weights} in the weights, {model} for {why}"
+
+    def _explain_names(self, state: dict, missing: list, unexpected: list) -> str:
+        def trained(part: str) -> bool:
+            return any(re.fullmatch(rf"adapters\.\d+\.{part}\.\w+", k) for k in state)
+
+        def explain(key: str, pattern: str, weights_have: str) -> str:
+            # the first tensor behind the difference: one the model lacks, else one the weights lack
+            extra = [n for n in unexpected if re.match(pattern, n)]
+            tensors = extra or [n for n in missing if re.match(pattern, n)] or unexpected or missing
+            where = "in the weights, not in a model with" if extra else "needed by a model with"
+            more = f" (and {len(tensors) - 1} more)" if len(tensors) > 1 else ""
+            return f"{tensors[0]}{more}: {where} {self._setting(key)}; {weights_have}"
+
+        weights_adapter = "sg" if trained("down_t") else "adaptformer" if trained("down") else None
+        checks = [  # (config key, the weights' value, this model's value, their tensors), in the order reported
+            ("adapter", weights_adapter, self.config.adapter, r"adapters\."),
+            ("text_proj", trained("proj") if weights_adapter == "sg" else None,
+             self.config.text_proj if self.guided else None, r"adapters\.\d+\.proj\."),
+            # a state without adapters is no whole set of trained weights: its lack of s1, s2 says nothing
+            ("fit", any(k.startswith("criterion.") for k in state) if weights_adapter else None, self.fit,
+             r"criterion\."),
+        ]
+        for key, theirs, ours, pattern in checks:
+            if theirs is not None and ours is not None and theirs != ours:
+                word = str(theirs).lower() if isinstance(theirs, bool) else theirs
+                return explain(key, pattern, f"the weights were trained with model.{key}={word}")
+        layers = {int(m.group(1)) for k in state for m in [re.match(r"adapters\.(\d+)\.", k)] if m}
+        if layers and max(layers) + 1 != self.num_layers:
+            return explain("name", r"adapters\.", f"the weights hold adapters for {max(layers) + 1} blocks")
+        return f"trained weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
 
     def finite_parameters(self):
         """(names, mask): the trainable parameters' names and a bool tensor on their device, True where a
@@ -279,6 +344,7 @@ def build_sage(
     device="cpu",
     progress: bool = True,
     cache_dir=None,
+    zero_shot: Union[torch.Tensor, bool, None] = None,
     **fields,
 ) -> SageModel:
     """Load CLIP, initialise the classifier from the templates and build `SageModel` on `device`.
@@ -291,14 +357,29 @@ def build_sage(
     cache_dir: where the initialised classifier is cached (`cached_text_classifier`): a folder; None:
     $SAGE_FAST_CACHE, else ~/.cache/sage-fast; False: no cache. Random weights (pretrained=None) are
     never cached.
+    zero_shot: for a model that trained weights are loaded into next, the text encoder need not run (at
+    8,142 classes it encodes 488,520 prompts): a (C, d) tensor is W_zs as stored with the weights (the
+    classifier starts from it too); False: no W_zs at all, its rows are NaN, for a model whose predictions
+    never read it (without FIT, z^ = z); None (default): computed from the templates.
     """
     cfg = model_config(config, **fields)
     device = torch.device(device)
     check_backend(cfg.backend)
     resolve_attention(cfg.attention, device)  # fail early on a bad choice
     clip = load_clip(cfg.name, cfg.pretrained, device)
-    init = cached_text_classifier(clip, tokenizer(cfg.name), class_names, model_name=cfg.name,
-                                  pretrained=cfg.pretrained, cache_dir=cache_dir,
-                                  templates=CLASSIFIER_TEMPLATES[cfg.classifier_init],
-                                  batch_size=cfg.text_batch_size, progress=progress)
+    if zero_shot is None:
+        init = cached_text_classifier(clip, tokenizer(cfg.name), class_names, model_name=cfg.name,
+                                      pretrained=cfg.pretrained, cache_dir=cache_dir,
+                                      templates=CLASSIFIER_TEMPLATES[cfg.classifier_init],
+                                      batch_size=cfg.text_batch_size, progress=progress)
+    else:
+        shape = (len(class_names), clip.visual.transformer.width)
+        if zero_shot is False:
+            init = torch.full(shape, float("nan"), device=device)
+        elif tuple(zero_shot.shape) != shape:
+            # the message names the setting behind the size: a model built with the given shape does
+            model = SageModel(clip, class_names, class_counts, torch.zeros(shape), cfg)
+            raise WeightsMismatchError(model.shape_mismatch("zs_classifier", tuple(zero_shot.shape), shape))
+        else:
+            init = zero_shot.to(device)
     return SageModel(clip, class_names, class_counts, init, cfg).to(device)

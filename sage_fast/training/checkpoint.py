@@ -11,6 +11,8 @@ Checkpoint (``last.pt``, format `CHECKPOINT_VERSION`), a dict loadable with ``to
     config         SageConfig.to_dict()
     class_names    [str] * C
     class_counts   [int] * C
+    zs_classifier  (C, d) float32, the template classifier W_zs (frozen; FIT's zt and zero-shot CLIP use it),
+                   so that evaluation need not run the text encoder; absent in checkpoints written before it
     digest         "sha256:<hex>" over every other entry (`content_digest`): tensor bytes, dtypes, shapes
                    and the non-tensor structure; recomputed on every read
 
@@ -18,7 +20,8 @@ A run folder keeps two checkpoints: ``last.pt`` and ``previous.pt``, the one bef
 rotates them), so one bad save cannot lose a run. Nothing non-finite is ever written (`nonfinite_entries`).
 Reading verifies the digest; `find_resumable` falls back from a corrupt ``last.pt`` to ``previous.pt``.
 
-Export (``adapters.safetensors``): the trainable parameters as float32 CPU tensors; metadata ``config``,
+Export (``adapters.safetensors``): the trainable parameters as float32 CPU tensors, and W_zs as the tensor
+``zs_classifier`` (`ZERO_SHOT`; absent in exports written before it); metadata ``config``,
 ``class_names`` and ``class_counts`` (JSON text), ``format`` (`ADAPTERS_FORMAT`), ``epoch`` and
 ``global_step`` and ``digest`` (over the tensors, checked by `read_weights`).
 
@@ -55,6 +58,11 @@ READABLE_VERSIONS = (1, 2)
 ADAPTERS_FORMAT = "sage-fast adapters v1"
 #: the counters a checkpoint stores besides the states: where training stands
 PROGRESS = ("epoch", "step_in_epoch", "global_step", "skipped_total")
+#: the entry of a checkpoint, and the tensor of the export, that holds the template classifier W_zs
+ZERO_SHOT = "zs_classifier"
+#: what trained weights store besides the tensors (`stored_run_info`)
+RUN_INFO = ("config", "class_names", "class_counts")
+
 class CheckpointError(RunFolderError):
     """A checkpoint that cannot be used: unreadable, corrupt (digest mismatch), another format, non-finite."""
 
@@ -124,6 +132,7 @@ def checkpoint_state(model, optimizer, scheduler, progress: Mapping[str, int], c
         "config": config,
         "class_names": list(class_names),
         "class_counts": list(class_counts),
+        ZERO_SHOT: model.zs_classifier.detach().float().cpu().clone(),
     }
 
 
@@ -298,6 +307,7 @@ def save_adapters(path, model, config: dict, class_names: Sequence[str], class_c
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    tensors[ZERO_SHOT] = model.zs_classifier.detach().float().cpu().contiguous()
     meta = {"config": json.dumps(config), "class_names": json.dumps(list(class_names)),
             "class_counts": json.dumps(list(class_counts)), "format": ADAPTERS_FORMAT,
             "digest": _tensors_digest(tensors)}
@@ -308,9 +318,11 @@ def save_adapters(path, model, config: dict, class_names: Sequence[str], class_c
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def read_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Optional[int]]]:
+def read_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Trainable parameters from ``adapters.safetensors`` or a checkpoint ``.pt`` (weights_only loading),
-    verified against their digest where the file has one, and ``{"epoch", "step"}`` where known.
+    verified against their digest where the file has one, and what the file says besides: ``{"epoch", "step",
+    "config", "class_names", "class_counts", "zs_classifier"}``, each None where it does not say (W_zs: files
+    written before it was stored, bare state dicts).
 
     Raises FileNotFoundError, or CheckpointError (one line) for a corrupt or unreadable file."""
     path = Path(path)
@@ -326,14 +338,22 @@ def read_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Optional[int]
             raise CheckpointError(f"{path}: unreadable weights: {load_failure_reason(e, 'safetensors')}") from None
         if "digest" in meta and _tensors_digest(tensors) != meta["digest"]:
             raise CheckpointError(f"{path}: content does not match its checksum (the file is corrupt)")
-        info = {"epoch": _int_or_none(meta.get("epoch")), "step": _int_or_none(meta.get("global_step"))}
-        return tensors, info
-    ckpt = _load(path, "weights")
-    if isinstance(ckpt, dict) and "version" in ckpt and "trainable" in ckpt:
-        ckpt = _verified(ckpt, path)
-        return ckpt["trainable"], {"epoch": ckpt["epoch"], "step": ckpt["global_step"]}
-    # a bare {name: tensor} file
-    return (ckpt["trainable"] if isinstance(ckpt, dict) and "trainable" in ckpt else ckpt), {"epoch": None, "step": None}
+        info = {"epoch": _int_or_none(meta.get("epoch")), "step": _int_or_none(meta.get("global_step")),
+                **_metadata_run_info(meta)}
+    else:
+        ckpt = _load(path, "weights")
+        if isinstance(ckpt, dict) and "version" in ckpt and "trainable" in ckpt:
+            ckpt = _verified(ckpt, path)
+            info = {"epoch": ckpt["epoch"], "step": ckpt["global_step"], **{k: ckpt.get(k) for k in RUN_INFO}}
+            tensors = dict(ckpt["trainable"])
+            if ZERO_SHOT in ckpt:
+                tensors[ZERO_SHOT] = ckpt[ZERO_SHOT]
+        else:
+            # a bare {name: tensor} file
+            tensors = dict(ckpt["trainable"] if isinstance(ckpt, dict) and "trainable" in ckpt else ckpt)
+            info = {"epoch": None, "step": None, **{k: None for k in RUN_INFO}}
+    info[ZERO_SHOT] = tensors.pop(ZERO_SHOT, None)
+    return tensors, info
 
 
 def _int_or_none(v) -> Optional[int]:
@@ -358,6 +378,10 @@ def _export_metadata(path: Path) -> Dict[str, str]:
         raise CheckpointError(f"{path}: unreadable weights: {load_failure_reason(e, 'safetensors')}") from None
 
 
+def _metadata_run_info(meta: Mapping[str, str]) -> Dict[str, Any]:
+    return {k: (json.loads(meta[k]) if k in meta else None) for k in RUN_INFO}
+
+
 def stored_run_info(path) -> Dict[str, Any]:
     """What trained weights store besides the tensors: ``config`` (dict), ``class_names``, ``class_counts``;
     each None where the file holds none (a bare state dict). Reads the safetensors metadata, or a
@@ -366,11 +390,10 @@ def stored_run_info(path) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"weights not found: {path}")
     if path.suffix == ".safetensors":
-        meta = _export_metadata(path)
-        return {k: (json.loads(meta[k]) if k in meta else None) for k in ("config", "class_names", "class_counts")}
+        return _metadata_run_info(_export_metadata(path))
     ckpt = _load(path, "weights")
     ckpt = ckpt if isinstance(ckpt, dict) else {}
-    return {k: ckpt.get(k) for k in ("config", "class_names", "class_counts")}
+    return {k: ckpt.get(k) for k in RUN_INFO}
 
 
 def config_from_weights(path) -> Optional[dict]:

@@ -1,10 +1,21 @@
 """Trained weights at work: the run config they go with, the model they load into, evaluation and prediction.
 
-Used by ``sage-fast eval``, ``predict`` and ``attention`` (`sage_fast.cli`). Which model: the run config
-stored with the weights (``adapters.safetensors`` metadata or ``last.pt``), unless a config file or preset
-is given; ``section.key=value`` overrides apply on top. The class names are the ones stored with the
-weights; weights without them (a bare state dict) take them from the config's data set. The frozen CLIP is
-loaded as the config says (``model.pretrained``), so it must be the one the weights were trained on.
+Used by ``sage-fast eval``, ``predict`` and ``attention`` (`sage_fast.cli`). The weights decide the model:
+``adapters.safetensors`` and ``last.pt`` store the run config, the class names and counts and the template
+classifier W_zs beside the trained tensors (`sage_fast.training.checkpoint`), and these are what the model is
+built from. A config file, preset or ``section.key=value`` override may change how and where the images are
+read and run (``data.root``, ``data.test_split``, ``eval.tte``, ``train.device``, ``train.eval_batch_size``,
+the data loading keys, ...) and the settings only training reads (``optim``, the loss), but not what decides
+the result (`RESULT_KEYS`: the architecture, the frozen CLIP, the adapters, FIT, the classifier's scale):
+those are refused (`WeightsConfigError`, listing the keys) unless forced. Bare weights (a state dict without
+that metadata) take their config from ``--config`` / ``--preset`` and their class names from its data set;
+a config that does not fit them ends in one line naming the tensor, both shapes and the config key.
+
+Only what inference needs is built: the trained classifier and W_zs come from the weights, so the text
+encoder does not run (at 8,142 classes it encodes 488,520 prompts) unless W_zs is needed and the weights
+predate storing it (FIT's z^ uses it, and so does the zero-shot half of ``sage-fast attention``); evaluation
+lists the training split but checks none of its images, and groups the classes by the training counts stored
+with the weights.
 
 Images for prediction: files, or folders (their image files, sorted by name, not recursive). Each image gets
 the test transform (or the ``eval.tte`` crops), batches of ``train.eval_batch_size`` go through the model on
@@ -15,95 +26,243 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import read_weights, stored_run_info
-from .config import ConfigError, build_config
+from .checkpoint import ZERO_SHOT, CheckpointError, nonfinite_entries, read_weights, stored_run_info
+from .config import ConfigError, build_config, config_differences, flatten, format_differences
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
+from .errors import UserError
 from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries
 
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
+#: the settings that change what trained weights compute: the frozen CLIP, the adapters, FIT, the classifier's
+#: scale and initial rows (W_zs, for weights that do not store it). The stored config's values are used; a
+#: given config or override that differs in one of them is refused unless forced. ``train.seed`` too when
+#: ``model.pretrained`` is null: it draws the random frozen CLIP (`result_keys`). ``model.pretrained`` may
+#: name another local file where the stored value is one (the checkpoint moved), not another tag.
+RESULT_KEYS = ("model.name", "model.pretrained", "model.bottleneck", "model.alpha", "model.fit", "model.adapter",
+               "model.text_proj", "model.classifier_init", "model.logit_scale")
+
+
+class WeightsConfigError(UserError):
+    """A config, override or data set that disagrees with what trained weights were trained with."""
+
 
 # --------------------------------------------------------------------------------------------------
-# The trained model
+# The trained weights and their config
 
 
-def resolve_run_config(weights, config=None, overrides: Sequence[str] = (), preset: Optional[str] = None):
-    """The `SageConfig` for `weights`: the stored one unless `config` / `preset` is given, then `overrides`."""
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"weights not found: {weights}")
-    base = None if (config or preset) else stored_run_info(weights)["config"]
-    if base is None and not (config or preset):
-        raise ConfigError(f"{weights} holds no run config: give the run's --config (or --preset and overrides)")
-    return build_config(config, list(overrides), preset=preset, base=base)
+@dataclass
+class TrainedWeights:
+    """What a weights file holds (`read_trained`): the trainable tensors and what is stored beside them."""
+
+    path: Path
+    #: the trainable parameters, {name: tensor} (`SageModel.trainable_state_dict`)
+    tensors: Dict[str, torch.Tensor]
+    #: W_zs (C, d); None in files written before it was stored, and in bare state dicts
+    zero_shot: Optional[torch.Tensor]
+    #: the run config (a dict), class names and training counts; None where the file does not say
+    config: Optional[dict]
+    class_names: Optional[List[str]]
+    class_counts: Optional[List[int]]
+    epoch: Optional[int]
+    step: Optional[int]
 
 
-def load_trained(weights, cfg, device=None):
-    """SageModel in eval mode with the trained parameters of `weights` (safetensors export or checkpoint).
+def read_trained(weights) -> TrainedWeights:
+    """`weights` (a path, or a `TrainedWeights` already read) read and verified (`checkpoint.read_weights`)."""
+    if isinstance(weights, TrainedWeights):
+        return weights
+    tensors, info = read_weights(weights)
+    bad = nonfinite_entries({"trainable": tensors})  # a checkpoint is checked when read; a bare file is not
+    if bad:
+        raise CheckpointError(f"{weights}: {', '.join(bad[:3])} hold NaN or Inf: these weights cannot predict")
+    return TrainedWeights(Path(weights), tensors, info[ZERO_SHOT], info["config"], info["class_names"],
+                          info["class_counts"], info["epoch"], info["step"])
 
-    cfg: the run config (`resolve_run_config`); device: default ``cfg.train.device`` ("auto": the GPU when
-    there is one). Class names and counts come from the weights, else from the config's data set.
-    """
+
+def result_keys(stored: Mapping) -> Tuple[str, ...]:
+    """`RESULT_KEYS`, plus ``train.seed`` when the stored config's frozen CLIP is random (``model.pretrained``
+    null): the keys in which a config for the weights may not differ from `stored` (their own)."""
+    random_clip = flatten(stored).get("model.pretrained") is None
+    return RESULT_KEYS + (("train.seed",) if random_clip else ())
+
+
+def resolve_run_config(weights, config=None, overrides: Sequence[str] = (), preset: Optional[str] = None,
+                       force: bool = False):
+    """The `SageConfig` for `weights` (a path or `TrainedWeights`): the config stored with them and
+    `overrides` on top, or, given `config` / `preset`, that one (then `overrides`).
+
+    When the weights store a config, the result must agree with it in `result_keys`: otherwise
+    `WeightsConfigError` lists the differences, unless `force` (a warning then). Weights without a stored
+    config need `config` or `preset` (ConfigError)."""
+    if isinstance(weights, TrainedWeights):
+        stored = weights.config
+    else:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights not found: {weights}")
+        stored = stored_run_info(weights)["config"]
+    if stored is None:
+        if not (config or preset):
+            raise ConfigError(f"{_path(weights)} holds no run config: give the run's --config (or --preset and "
+                              "overrides)")
+        return build_config(config, list(overrides), preset=preset)
+    if config or preset:
+        cfg = build_config(config, list(overrides), preset=preset)
+    else:
+        cfg = build_config(None, list(overrides), base=stored)
+    current = cfg.to_dict()
+    keys = set(result_keys(stored))
+    diffs = [d for d in config_differences(stored, current, free=frozenset(flatten(current)) - keys)
+             if not _moved_checkpoint(*d)]
+    if diffs:
+        listed = format_differences(diffs)
+        if not force:
+            raise WeightsConfigError(f"{_path(weights)} was trained with other settings, which change the result: "
+                                     f"{listed} (the weights' value -> the one given); leave them out (the weights' "
+                                     "own config is used), or force them (--force-config)")
+        warnings.warn(f"using settings that differ from the ones {_path(weights)} was trained with: {listed}; "
+                      "the results are not those of the trained model")
+    return cfg
+
+
+def _moved_checkpoint(key: str, stored, given) -> bool:
+    """``model.pretrained`` naming a local file on both sides: the same CLIP weights in another place (another
+    machine's path) as far as can be told; a tag (``openai``) or null must stay what it was."""
+    from ..model.clip import _looks_like_path
+
+    return key == "model.pretrained" and _looks_like_path(stored) and _looks_like_path(given)
+
+
+def _path(weights) -> Path:
+    return weights.path if isinstance(weights, TrainedWeights) else Path(weights)
+
+
+def check_class_names(stored: Sequence[str], found: Sequence[str], where: str, force: bool = False) -> None:
+    """The classes of a data set (`found`, from `where`) are the ones the weights were trained on (`stored`), in
+    the same order; else `WeightsConfigError` naming the first difference (a warning with `force`, except for
+    another number of classes, which no evaluation can use)."""
+    if list(stored) == list(found):
+        return
+    if len(stored) != len(found):
+        raise WeightsConfigError(f"the weights were trained on {len(stored)} classes, {where} has {len(found)}: "
+                                 "evaluate on the data set the weights were trained on")
+    k = next(i for i, (a, b) in enumerate(zip(stored, found)) if a != b)
+    others = sum(a != b for a, b in zip(stored, found)) - 1
+    text = (f"the class names of {where} differ from the ones the weights were trained on: class {k} is "
+            f"{stored[k]!r} in the weights, {found[k]!r} in the data set"
+            + (f" ({others} more classes differ)" if others else ""))
+    if not force:
+        raise WeightsConfigError(text + "; the labels would be read as other classes. Use the data set (and "
+                                        "data.class_names) the weights were trained with, or force it "
+                                        "(--force-config)")
+    warnings.warn(text + "; evaluating anyway (the weights' names are reported)")
+
+
+def _test_data(cfg, image_size: int, raw: bool = False, progress: bool = False):
+    """The data set of `cfg` for evaluation: the test images checked, the training split only listed."""
+    from .data import build_data
+
+    return build_data(cfg.data, image_size, raw=raw, progress=progress, test_only=True)
+
+
+def _build(cfg, w: TrainedWeights, names, counts, device, zero_shot: bool, progress: bool):
+    """The model of `cfg` with `w`'s trained parameters; the text encoder runs only when W_zs is needed (FIT, or
+    `zero_shot`) and `w` does not hold it."""
     from .trainer import build_model
 
-    stored = stored_run_info(weights)
-    names, counts = stored["class_names"], stored["class_counts"]
-    if names is None or counts is None:
-        from .data import build_data
-        from .preflight import check_image_size
-
-        data = build_data(cfg.data, check_image_size(cfg))
-        names, counts = data.class_names, data.class_counts
-    device = torch.device(device or resolve_device(cfg.train.device, 1, 0, torch.cuda.is_available()))
+    need = zero_shot or bool(cfg.model.fit)
+    zs = w.zero_shot if w.zero_shot is not None else (None if need else False)
     # forked: the caller's random stream is left alone
     with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg, names, counts, device, progress=cfg.train.progress)
-    tensors, _ = read_weights(weights)
-    model.load_trainable_state_dict({k: v.to(device) for k, v in tensors.items()})
+        model = build_model(cfg, names, counts, device, progress=progress, zero_shot=zs)
+    model.load_trainable_state_dict({k: v.to(device) for k, v in w.tensors.items()})
     return model.eval()
+
+
+def load_trained(weights, cfg, device=None, zero_shot: bool = False):
+    """SageModel in eval mode with the trained parameters of `weights` (a path, safetensors export or
+    checkpoint, or `TrainedWeights`).
+
+    cfg: the run config (`resolve_run_config`); device: default ``cfg.train.device`` ("auto": the GPU when
+    there is one). Class names and counts come from the weights, else from the config's data set (its test
+    split). zero_shot: the caller reads W_zs (``model.zs_classifier``) even without FIT, as the attention
+    figure's zero-shot CLIP does; otherwise a model without FIT gets NaN rows there when the weights do not
+    store W_zs (its predictions never read them).
+    """
+    from .preflight import check_device, check_image_size
+
+    w = read_trained(weights)
+    names, counts = w.class_names, w.class_counts
+    if names is None or counts is None:
+        data = _test_data(cfg, check_image_size(cfg))
+        names, counts = data.class_names, data.class_counts
+    if device is None:
+        check_device(cfg.train.device)  # a GPU the machine lacks is the user's mistake, not a crash
+        device = resolve_device(cfg.train.device, 1, 0, torch.cuda.is_available())
+    return _build(cfg, w, names, counts, torch.device(device), zero_shot, cfg.train.progress)
 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def evaluate_weights(cfg, weights, out_dir=None) -> dict:
-    """Load trained parameters (checkpoint or safetensors export, verified) into a fresh model, evaluate on
-    the test split (every process of a torchrun job its shard), and write the reports into `out_dir`
-    (default ``train.output_dir/eval``), never over a training run's. Builds no optimizer and no training
-    loader.
+def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
+    """Load trained parameters (checkpoint or safetensors export, verified; or `TrainedWeights`) into a fresh
+    model, evaluate on the test split (every process of a torchrun job its shard), and write the reports into
+    `out_dir` (default ``train.output_dir/eval``), never over a training run's. Builds no optimizer, no
+    training loader, no text classifier the weights hold already, and checks no training image.
 
-    The report's ``epoch`` / ``step`` are those of the weights (None where the file does not say), and
-    ``weights`` names the file."""
-    from .data import GpuBatchTransform, build_data
+    The data set's class names must be the weights' (`check_class_names`; `force`: a warning). The classes
+    are grouped (many / medium / few) by the training counts stored with the weights, as the training run
+    grouped them. The report's ``epoch`` / ``step`` are those of the weights (None where the file does not
+    say), and ``weights`` names the file. Nothing is written unless the evaluation finishes."""
+    from .data import GpuBatchTransform
     from .evaluation import evaluate_model
     from .metrics import write_report
-    from .preflight import preflight
-    from .trainer import build_model
+    from .preflight import check_device, check_image_size, check_model_source, check_output_dir
+    from .distributed import setup_distributed
 
     out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / "eval"
     if holds_training_run(out):
         raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere (--out)")
-    tensors, info = read_weights(weights)
-    dist_info, size = preflight(cfg)
+    w = read_trained(weights)
+    check_device(cfg.train.device)
+    dist_info = setup_distributed(cfg.train.device)
     ok = False
     try:
+        if dist_info.is_main:
+            check_output_dir(out, "--out")
+        check_model_source(cfg.model)
+        size = check_image_size(cfg)
         progress = cfg.train.progress and dist_info.is_main
         seed_everything(cfg.train.seed)
-        data = build_data(cfg.data, size, raw=bool(cfg.data.gpu_decode), progress=progress)
-        model = build_model(cfg, data.class_names, data.class_counts, dist_info.device, progress=progress)
-        model.load_trainable_state_dict({k: v.to(dist_info.device) for k, v in tensors.items()})
+        data = _test_data(cfg, size, raw=bool(cfg.data.gpu_decode), progress=progress)
+        names, counts = data.class_names, data.class_counts
+        if w.class_names is not None:
+            check_class_names(w.class_names, data.class_names, _data_source(cfg), force)
+            names = w.class_names
+        if w.class_counts is not None:
+            # the grouping follows the training counts, unless the data set groups by fixed counts of its own
+            # (CIFAR-100-LT ratios 50 and 10: ratio 100's)
+            own_groups = list(data.group_counts) != list(data.class_counts)
+            data.class_names, data.class_counts = list(names), list(w.class_counts)
+            if not own_groups:
+                data.group_counts = list(w.class_counts)
+            counts = w.class_counts
+        model = _build(cfg, w, names, counts, dist_info.device, False, progress)
         gpu_tf = (GpuBatchTransform(size, False, dist_info.device, unreadable=data.test.unreadable)
                   if cfg.data.gpu_decode else None)
         report = evaluate_model(model, data, cfg, dist_info, size, progress, gpu_tf)
-        report["epoch"], report["step"] = info["epoch"], info["step"]
-        report["weights"] = str(weights)
+        report["epoch"], report["step"] = w.epoch, w.step
+        report["weights"] = str(w.path)
         if dist_info.is_main:
             if report["skipped"]:
                 warnings.warn(f"evaluation: {report['skipped']} unreadable test images skipped")
@@ -114,6 +273,14 @@ def evaluate_weights(cfg, weights, out_dir=None) -> dict:
         return report
     finally:
         cleanup_distributed(dist_info, ok)
+
+
+def _data_source(cfg) -> str:
+    if cfg.data.prepared:
+        return f"data.prepared={cfg.data.prepared}"
+    if cfg.data.class_names:
+        return f"data.class_names={cfg.data.class_names}"
+    return f"the data set in data.root={cfg.data.root}"
 
 
 # --------------------------------------------------------------------------------------------------

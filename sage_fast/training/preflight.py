@@ -16,11 +16,12 @@ import torch
 from .errors import UserError
 
 
-def check_output_dir(path) -> None:
+def check_output_dir(path, what: str = "train.output_dir") -> None:
     """`path` is a folder that exists and can be written to, or one that can be created.
 
     Nothing is created: a run that stops at a later check leaves no trace behind. The test is a real
     (anonymous) temporary file, since permission bits do not tell about read-only mounts, quotas or ACLs.
+    what: the setting that names `path`, for the message (``--out`` for ``sage-fast eval``).
     """
     path = Path(path).expanduser()
     probe = path
@@ -28,14 +29,14 @@ def check_output_dir(path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
-        raise UserError(f"train.output_dir={path} {where}, not a folder")
+        raise UserError(f"{what}={path} {where}, not a folder")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         where = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
-        raise UserError(f"train.output_dir={path} {where} ({e.strerror or e}); set train.output_dir to a folder "
-                        "you can write to") from None
+        raise UserError(f"{what}={path} {where} ({e.strerror or e}); set {what} to a folder you can write "
+                        "to") from None
 
 
 _CUDA = re.compile(r"cuda(:\d+)?")

@@ -75,14 +75,14 @@ class Diverged(RuntimeError):
         self.step = step
 
 
-def build_model(cfg: SageConfig, class_names, class_counts, device, progress: bool = True):
+def build_model(cfg: SageConfig, class_names, class_counts, device, progress: bool = True, zero_shot=None):
     """The `SageModel` of a run config, built right after seeding torch with ``train.seed``: with
     ``model.pretrained=null`` the frozen CLIP is random, and only the seed makes it the network a run trained
-    (and that a later command loads the trained weights into)."""
+    (and that a later command loads the trained weights into). zero_shot: `build_sage`'s (W_zs when known)."""
     from ..model import build_sage
 
     torch.manual_seed(cfg.train.seed)
-    return build_sage(class_names, class_counts, cfg.model, device=device, progress=progress)
+    return build_sage(class_names, class_counts, cfg.model, device=device, progress=progress, zero_shot=zero_shot)
 
 
 def cosine_lambda(total_steps: int) -> Callable[[int], float]:

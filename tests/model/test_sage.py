@@ -182,6 +182,84 @@ def test_trainable_state_dict_round_trip(model, tiny):
     assert isinstance(other, SageModel)
 
 
+@pytest.mark.parametrize("changed, expected", [
+    # (what the model is built with instead of the weights' settings, the message)
+    ({"bottleneck": 8}, r"^adapters\.0\.down_v\.weight: shape \(1, 64\) in the weights, \(8, 64\) for "
+                        r"model\.bottleneck=8$"),
+    ({"fit": False}, r"^criterion\.s1 \(and 1 more\): in the weights, not in a model with model\.fit=false; "
+                     r"the weights were trained with model\.fit=true$"),
+    ({"text_proj": False}, r"^adapters\.0\.proj\.bias \(and 3 more\): in the weights, not in a model with "
+                           r"model\.text_proj=false; the weights were trained with model\.text_proj=true$"),
+    ({"adapter": "adaptformer"}, r"^adapters\.0\.down_t\.bias \(and 17 more\): in the weights, not in a model with "
+                                 r"model\.adapter=adaptformer; the weights were trained with model\.adapter=sg$"),
+])
+def test_weights_of_another_config_name_the_tensor_and_the_key(model, tiny, changed, expected):
+    other = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False,
+                       zero_shot=False, **changed)
+    with pytest.raises(WeightsMismatchError, match=expected):
+        other.load_trainable_state_dict(model.trainable_state_dict())
+    # the other way round: what the model needs and the weights lack
+    if "fit" in changed:
+        needed = (r"^criterion\.s1 \(and 1 more\): needed by a model with model\.fit=true; the weights were trained "
+                  r"with model\.fit=false")
+        with pytest.raises(WeightsMismatchError, match=needed):
+            model.load_trainable_state_dict(other.trainable_state_dict())
+
+
+def test_weights_of_another_class_count_or_architecture(model, tiny):
+    fewer = build_sage(NAMES[:3], COUNTS[:3], model_name=tiny, pretrained=None, backend="torch", progress=False,
+                       zero_shot=False, bottleneck=model.bottleneck)
+    expected = (rf"^classifier: shape \(4, {model.dim}\) in the weights, \(3, {model.dim}\) for 3 classes "
+                r"\(the weights were trained on 4\)$")
+    with pytest.raises(WeightsMismatchError, match=expected):
+        fewer.load_trainable_state_dict(model.trainable_state_dict())
+    # LIFT's rule picks r from the number of classes: the message says what a null bottleneck became
+    state = {k: v for k, v in model.trainable_state_dict().items()}
+    state["adapters.1.up.weight"] = state["adapters.1.up.weight"][:, :1].repeat(1, 4)
+    with pytest.raises(WeightsMismatchError, match=r"adapters\.1\.up\.weight: shape \(\d+, 4\) in the weights, "
+                                                   r"\(\d+, 2\) for model\.bottleneck=null \(LIFT's rule: 1 for 4 "
+                                                   r"classes and 2 blocks\)"):
+        model.load_trainable_state_dict(state)
+    state = model.trainable_state_dict()
+    state["block_scales"] = torch.ones(12)
+    with pytest.raises(WeightsMismatchError, match=rf"block_scales: shape \(12,\) in the weights, \(2,\) for "
+                                                   rf"model\.name={tiny} \(width {model.dim}, 2 blocks\)"):
+        model.load_trainable_state_dict(state)
+
+
+def test_build_with_a_stored_zero_shot_classifier_skips_the_text_encoder(model, tiny, monkeypatch):
+    """W_zs given (stored with trained weights): the text encoder does not run and the model is the one built
+    from the templates; False: NaN rows, which a model without FIT never reads."""
+    import sage_fast.model.sage as sage_mod
+
+    def no_text_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder ran")
+
+    monkeypatch.setattr(sage_mod, "cached_text_classifier", no_text_encoder)
+    randomise_adapters(model.adapters, seed=3)
+    with torch.no_grad():
+        model.criterion.s1.fill_(0.3)
+        model.criterion.s2.fill_(-0.2)
+    torch.manual_seed(0)  # the seed the module's model was built with: the same random CLIP
+    given = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False,
+                       zero_shot=model.zs_classifier.clone())
+    given.load_trainable_state_dict(model.trainable_state_dict())
+    images = torch.randn(3, 3, model.image_size, model.image_size)
+    assert torch.equal(given.zs_classifier, model.zs_classifier)
+    torch.testing.assert_close(given.predict(images), model.predict(images), rtol=0, atol=0)
+    with pytest.raises(WeightsMismatchError, match=r"zs_classifier: shape \(3, \d+\) in the weights, \(4, \d+\) for 4 "
+                                                   r"classes"):
+        build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False,
+                   zero_shot=model.zs_classifier[:3])
+
+    no_fit = build_sage(NAMES, COUNTS, model_name=tiny, pretrained=None, backend="torch", progress=False,
+                        zero_shot=False, fit=False)
+    assert torch.isnan(no_fit.zs_classifier).all()
+    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith("criterion.")}
+    no_fit.load_trainable_state_dict(state)
+    assert torch.isfinite(no_fit.predict(images)).all()
+
+
 def test_fused_and_reference_adapters_agree_in_the_model(tiny):
     """The model's fused path (Triton under the interpreter on CPU) against its reference path."""
     torch.manual_seed(4)

@@ -5,6 +5,7 @@ is trained once for the module; no test writes into it or changes the model load
 """
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 from helpers.images import make_image_folder
 from PIL import Image
+from safetensors.torch import load_file
 
 from sage_fast.model.attention_maps import attention_maps, cls_attention, patch_grid
 from sage_fast.training.attention_figure import figure_pixels, grid_shape
@@ -213,6 +215,169 @@ def test_predict_bare_weights_take_classes_from_the_config(run, data_root, tmp_p
     assert json.loads(capsys.readouterr().out) == bare_result
     assert cli_main(["predict", "--weights", str(bare), str(img)]) == 2
     assert "holds no run config: give the run's --config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the weights decide the model
+
+
+def _without_zero_shot(src, dst):
+    """A copy of an export as written before W_zs was stored in it (digest of the remaining tensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sage_fast.training.checkpoint import _tensors_digest
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(src))
+    del tensors["zs_classifier"]
+    save_file(tensors, str(dst), metadata={**meta, "digest": _tensors_digest(tensors)})
+    return dst
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sage-fast: error: "), err
+    return err[0]
+
+
+def test_exports_and_checkpoints_store_the_zero_shot_classifier(run, model):
+    out, _ = run
+    exported = load_file(str(out / "adapters.safetensors"))
+    assert torch.equal(exported["zs_classifier"], model.zs_classifier)
+    assert torch.equal(torch.load(out / "last.pt", weights_only=True)["zs_classifier"], model.zs_classifier)
+    # the template classifier of the model the run was trained as, not a copy of the trained one
+    assert not torch.equal(exported["zs_classifier"], exported["classifier"])
+
+
+def test_eval_builds_no_text_classifier_and_checks_no_training_image(run, tmp_path, monkeypatch):
+    """At 8,142 classes these cost minutes: the trained classifier and W_zs come from the weights, the training
+    split is only listed. Weights written before W_zs was stored still evaluate alike (W_zs computed)."""
+    import sage_fast.model.sage as sage_mod
+    import sage_fast.training.data.registry as registry
+
+    out, trained = run
+    weights = out / "adapters.safetensors"
+    checked, encoded = [], []
+    real_screen, real_text = registry.screen_images, sage_mod.cached_text_classifier
+    monkeypatch.setattr(registry, "screen_images", lambda root, samples, split, *a, **k: (
+        checked.append(split), real_screen(root, samples, split, *a, **k))[1])
+    monkeypatch.setattr(sage_mod, "cached_text_classifier", lambda *a, **k: (encoded.append(1), real_text(*a, **k))[1])
+    report = evaluate_weights(resolve_run_config(weights), weights, out_dir=tmp_path / "new")
+    assert checked == ["test"] and encoded == []
+    assert report["overall"] == trained["overall"] and report["per_class"] == trained["per_class"]
+
+    old = _without_zero_shot(weights, tmp_path / "old.safetensors")
+    again = evaluate_weights(resolve_run_config(old), old, out_dir=tmp_path / "old")
+    assert encoded == [1]  # FIT's z^ needs W_zs: computed, as before
+    assert again["per_class"] == trained["per_class"]
+    rows = (tmp_path / "new" / "per_class.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[2] for r in rows] == [str(c) for c in COUNTS]  # the training counts stored
+
+
+def test_eval_refuses_settings_that_change_the_result(run, data_root, tmp_path, capsys):
+    out, trained = run
+    weights = str(out / "adapters.safetensors")
+    assert cli_main(["eval", "--weights", weights, "--out", str(tmp_path / "a"), "model.alpha=0.9",
+                     "model.bottleneck=4"]) == 2
+    line = one_error_line(capsys)
+    assert "model.alpha (0.1 -> 0.9), model.bottleneck (null -> 4)" in line and "--force-config" in line
+    assert not (tmp_path / "a").exists()
+    # what only changes how or where the test images are read, or what only training reads, is fine
+    assert cli_main(["eval", "--weights", weights, "--out", str(tmp_path / "b"), "optim.lr=3", "model.mu=2",
+                     "data.num_workers=0", "train.eval_batch_size=2", "train.device=cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["overall"] == trained["overall"]
+    # a config file is held to the same rule
+    other = yaml.safe_load((out / "config.yaml").read_text())
+    other["model"]["alpha"] = 0.9
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert cli_main(["eval", "--weights", weights, "--config", str(tmp_path / "other.yaml"), "--out",
+                     str(tmp_path / "c")]) == 2
+    assert "model.alpha (0.1 -> 0.9)" in one_error_line(capsys)
+    with pytest.warns(UserWarning, match=r"differ from the ones .* was trained with: model\.alpha \(0\.1 -> 0\.9\)"):
+        assert cli_main(["eval", "--weights", weights, "--config", str(tmp_path / "other.yaml"), "--out",
+                         str(tmp_path / "c"), "--force-config"]) == 0
+    # predict and attention alike
+    img = str(images_of(data_root)[0])
+    assert cli_main(["predict", "--weights", weights, "model.fit=false", img]) == 2
+    assert "model.fit (true -> false)" in one_error_line(capsys)
+    assert cli_main(["attention", "--weights", weights, "--images", img, "--out", str(tmp_path / "a.png"),
+                     "model.text_proj=false"]) == 2
+    assert "model.text_proj (true -> false)" in one_error_line(capsys)
+
+
+def test_eval_refuses_a_data_set_of_other_class_names(run, data_root, tmp_path, capsys):
+    out, _ = run
+    shutil.copytree(data_root, tmp_path / "data")
+    names = (data_root / "classnames.txt").read_text().split()
+    (tmp_path / "data" / "classnames.txt").write_text("\n".join([names[1], names[0], names[2]]) + "\n")
+    args = ["eval", "--weights", str(out / "adapters.safetensors"), "--out", str(tmp_path / "e"),
+            f"data.root={tmp_path / 'data'}"]
+    assert cli_main(args) == 2
+    assert (f"class 0 is '{names[0]}' in the weights, '{names[1]}' in the data set (1 more classes differ)"
+            in one_error_line(capsys))
+    assert not (tmp_path / "e").exists()
+    with pytest.warns(UserWarning, match="class names"):
+        assert cli_main(args + ["--force-config"]) == 0
+    assert (tmp_path / "e" / "per_class.csv").read_text().splitlines()[1].startswith(f'0,"{names[0]}"')
+
+
+def test_bare_weights_with_a_config_that_does_not_fit(run, data_root, tmp_path, capsys):
+    """A state dict without metadata takes --config: one of another bottleneck, or without FIT, is one line
+    naming the tensor, both shapes (or where it is missing) and the key."""
+    out, _ = run
+    bare = tmp_path / "bare.pt"
+    torch.save(load_weights(out / "adapters.safetensors"), bare)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["model"]["bottleneck"] = 8
+    (tmp_path / "r8.yaml").write_text(yaml.safe_dump(cfg))
+    img = str(images_of(data_root)[0])
+    assert cli_main(["predict", "--weights", str(bare), "--config", str(tmp_path / "r8.yaml"), img]) == 2
+    assert one_error_line(capsys) == ("sage-fast: error: adapters.0.down_v.weight: shape (1, 64) in the weights, "
+                                      "(8, 64) for model.bottleneck=8")
+    assert cli_main(["eval", "--weights", str(bare), "--config", str(out / "config.yaml"), "model.fit=false",
+                     "--out", str(tmp_path / "e")]) == 2
+    assert one_error_line(capsys) == ("sage-fast: error: criterion.s1 (and 1 more): in the weights, not in a "
+                                      "model with model.fit=false; the weights were trained with model.fit=true")
+    nan = {k: v.clone() for k, v in load_weights(out / "adapters.safetensors").items()}
+    nan["classifier"][0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    assert cli_main(["predict", "--weights", str(tmp_path / "nan.pt"), "--config", str(out / "config.yaml"), img]) == 2
+    assert "classifier hold NaN or Inf" in one_error_line(capsys)
+
+
+def test_predict_json_is_strict(run, data_root, monkeypatch, capsys):
+    import sage_fast.training.inference as inference
+
+    real = inference.predict_images
+
+    def with_nan(*a, **k):
+        results = real(*a, **k)
+        results[0]["predictions"][0]["probability"] = float("nan")
+        return results
+
+    monkeypatch.setattr(inference, "predict_images", with_nan)
+    out, _ = run
+    img = str(images_of(data_root)[0])
+    assert cli_main(["predict", "--weights", str(out / "adapters.safetensors"), "--json", img]) == 0
+    text = capsys.readouterr().out
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert results[0]["predictions"][0]["probability"] is None
+
+
+def test_user_mistakes_of_predict_and_attention_are_one_line(run, data_root, tmp_path, capsys):
+    out, _ = run
+    weights = str(out / "adapters.safetensors")
+    img = str(images_of(data_root)[0])
+    if not torch.cuda.is_available():
+        assert cli_main(["predict", "--weights", weights, "train.device=cuda", img]) == 2
+        assert "CUDA is not available" in one_error_line(capsys)
+    assert cli_main(["attention", "--weights", weights, "--images", img, "--out", str(tmp_path)]) == 2
+    assert "is a folder: give the PNG file to write" in one_error_line(capsys)
+    assert cli_main(["predict", "--weights", str(out / "config.yaml"), img]) == 2
+    assert "unreadable weights" in one_error_line(capsys)
+    assert cli_main(["predict", "--weights", weights, "--config", str(tmp_path / "none.yaml"), img]) == 2
+    assert "none.yaml" in one_error_line(capsys)
 
 
 # ---------------------------------------------------------------- attention

@@ -65,6 +65,8 @@ class BuildContext:
     user_names: Optional[List[str]]
     #: a progress bar while the images are checked (`sage_fast.training.data.unreadable`)
     progress: bool = False
+    #: only the test images will be read (evaluation): the training images are not checked
+    test_only: bool = False
 
     def path(self, given: str, default: str) -> Path:
         """`given` (or `default` when empty), relative to the root unless absolute."""
@@ -107,11 +109,13 @@ def dataset_names() -> Tuple[str, ...]:
     return tuple(_BUILDERS)
 
 
-def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False) -> LTData:
+def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False, test_only: bool = False) -> LTData:
     """Build the train / test sets a `DataConfig` describes, with the builder registered for ``cfg.dataset``.
 
     image_size: the side S of the (3, S, S) images the transforms produce; raw: no transform (see
-    `BuildContext.raw`); progress: a progress bar while the images are checked.
+    `BuildContext.raw`); progress: a progress bar while the images are checked; test_only: for evaluation,
+    which reads only the test images: the training split is listed (class names and counts come from it) but
+    its images are not checked, so its class counts include any unreadable images.
     """
     fast = bool(getattr(cfg, "fast_decode", False))
     if getattr(cfg, "prepared", ""):
@@ -141,7 +145,7 @@ def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False) 
     train_tf = None if raw else build_transform(image_size, train=True, crop_scale=cfg.crop_scale,
                                                 augment=cfg.train_augment, fast_decode=fast)
     test_tf = None if raw else build_transform(image_size, train=False, fast_decode=fast)
-    return builder(BuildContext(cfg.dataset, cfg, root, train_tf, test_tf, raw, user_names, progress))
+    return builder(BuildContext(cfg.dataset, cfg, root, train_tf, test_tf, raw, user_names, progress, test_only))
 
 
 def _resolve(root: Path, given: str, default: str) -> Path:
@@ -219,6 +223,9 @@ def _image_lists(ctx: BuildContext, train: Samples, test: Samples, names: List[s
     _checked_counts(ctx, train, test, names, num_from=num_from)  # before spending time on the images
     datasets, train_kept, lost = [], train, None
     for split, samples, tf in (("training", train, ctx.train_transform), ("test", test, ctx.test_transform)):
+        if split == "training" and ctx.test_only:
+            datasets.append(ImageListDataset(ctx.root, samples, names, tf, ctx.raw))
+            continue
         keep, limit = screen_images(ctx.root, samples, split, ctx.cfg, str(getattr(samples, "source", "") or ""),
                                     ctx.progress)
         kept = samples
