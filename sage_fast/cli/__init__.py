@@ -3,8 +3,11 @@
 The only part of the package that parses arguments, prints user errors and decides exit statuses: the
 library (`sage_fast.training` and below) raises, and `main` maps. A user error (an exception the library
 marks, `sage_fast.training.errors.user_error_message`) is one line ``sage-fast: error: ...`` and status 2;
-a command's own stop (`common.CommandError`: a diverged run, 3; a preempted one, 75) is one line with its
-status; anything else is a bug and keeps its traceback (status 1).
+a command's own stop (`common.CommandError`: a diverged run, 3) is one line with its status; a stop signal
+(SIGINT, SIGTERM, SIGUSR1; `sage_fast.training.preemption`) is one line ``sage-fast: stopped: ...`` and
+status 130 after SIGINT, 75 after the others, whether training stopped at a step with a checkpoint
+(`Preempted`) or any command where it stood (`Interrupted`); anything else is a bug and keeps its
+traceback (status 1).
 
 | module      | command                                                                     |
 | ----------- | --------------------------------------------------------------------------- |
@@ -41,6 +44,14 @@ COMMANDS = {
 
 TRACEBACK_ENV = "SAGE_FAST_TRACEBACK"
 
+#: what the line after a stop signal adds, for commands that continue when given again. Training's steps catch
+#: the signals themselves (a checkpoint, then `Preempted`): one that reaches here came before the first step.
+STOPPED_HINTS = {
+    "train": "stopped before the first step, nothing to save: run the same command again",
+    "sweep": "runs that finished are kept: run the same command again to continue",
+    "ablate": "rows that finished are kept: run the same command again to continue",
+}
+
 
 def main(argv=None) -> int:
     """Run a command; returns its exit status. A user error ends as one line on stderr and status 2; its
@@ -59,13 +70,37 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
-    command = importlib.import_module(f"{__name__}.{COMMANDS[args.command][0]}")
+    from ..training.preemption import (
+        Preempted,
+        exit_status,
+        interrupting_signal,
+        raise_on_stop_signals,
+        signal_name,
+    )
+
+    prog = f"sage-fast {args.command}"
     try:
-        return int(command.main(argv[1:]) or 0)
+        # a stop signal raises where the command stands (training's steps catch it themselves)
+        with raise_on_stop_signals():
+            command = importlib.import_module(f"{__name__}.{COMMANDS[args.command][0]}")
+            return int(command.main(argv[1:]) or 0)
     except CommandError as e:
         _traceback(show_traceback)
         print_error(f"{e.prog}: {e}", e.kind, e.every_rank)
         return e.code
+    except Preempted as e:  # training (sweep, ablate) stopped at a step, with a checkpoint
+        _traceback(show_traceback)
+        print_error(f"{prog}: {e}", "stopped", every_rank=True)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C, or `Interrupted` by SIGTERM / SIGUSR1
+        _traceback(show_traceback)
+        signum = interrupting_signal(e)
+        text = getattr(e, "message", "")  # where the library says more (prepare: the shards kept)
+        if not text:
+            hint = STOPPED_HINTS.get(args.command)
+            text = f"{signal_name(signum)}" + (f": {hint}" if hint else ": stopped")
+        print_error(f"{prog}: {text}", "stopped", every_rank=True)
+        return exit_status(signum)
     except Exception as e:  # noqa: BLE001 - only user errors are caught; anything else is re-raised below
         from ..training.errors import user_error_message
 

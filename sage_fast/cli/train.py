@@ -16,8 +16,9 @@ EXIT_HELP = (
     "checkpoint's (without --force-resume), no checkpoint that verifies; 3 diverged: the weights went NaN/Inf, "
     "nothing non-finite was saved, the message names the step and the last good checkpoint; "
     f"{EXIT_PREEMPTED} preempted: SIGTERM or SIGUSR1 stopped the run after a whole step with a checkpoint written "
-    "(every rank under torchrun, which itself then exits 1 and reports 'exitcode: 75'): resubmit with --resume "
-    "(or --resume auto) to continue exactly.")
+    "(every rank under torchrun, which itself then exits 1 and reports 'exitcode: 75'), or before the first step "
+    "with nothing to save: resubmit with --resume (or --resume auto) to continue exactly; 130 the same after "
+    "SIGINT (Ctrl-C; a second one stops at once, without a checkpoint of the step under way).")
 
 
 def main(argv) -> int:
@@ -74,7 +75,7 @@ def main(argv) -> int:
     except Diverged as e:
         raise CommandError(p.prog, e, EXIT_DIVERGED) from None
     except Preempted as e:
-        raise CommandError(p.prog, e, EXIT_PREEMPTED, kind="stopped", every_rank=True) from None
+        raise CommandError(p.prog, e, e.exit_code, kind="stopped", every_rank=True) from None
     if report is not None and is_main_process():
         print(format_report(report))
         print(f"outputs in {cfg.train.output_dir}")

@@ -8,7 +8,7 @@ Uses `sage_fast.model` and `sage_fast.ops`; the command line (`sage_fast.cli`) s
 | `trainer`          | `Trainer` (the loop, the step, evaluation), `train`, the lr schedule               |
 | `preflight`        | the checks a run passes before anything is built                                  |
 | `distributed`      | one process of a torchrun job: device, precision, process group, seeding, rank     |
-| `preemption`       | SIGTERM / SIGUSR1: stop at a step boundary with a checkpoint (`Preempted`)         |
+| `preemption`       | stop signals: training stops at a step with a checkpoint, commands at once         |
 | `run_folder`       | the files of a run folder, claiming it for a fresh run, `RunFolderError`          |
 | `checkpoint`       | checkpoints and RNG states, the safetensors export, reading trained weights      |
 | `run_log`          | train_log.csv, eval_log.csv and TensorBoard                                       |

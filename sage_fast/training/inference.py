@@ -223,10 +223,12 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
     The data set's class names must be the weights' (`check_class_names`; `force`: a warning). The classes
     are grouped (many / medium / few) by the training counts stored with the weights, as the training run
     grouped them. The report's ``epoch`` / ``step`` are those of the weights (None where the file does not
-    say), and ``weights`` names the file. Nothing is written unless the evaluation finishes."""
+    say), and ``weights`` names the file. Nothing is written unless the evaluation finishes: the folder and
+    its three files appear together (a stop signal waits for them)."""
     from .data import GpuBatchTransform
     from .evaluation import evaluate_model
     from .metrics import write_report
+    from .preemption import signals_deferred
     from .preflight import check_device, check_image_size, check_model_source, check_output_dir
     from .distributed import setup_distributed
 
@@ -266,9 +268,10 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
         if dist_info.is_main:
             if report["skipped"]:
                 warnings.warn(f"evaluation: {report['skipped']} unreadable test images skipped")
-            out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(out)
-            write_report(out, report, data)
+            with signals_deferred():
+                out.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(out)
+                write_report(out, report, data)
         ok = True
         return report
     finally:

@@ -1,15 +1,23 @@
-"""Stopping a run on SIGTERM / SIGUSR1 (SLURM, cloud preemption) at a step boundary, with a checkpoint.
+"""Stopping on a signal: training at a step boundary with a checkpoint, every other command at once, cleanly.
 
-`StopSignals` is the trainer's side: while `caught()` is active, a stop signal only sets a flag; the
-trainer reads it after each step (all ranks agree on it in one all-reduce), writes a checkpoint and raises
-`Preempted` (exit status 75: "try again"). Inside `interruptible()` (an evaluation or export that the last
-checkpoint already covers) the signal raises at once instead.
+Training (`StopSignals`): while `StopSignals.caught()` is active, SIGTERM, SIGUSR1 (SLURM, cloud preemption)
+and SIGINT (Ctrl-C) only set a flag; the trainer reads it after each step (all ranks agree on it in one
+all-reduce), writes a checkpoint and raises `Preempted` (exit status `exit_status`: 130 after SIGINT, 75
+"try again" after the others). Inside `interruptible()` (an evaluation or export that the last checkpoint
+already covers) the signal raises at once instead. A second SIGINT does not wait for the step: it raises
+`Interrupted` at once (the last checkpoint stays whole: every write is atomic).
+
+Everywhere else (`raise_on_stop_signals`, which the ``sage-fast`` command holds around every command): the
+three signals raise `Interrupted`, a KeyboardInterrupt, wherever the command is, so it unwinds through its
+``finally`` blocks (temporary files removed, workers stopped) and the command line prints one line and exits
+with `exit_status`. `signals_deferred` holds them back over a block that must not be cut in two (writing the
+files of one report).
 
 Two helpers keep a job's other processes in line:
 
-* DataLoader workers forked while signals are caught ignore SIGTERM / SIGUSR1 from anyone but their
-  parent (`_after_fork_in_child`), so a signal sent to every process of the job does not kill the workers
-  of a step the training process is still finishing.
+* DataLoader workers forked while signals are caught ignore the stop signals from anyone but their
+  parent (`_after_fork_in_child`), so a signal sent to every process of the job (SLURM, or Ctrl-C to the
+  terminal's process group) does not kill the workers of a step the training process is still finishing.
 * Under torchrun, `_StuckRankWatchdog` ends a rank that cannot reach the stop within `StopSignals.grace()`
   (a peer died and it is blocked in a collective) with 128 + the signal number, as the signal's default
   action would have.
@@ -25,22 +33,18 @@ import threading
 import warnings
 from typing import Callable, Optional
 
-#: signals that ask a run to stop at the next step boundary with a checkpoint (SLURM, cloud preemption)
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+#: signals that ask a run to stop at the next step boundary with a checkpoint (SLURM, cloud preemption, Ctrl-C)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+#: the exit status after SIGTERM / SIGUSR1: EX_TEMPFAIL (sysexits.h), "a temporary failure: try again"
+EXIT_TEMPFAIL = 75
+#: the exit status after SIGINT (Ctrl-C): 128 + 2, what a shell reports for a process SIGINT ended
+EXIT_SIGINT = 130
 
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM / SIGUSR1 after a whole step, with a checkpoint written: resubmit with --resume."""
-
-    #: EX_TEMPFAIL (sysexits.h): a temporary failure, try again
-    exit_code = 75
-
-    def __init__(self, message: str, step: int, agreed: bool = True):
-        super().__init__(message)
-        self.step = step
-        #: every rank stopped after the same step and passed a barrier (False: one rank stopped during an
-        #: evaluation, on its own: no collective may follow)
-        self.agreed = agreed
+def exit_status(signum: int) -> int:
+    """The exit status of a command a signal stopped: 130 after SIGINT, 75 after SIGTERM / SIGUSR1 (run the same
+    command again: training with --resume continues where it stopped, prepare, sweep and ablate go on)."""
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_TEMPFAIL
 
 
 def signal_name(signum) -> str:
@@ -48,6 +52,78 @@ def signal_name(signum) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+class Preempted(Exception):
+    """Training stopped on a stop signal after a whole step, with a checkpoint written: continue with --resume."""
+
+    def __init__(self, message: str, step: int, agreed: bool = True, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.step = step
+        #: every rank stopped after the same step and passed a barrier (False: one rank stopped during an
+        #: evaluation, on its own: no collective may follow)
+        self.agreed = agreed
+        self.signum = signum
+        #: 130 after SIGINT, 75 after SIGTERM / SIGUSR1 (`exit_status`)
+        self.exit_code = exit_status(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal ended a command where it stood (outside training's steps): a KeyboardInterrupt, so that
+    code which cleans up after Ctrl-C cleans up after SIGTERM too. `exit_code`: `exit_status(signum)`."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"{signal_name(signum)}: stopped")
+        self.signum = signum
+        self.exit_code = exit_status(signum)
+        #: what the stop left behind and how to go on, where the code that stopped knows more than the signal
+        self.message = message
+
+
+def interrupting_signal(exc: KeyboardInterrupt) -> int:
+    """The signal behind a KeyboardInterrupt: an `Interrupted`'s own, else SIGINT (Python's Ctrl-C)."""
+    return getattr(exc, "signum", signal.SIGINT)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def raise_on_stop_signals():
+    """SIGINT, SIGTERM and SIGUSR1 raise `Interrupted` in the main thread while the block runs (elsewhere, or
+    outside the main thread, nothing changes); the handlers before it are restored afterwards."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """A short block that a stop signal must not cut in two (the files of one report): SIGINT, SIGTERM and
+    SIGUSR1 arriving inside it take effect when it ends, with the handlers that were there before it."""
+    if not _in_main_thread():
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if received:
+            signal.raise_signal(received[0])
 
 
 class StopSignals:
@@ -81,12 +157,13 @@ class StopSignals:
 
     @contextlib.contextmanager
     def caught(self):
-        """SIGTERM / SIGUSR1 only set `signum` (in the main thread; elsewhere a warning says they cannot be
-        caught). DataLoader workers forked meanwhile ignore them unless their parent sends them."""
+        """SIGTERM / SIGUSR1 / SIGINT only set `signum` (in the main thread; elsewhere a warning says they
+        cannot be caught); a second SIGINT raises `Interrupted` at once. DataLoader workers forked meanwhile
+        ignore them unless their parent sends them."""
         global _catching_pid
         self.signum = None
-        if threading.current_thread() is not threading.main_thread():
-            warnings.warn("fit() runs outside the main thread: SIGTERM / SIGUSR1 cannot be caught, a preempted run "
+        if not _in_main_thread():
+            warnings.warn("fit() runs outside the main thread: stop signals cannot be caught, a preempted run "
                           "loses the steps since its last checkpoint")
             yield
             return
@@ -94,6 +171,9 @@ class StopSignals:
         def handler(signum, frame):
             if self.signum is None:
                 self.signum = signum
+            elif signum == signal.SIGINT:
+                raise Interrupted(signum, "SIGINT again: stopped at once, without a checkpoint of the step under "
+                                          "way (the checkpoints written before it are whole)")
             if self._raises:
                 raise self._interrupt()
 
@@ -132,12 +212,13 @@ _fork_hook_registered = False
 
 def _after_fork_in_child() -> None:
     """A child forked by a process that catches stop signals (a DataLoader worker) keeps running through
-    SIGTERM / SIGUSR1 from anyone but its parent: the training process is finishing a step with the batches
-    it serves, and stops it afterwards. Without this, a signal to every process of the job (SLURM) kills the
-    workers, and torch's SIGCHLD handler then raises in the training process, in the middle of the step or
-    checkpoint it is finishing. The parent's own SIGTERM (DataLoader shutdown, multiprocessing's exit) still
-    ends it, as torch's worker handler would. The signals are blocked in the child, which has one thread
-    here, so every later thread inherits the mask, and one thread takes them with sigwaitinfo."""
+    SIGTERM / SIGUSR1 / SIGINT from anyone but its parent: the training process is finishing a step with the
+    batches it serves, and stops it afterwards. Without this, a signal to every process of the job (SLURM, or
+    Ctrl-C, which reaches the terminal's whole process group) kills the workers, and torch's SIGCHLD handler
+    then raises in the training process, in the middle of the step or checkpoint it is finishing. The
+    parent's own SIGTERM (DataLoader shutdown, multiprocessing's exit) still ends it, as torch's worker
+    handler would. The signals are blocked in the child, which has one thread here, so every later thread
+    inherits the mask, and one thread takes them with sigwaitinfo."""
     global _catching_pid
     if _catching_pid is None or _catching_pid == os.getpid():
         return
@@ -194,7 +275,7 @@ class _StuckRankWatchdog:
                 return
             signum = next((b for b in data if b in STOP_SIGNALS), None)
             if signum is None:
-                continue  # another signal with a Python handler (SIGINT) wakes the socket too
+                continue  # another signal with a Python handler (SIGCHLD of the DataLoader) wakes the socket too
             grace = self._grace()
             if self._ack.wait(grace) or self._closing:
                 return

@@ -19,7 +19,7 @@ same final weights as an uninterrupted run.
 
 After every step all ranks agree (one small all-reduce) on two flags: the weights went non-finite
 (`Diverged`: nothing is saved, the message names the step and the last good checkpoint) and a rank got
-SIGTERM or SIGUSR1 (`Preempted`, `preemption`: all stop after that same step, rank 0 writes a checkpoint).
+SIGTERM, SIGUSR1 or SIGINT (`Preempted`, `preemption`: all stop after that same step, rank 0 writes a checkpoint).
 
 Where the rest lives: the run folder's files and its claim in `run_folder`, the checkpoint format in
 `checkpoint`, the logs in `run_log`, signals in `preemption`, the evaluation loop in `evaluation`, the reports
@@ -248,7 +248,7 @@ class Trainer:
 
         Without `resume`, a folder that already holds a run is refused (`RunFolderError`) unless `overwrite`,
         which deletes that run's files first. `force_resume`: see `load_checkpoint`.
-        Raises `Preempted` after SIGTERM / SIGUSR1 (checkpoint written) and `Diverged` on NaN / Inf weights.
+        Raises `Preempted` after SIGTERM / SIGUSR1 / SIGINT (checkpoint written) and `Diverged` on NaN / Inf weights.
         Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts.
         """
         if self.dist.is_main:
@@ -365,7 +365,7 @@ class Trainer:
         self.stops.acknowledge()
         return Preempted(f"{self._where()}{signal_name(self.stops.signum)} while evaluating after step "
                          f"{self.global_step}: checkpoint {self._last_good[0]}; continue with --resume",
-                         self.global_step, agreed=False)
+                         self.global_step, agreed=False, signum=self.stops.signum)
 
     def _stop_now(self, signum: int) -> None:
         """Checkpoint this step (unless just done) on rank 0, wait for it on every rank, raise `Preempted`."""
@@ -377,7 +377,7 @@ class Trainer:
         at = (f"the end of epoch {self.epoch}" if self.step_in_epoch == 0 else
               f"step {self.step_in_epoch} of {self.steps_per_epoch} in epoch {self.epoch + 1}")
         raise Preempted(f"{self._where()}{signal_name(signum)} after step {self.global_step} ({at}): checkpoint "
-                        f"{self._last_good[0]}; continue with --resume", self.global_step)
+                        f"{self._last_good[0]}; continue with --resume", self.global_step, signum=signum)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, write: bool = True, out_dir=None) -> dict:

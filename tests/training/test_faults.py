@@ -1,6 +1,6 @@
 """Fault injection, black box through the command line: every run is a `python -m sage_fast train ...`
-subprocess on the tiny model (CPU, no DataLoader workers unless they are the point) and a small generated
-image folder.
+(or ``eval``) subprocess on the tiny model (CPU, no DataLoader workers unless they are the point) and a small
+generated image folder.
 
 Faults are injected from outside the library: signals sent to the process, bytes flipped in its files, or
 a wrapper script in the test's folder that patches torch / os and then calls `sage_fast.cli.main`.
@@ -124,6 +124,38 @@ def tree_digest(folder) -> dict:
 
 def temporaries(folder):
     return sorted(p.name for p in Path(folder).glob(".*.tmp"))
+
+
+def wait_for_file(path, proc, timeout=TIMEOUT):
+    """Wait until `path` exists (a wrapper's marker: the process got where the fault belongs)."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended before {Path(path).name}:\n" + why(finish(proc)))
+        if time.monotonic() > deadline:
+            pytest.fail(f"the process did not reach {Path(path).name} in time")
+        time.sleep(0.02)
+
+
+def pause_wrapper(folder, module: str, name: str, mark) -> Path:
+    """A wrapper script under which the function `module.name` first creates the file `mark`, then sleeps for
+    two minutes: the process waits where the fault belongs until the test signals it."""
+    return wrapper_script(folder, f"""
+        import time
+        import {module} as _target
+        _real = _target.{name}
+        def _paused(*a, **k):
+            open({str(mark)!r}, "w").close()
+            time.sleep(120)
+            return _real(*a, **k)
+        _target.{name} = _paused
+    """)
+
+
+def stopped_line(proc, command="train") -> str:
+    """The one line the CLI printed after a stop signal: no traceback, nothing else from the stop."""
+    assert "Traceback" not in proc.stderr and "lost sys.stderr" not in proc.stderr, why(proc)
+    return error_line(proc, prefix=f"sage-fast: stopped: sage-fast {command}: ")
 
 
 # ---------------------------------------------------------------- shared data and reference run
@@ -296,24 +328,26 @@ def test_no_verifying_checkpoint_is_a_one_line_error(reference, tmp_path):
     assert "\n" not in str(e.value)
 
 
-# ---------------------------------------------------------------- SIGTERM
+# ---------------------------------------------------------------- stop signals
 
 
-def test_sigterm_mid_epoch_writes_a_checkpoint_and_resume_is_bitwise_equal(data, reference, tmp_path):
-    """SIGTERM to the whole process group, as SLURM sends it, with two DataLoader workers in it: the run
-    finishes its step, writes a checkpoint, exits 75. Only epoch-end checkpoints (ckpt_every_steps=0), so a
-    mid-epoch checkpoint can only come from the SIGTERM. The resume (no workers, a periodic checkpoint:
-    settings a resume may change) ends at the uninterrupted run's weights."""
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGINT, 130)])
+def test_stop_signal_mid_epoch_checkpoints_and_resume_is_bitwise_equal(data, reference, tmp_path, sig, status):
+    """SIGTERM to the whole process group, as SLURM sends it, or SIGINT, as Ctrl-C sends it, with two DataLoader
+    workers in it: the run finishes its step, writes a checkpoint, exits 75 (SIGTERM) or 130 (SIGINT) with one
+    line. Only epoch-end checkpoints (ckpt_every_steps=0), so a mid-epoch checkpoint can only come from the
+    signal. The resume (no workers, a periodic checkpoint: settings a resume may change) ends at the
+    uninterrupted run's weights."""
     out = tmp_path / "run"
     proc = subprocess.Popen(
         _cmd(["train", *overrides(data, out, **{"train.ckpt_every_steps": 0, "data.num_workers": 2})]),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_log_rows(out / "train_log.csv", 1, proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     proc = finish(proc)
-    assert proc.returncode == EXIT_PREEMPTED, why(proc)
-    m = re.search(r"sage-fast: stopped: sage-fast train: SIGTERM after step (\d+) .*checkpoint (\S+last\.pt); continue with "
-                  r"--resume", proc.stderr)
+    assert proc.returncode == status, why(proc)
+    m = re.fullmatch(rf"sage-fast: stopped: sage-fast train: {sig.name} after step (\d+) .*checkpoint (\S+last\.pt); "
+                     r"continue with --resume", stopped_line(proc))
     assert m, why(proc)
     step = int(m[1])
     ckpt = read_checkpoint(out / "last.pt")
@@ -322,6 +356,113 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_and_resume_is_bitwise_equal(data,
     proc = sage("train", *overrides(data, out), "--resume")
     assert proc.returncode == 0, why(proc)
     assert_same_weights(out, reference)
+
+
+def test_a_second_sigint_stops_at_once(data, tmp_path):
+    """The first Ctrl-C waits for the step; a second one does not (a step can be long): one line, 130, and
+    only whole files (no checkpoint of the unfinished step, no temporaries)."""
+    mark = tmp_path / "in_step"
+    wrapper = wrapper_script(tmp_path, f"""
+        import time
+        from sage_fast.training.trainer import Trainer
+        _step = Trainer.train_step
+        def train_step(self, batch):
+            if self.global_step == 4:
+                open({str(mark)!r}, "w").close()
+                time.sleep(120)
+            return _step(self, batch)
+        Trainer.train_step = train_step
+    """)
+    out = tmp_path / "run"
+    proc = start("train", *overrides(data, out), wrapper=wrapper)
+    wait_for_file(mark, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc = finish(proc)
+    assert proc.returncode == 130, why(proc)
+    assert "SIGINT again: stopped at once" in stopped_line(proc)
+    assert read_checkpoint(out / "last.pt")["global_step"] == 3 and temporaries(out) == []
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGINT, 130)])
+def test_a_signal_before_the_first_step_exits_with_one_line(data, tmp_path, sig, status):
+    """While the data set is being built (minutes at iNaturalist: the image check) there is nothing to save:
+    the run stops at once, one line, 75 after SIGTERM (a scheduler resubmits), 130 after SIGINT."""
+    mark = tmp_path / "building"
+    wrapper = pause_wrapper(tmp_path, "sage_fast.training.trainer", "build_data", mark)
+    out = tmp_path / "run"
+    proc = start("train", *overrides(data, out), wrapper=wrapper)
+    wait_for_file(mark, proc)
+    proc.send_signal(sig)
+    proc = finish(proc)
+    assert proc.returncode == status, why(proc)
+    assert stopped_line(proc) == (f"sage-fast: stopped: sage-fast train: {sig.name}: stopped before the first step, "
+                                  "nothing to save: run the same command again")
+    assert not out.exists()
+
+
+def test_eval_interrupted_writes_nothing(reference, tmp_path):
+    """Ctrl-C in the middle of sage-fast eval, DataLoader workers running: one line, 130, no --out folder."""
+    mark = tmp_path / "evaluating"
+    wrapper = pause_wrapper(tmp_path, "sage_fast.training.evaluation", "tte_logits", mark)
+    out = tmp_path / "eval"
+    proc = subprocess.Popen(
+        _cmd(["eval", "--weights", str(reference / "adapters.safetensors"), "--out", str(out), "data.num_workers=2",
+              "train.eval_batch_size=2"], wrapper),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_file(mark, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc = finish(proc)
+    assert proc.returncode == 130, why(proc)
+    assert stopped_line(proc, "eval") == "sage-fast: stopped: sage-fast eval: SIGINT: stopped"
+    assert not out.exists()
+
+
+_SLOW_PREPARE = """
+    import time
+    from sage_fast.training.data import prepare
+    _encode = prepare._encode
+    def encode(*a, **k):
+        time.sleep(0.1)
+        return _encode(*a, **k)
+    prepare._encode = encode
+"""
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_prepare_stops_its_workers_on_a_signal_and_resumes(tmp_path, sig, group):
+    """Ctrl-C (SIGINT to the process group: the workers get it too) or SIGTERM to the main process alone, while
+    two workers write shards: the command ends within seconds with one line (130 / 75), leaves no temporary
+    file, and the same command then finishes, keeping the shards that were done."""
+    src = make_image_folder(tmp_path / "src", [16] * 8, test=2, size=48)
+    out = tmp_path / "shards"
+    args = ["prepare", "--out", str(out), "--short-side", "32", "--shard-size", "0.03", "--workers", "2",
+            "--no-progress", f"data.root={src}", "data.class_names=classnames.txt"]
+    proc = subprocess.Popen(_cmd(args, wrapper_script(tmp_path, _SLOW_PREPARE)), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not list(out.glob(".train-*.tmp")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("prepare did not start writing shards:\n" + why(finish(proc)))
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    (os.killpg if group else os.kill)(proc.pid, sig)
+    proc = finish(proc)
+    took = time.monotonic() - t0
+    assert proc.returncode == (130 if sig == signal.SIGINT else EXIT_PREEMPTED), why(proc)
+    m = re.fullmatch(rf"sage-fast: stopped: sage-fast prepare: {sig.name}: stopped; (\d+) of (\d+) shards are finished "
+                     rf"and kept in {re.escape(str(out))}: run the same command again to write the other (\d+)",
+                     stopped_line(proc, "prepare"))
+    assert m and int(m[1]) < int(m[2]), why(proc)
+    assert took < 30, f"{took:.1f} s from the signal to the exit"
+    time.sleep(0.5)  # a worker left running would still be writing
+    assert [p.name for p in out.rglob("*.tmp")] == [], why(proc)
+    proc = sage(*args)
+    assert proc.returncode == 0, why(proc)
+    assert (out / "manifest.json").is_file()
+    if int(m[1]):
+        assert f"resuming: {m[1]} of {m[2]} shards are finished" in proc.stdout, why(proc)
 
 
 # ---------------------------------------------------------------- run folders and eval

@@ -11,9 +11,15 @@ temporary name and renamed, and each finished shard leaves a record (``.prepare/
 sample index). A run that is interrupted is resumed by running the same command again: shards whose record
 and checksum agree are kept, the others are written again. The manifest is written last; once it exists the
 folder is finished and the command says so instead of doing anything.
+
+Stopping (Ctrl-C, SIGTERM): the workers ignore the signals themselves (Ctrl-C reaches the terminal's whole
+process group) and are told to stop by this process instead: each abandons its shard at the next image,
+removing the shard's temporary file, and the command ends within about one image's time with
+`sage_fast.training.preemption.Interrupted`, saying how many shards are finished and kept.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -21,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tarfile
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -32,6 +39,7 @@ from PIL import Image
 
 from ...utils.files import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from ..errors import UserError
+from ..preemption import STOP_SIGNALS, Interrupted, interrupting_signal
 from .unreadable import READ_ERRORS, UnreadableImagesError, UnreadableLimit, read_error_reason
 from .datasets import ImageListDataset, LTDataset
 from .shards import FORMAT, MANIFEST, VERSION, read_manifest, sample_key, shard_name
@@ -52,11 +60,32 @@ STATE_DIR = ".prepare"
 
 _SOURCES: Dict[str, LTDataset] = {}  # split -> data set, set in each worker (inherited or pickled once)
 _COUNTER = None  # images done, shared with the main process for the progress bar
+_STOP = None  # set by the main process: abandon the shard under way
 
 
-def _init_worker(sources, counter) -> None:
-    global _SOURCES, _COUNTER
-    _SOURCES, _COUNTER = sources, counter
+class _Stopped(Exception):
+    """A worker abandoned its shard because the main process was told to stop."""
+
+
+def _init_worker(sources, counter, stop=None, worker: bool = False) -> None:
+    global _SOURCES, _COUNTER, _STOP
+    _SOURCES, _COUNTER, _STOP = sources, counter, stop
+    if worker:
+        # the main process hears the stop signals and stops the workers through `stop`; they were started with
+        # the signals blocked (`_signals_blocked`), so none arrives before they are ignored here
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """Stop signals are held back while worker processes are forked (they inherit the mask), then delivered."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _encode(ds: LTDataset, index: int, short_side: int, quality: int) -> bytes:
@@ -117,6 +146,8 @@ def _write_shard(job: dict) -> dict:
     with atomic_path(final) as tmp, open(tmp, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(job["start"], job["stop"]):
+                if _STOP is not None and _STOP.is_set():
+                    raise _Stopped(job["name"])  # the temporary file goes with it (atomic_path)
                 try:
                     data = _encode(ds, i, job["short_side"], job["quality"])
                 except READ_ERRORS as e:
@@ -249,7 +280,14 @@ def prepare(data_cfg, out, short_side: int = DEFAULT_SHORT_SIDE, quality: int = 
     if records:
         log(f"resuming: {len(records)} of {len(jobs)} shards are finished and verified (sha256); "
             f"writing the other {len(todo)}")
-    records.update(_run(todo, splits, workers, progress))
+    try:
+        records.update(_run(todo, splits, workers, progress, records))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 (`Interrupted`)
+        signum = interrupting_signal(e)
+        kept = len(records)  # those verified before and those finished since
+        raise Interrupted(signum, f"{signal.Signals(signum).name}: stopped; {kept} of {len(jobs)} shards are finished "
+                                  f"and kept in {out}: run the same command again to write the other "
+                                  f"{len(jobs) - kept}") from None
 
     manifest = {"format": FORMAT, "version": VERSION, "settings": settings, "class_names": data.class_names,
                 "group_counts": data.group_counts, "splits": {}}
@@ -284,17 +322,23 @@ def prepare(data_cfg, out, short_side: int = DEFAULT_SHORT_SIDE, quality: int = 
             "unreadable": {s: len(manifest["splits"][s]["unreadable"]) for s in splits}}
 
 
-def _run(todo: List[dict], sources: Dict[str, LTDataset], workers: Optional[int], progress: bool) -> Dict[str, dict]:
-    """Write the shards of `todo`, in `workers` processes (1: in this one), with a progress bar over images."""
+def _run(todo: List[dict], sources: Dict[str, LTDataset], workers: Optional[int], progress: bool,
+         done: Optional[Dict[str, dict]] = None) -> Dict[str, dict]:
+    """Write the shards of `todo`, in `workers` processes (1: in this one), with a progress bar over images.
+
+    The records of finished shards go into `done` as they come (returned too). On a stop signal
+    (KeyboardInterrupt, `Interrupted`) the workers are told to stop, each abandons its shard at the next
+    image, and the exception goes on once they have exited; a second signal while waiting for them kills them.
+    """
+    done = {} if done is None else done
     if not todo:
-        return {}
+        return done
     from tqdm.auto import tqdm
 
     workers = max(1, min(int(workers or os.cpu_count() or 1), len(todo)))
     counter = mp.Value("q", 0)
     bar = tqdm(total=sum(j["stop"] - j["start"] for j in todo), disable=not progress, desc="preparing",
                unit="img", dynamic_ncols=True, smoothing=0.05)
-    done: Dict[str, dict] = {}
     try:
         if workers == 1:
             _init_worker(sources, counter)
@@ -307,24 +351,47 @@ def _run(todo: List[dict], sources: Dict[str, LTDataset], workers: Optional[int]
             return done
         # fork: the workers inherit the data sets (a 437k-path listing) instead of unpickling a copy each
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(sources, counter)) as ex:
-            pending = {ex.submit(_write_shard, job) for job in todo}
+        stop = ctx.Event()
+        ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(sources, counter, stop, True))
+        pending, futures = set(), []
+        try:
+            with _signals_blocked():  # the processes start at the first submit
+                futures = [ex.submit(_write_shard, job) for job in todo]
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    record = f.result()
+                    done[record["name"]] = record
+                bar.update(counter.value - bar.n)
+        except BaseException:
+            stop.set()
+            for f in pending:
+                f.cancel()
             try:
-                while pending:
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        record = f.result()
-                        done[record["name"]] = record
-                    bar.update(counter.value - bar.n)
+                ex.shutdown(wait=True, cancel_futures=True)  # each worker is at most one image from its stop
             except BaseException:
-                for f in pending:
-                    f.cancel()
+                _kill_workers(ex)  # stopped again while waiting: do not wait
                 raise
+            for f in futures:  # shards that were finished when the stop came
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    done[f.result()["name"]] = f.result()
+            raise
+        ex.shutdown(wait=True)
         return done
     finally:
         bar.update(counter.value - bar.n)
         bar.close()
+
+
+def _kill_workers(ex: ProcessPoolExecutor) -> None:
+    """SIGKILL the executor's processes (what is left of their shards are ``.NAME.PID.tmp`` files, deleted when
+    the command runs again). The executor keeps them in a private attribute: absent, nothing is killed."""
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    ex.shutdown(wait=False, cancel_futures=True)
 
 
 def format_summary(s: dict) -> str:
