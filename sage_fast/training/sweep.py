@@ -91,8 +91,8 @@ def plan_sweep(config=None, overrides: Sequence[str] = (), axes: Sequence[Axis] 
          ) -> Tuple[SageConfig, List[Run]]:
     """The base config and one `Run` per value (pair), in the order given (the first key outermost).
 
-    ConfigError for a bad key or value, more than two axes, a key given twice, or two values that make the
-    same config.
+    ConfigError for a bad key or value, more than two axes, a key given twice (as two axes, or as an axis and
+    an override), or two values that make the same config.
     """
     if not 1 <= len(axes) <= 2:
         raise ConfigError(f"a sweep takes one or two keys with several values (KEY=V1,V2,...), got {len(axes)}")
@@ -114,6 +114,10 @@ def plan_sweep(config=None, overrides: Sequence[str] = (), axes: Sequence[Axis] 
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"sweep key {axis.key!r} conflicts with an override of {part!r}")
+            if last in node:
+                # the override would be silently replaced by every run's value
+                raise ConfigError(f"{axis.key} is swept ({','.join(map(str, axis.values))}) and also set to "
+                                  f"{node[last]!r}: give it once")
             node[last] = value
         cfg = build_config(config, layer_i, preset=preset)
         assignment = {axis.key: _get(cfg, axis.key) for axis in axes}

@@ -466,6 +466,23 @@ def test_sweep_arguments():
         "model.lambdas=[0.0,0.0,1.0],data.root=a_b_c"
 
 
+def test_sweep_mistakes_are_one_line(tmp_path, capsys):
+    """Each is detected where it is made and printed as one line (exit 2), before anything trains."""
+    base = ["sweep", f"train.output_dir={tmp_path / 'sweep'}", "--dry-run"]
+    for words, expected in [
+        (["model.alpha=0.1,0.2", "model.alpha=0.3"], "model.alpha is swept (0.1,0.2) and also set to 0.3: give it once"),
+        (["model.alpha=0.1,0.2", "--model.alpha", "0.3"], "model.alpha is swept (0.1,0.2) and also set to 0.3"),
+        (["model.alpha=a,b"], "model.alpha: expected float, got 'a'"),
+        (["model.alpha=0.1,0.1"], "give the same run"),
+        (["model.lambdas=[1],[2]"], "model.lambdas must hold 3 numbers"),
+        (["optim.nope=1,2"], "unknown config key 'optim.nope'"),
+        (["--config", str(tmp_path / "none.yaml"), "model.alpha=0.1,0.2"], "config file not found"),
+    ]:
+        assert cli_main(base + words) == 2, words
+        assert expected in one_error_line(capsys), words
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_sweep_trains_each_value_once(data_root, tmp_path, capsys, monkeypatch):
     cfg_file = tmp_path / "base.yaml"
     cfg_file.write_text(build_config(overrides=overrides(data_root, tmp_path / "unused")).to_yaml())
