@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..utils.files import atomic_write_text
+from .checkpoint import ZERO_SHOT
 from .config import ConfigError, SageConfig, build_config, parse_overrides
 from .distributed import is_main_process
 from .metrics import ACCURACIES, metric_value
@@ -159,6 +160,8 @@ def parameter_counts(folder) -> Optional[Dict[str, int]]:
         total = own = 0
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
+                if name == ZERO_SHOT:
+                    continue  # W_zs, stored for evaluation: frozen, not trained
                 n = math.prod(f.get_slice(name).get_shape())
                 total += n
                 if name.split(".")[0] in ("adapters", "block_scales"):
