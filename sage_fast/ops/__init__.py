@@ -9,6 +9,7 @@
 | `launch`      | the kernels' launch configurations (GPU, tuned, interpreter)                |
 | `modules`     | `SGAdapterFused`, `AdaptFormerFused`, the two losses: the backend switch    |
 | `backend`     | "auto" / "triton" / "torch": `resolve_backend`, where Triton can run        |
+| `selfcheck`   | the kernels' first-use check against PyTorch, which `resolve_backend` asks  |
 | `checks`      | input validation and its error messages                                     |
 """
 from .backend import BACKENDS, resolve_backend
