@@ -135,12 +135,19 @@ def resolve_attention(attention: str, device: Union[str, torch.device]) -> str:
     return attention
 
 
-def explain_attention(attention: str = "auto", device: Union[str, torch.device] = "cpu") -> dict:
+def explain_attention(attention: str = "auto", device: Union[str, torch.device] = "cpu",
+                      probe_xformers: bool = True) -> dict:
     """What `attention` runs on `device` and why, as plain data: requested, resolved (None when it cannot
-    run), reason, and xformers: {version (None: not installed), usable, reason}."""
+    run), reason, and xformers: {version (None: not installed), usable, reason}.
+
+    probe_xformers=False (for a setting other than "xformers"): xformers is not imported or probed;
+    usable is then None, reason "not probed"."""
     device = torch.device(device)
-    xf_reason = xformers_unusable_reason(device)
-    xf = {"version": xformers_version(), "usable": xf_reason is None, "reason": xf_reason}
+    if probe_xformers or attention == "xformers":
+        xf_reason = xformers_unusable_reason(device)
+        xf = {"version": xformers_version(), "usable": xf_reason is None, "reason": xf_reason}
+    else:
+        xf = {"version": xformers_version(), "usable": None, "reason": "not probed"}
     entry = {"requested": attention, "device": str(device), "xformers": xf}
     try:
         resolved = resolve_attention(attention, device)

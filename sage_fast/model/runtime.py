@@ -201,8 +201,8 @@ def format_environment(report: dict) -> str:
     att = report["attention"]
     lines.append(f"attention: {att['requested']} -> {att['resolved'] or 'cannot run'}: {att['reason']}")
     xf = att["xformers"]
-    lines.append(f"  xformers {xf['version'] or 'not installed'}: "
-                 f"{'usable' if xf['usable'] else 'not usable: ' + str(xf['reason'])}")
+    usable = {True: "usable", None: str(xf["reason"])}.get(xf["usable"], f"not usable: {xf['reason']}")
+    lines.append(f"  xformers {xf['version'] or 'not installed'}: {usable}")
     checks = report["self_check"]
     state = "on" if report.get("self_check_enabled", True) else f"off ({selfcheck.ENV_VAR}=0)"
     lines.append(f"kernel self-check ({state}):" + ("" if checks else " none ran (no kernel path here)"))

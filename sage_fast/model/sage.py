@@ -210,14 +210,14 @@ class SageModel(nn.Module):
         Keys: device; adapter and loss (`sage_fast.ops.backend.explain_backend`: requested, resolved
         "triton" | "torch", path, reason, fallback, self_check); attention (`explain_attention` plus
         ran: the kernel the last forward used, and xformers_ops: the xformers operators it dispatched
-        to); forward_seen. Device and adapter dtype are the last forward's (autocast's dtype or the
+        to; xformers is probed only when asked for); forward_seen. Device and adapter dtype are the last forward's (autocast's dtype or the
         tokens'), else the parameters' device and fp32; `dtype` overrides the adapter's. The loss is
         explained in fp32, the dtype of the logits. Runs the kernels' self-check where it has not run.
         """
         ran = getattr(self, "_ran", None) or {}
         device = ran.get("device", self.classifier.device)
         adapter_dtype = dtype or ran.get("adapter_dtype", torch.float32)
-        attention = explain_attention(self.attention, device)
+        attention = explain_attention(self.attention, device, probe_xformers=self.attention == "xformers")
         attention["ran"] = ran.get("attention")
         attention["xformers_ops"] = xformers_ops_used() if ran.get("attention") == "xformers" else []
         return {

@@ -144,6 +144,17 @@ def resolve_backend(
     return _decide(backend, device, dtype, op)[0]
 
 
+def decide_backends(backend: str, device: Union[str, torch.device], dtypes=(torch.float32,)) -> list:
+    """Decide every op for `backend` on `device` in each of `dtypes` now, before any work: runs the
+    self-checks, so 'triton' raises `SelfCheckError` (or the error of a device Triton cannot run on)
+    and 'auto' warns about a fallback here rather than in the first step. Returns the
+    `explain_backend` entries, op by op and dtype by dtype."""
+    for op in OPS:
+        for dtype in dtypes:
+            resolve_backend(backend, device, dtype, op=op)
+    return [explain_backend(op, backend, device, dtype) for op in OPS for dtype in dtypes]
+
+
 def explain_backend(op: str, backend: str = "auto", device: Union[str, torch.device] = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict:
     """What `op` ("adapter" | "loss") runs for `backend` on `device` in `dtype`, and why, as plain data.

@@ -80,6 +80,16 @@ def test_auto_is_sdpa_even_where_xformers_runs(monkeypatch):
         resolve_attention("flash", "cpu")
 
 
+def test_explain_without_probing_xformers(monkeypatch):
+    def no_probe(device):
+        raise AssertionError("xformers must not be probed")
+
+    monkeypatch.setattr(attention, "_unusable_reason", no_probe)
+    info = explain_attention("auto", "cuda:0", probe_xformers=False)
+    assert info["resolved"] == "sdpa" and info["xformers"]["usable"] is None
+    assert info["xformers"]["reason"] == "not probed"
+
+
 def test_xformers_on_cpu_is_a_one_line_user_error():
     with pytest.raises(AttentionUnavailableError) as caught:
         resolve_attention("xformers", "cpu")

@@ -15,7 +15,7 @@ import torch
 
 import sage_fast
 from helpers.broken_kernels import ADAPTER_FWD_OUT, break_adapter, scale_arg
-from sage_fast.model import build_sage, runtime
+from sage_fast.model import attention, build_sage, runtime
 from sage_fast.ops import backend, selfcheck
 from sage_fast.ops.selfcheck import SelfCheckWarning
 
@@ -34,7 +34,11 @@ def tiny_auto():
     return build_sage(NAMES, COUNTS, model_name="sage-tiny", pretrained=None, progress=False)  # backend "auto"
 
 
-def test_model_runtime_on_cpu(tiny_auto):
+def test_model_runtime_on_cpu(monkeypatch, tiny_auto):
+    def no_probe(device):
+        raise AssertionError("attention 'auto' must not import or probe xformers")
+
+    monkeypatch.setattr(attention, "_unusable_reason", no_probe)
     model = tiny_auto
     model._ran = None
     before = model.runtime()

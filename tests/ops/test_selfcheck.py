@@ -245,6 +245,16 @@ def test_a_compiled_trace_reads_the_kept_result(monkeypatch, auto_takes_triton):
     torch._dynamo.reset()
 
 
+def test_decide_backends_fails_before_any_work(monkeypatch, auto_takes_triton):
+    break_adapter(monkeypatch, after=scale_arg(ADAPTER_FWD_OUT, 1.01))
+    with pytest.raises(SelfCheckError, match="adapter kernels failed"):
+        backend.decide_backends("triton", DEV, (f32,))
+    with pytest.warns(SelfCheckWarning):
+        entries = backend.decide_backends("auto", DEV, (f32,))
+    assert [(e["op"], e["resolved"], e["fallback"]) for e in entries] == [("adapter", "torch", True),
+                                                                          ("loss", "triton", False)]
+
+
 # --- explain_backend: plain data of what runs ------------------------------------------------------
 
 
