@@ -207,12 +207,13 @@ class SageModel(nn.Module):
     def runtime(self, dtype: Optional[torch.dtype] = None) -> dict:
         """What runs in this model, as plain data (JSON-ready; the run folder keeps it).
 
-        Keys: device; adapter and loss (`sage_fast.ops.backend.explain_backend`: requested, resolved
-        "triton" | "torch", path, reason, fallback, self_check); attention (`explain_attention` plus
-        ran: the kernel the last forward used, and xformers_ops: the xformers operators it dispatched
-        to; xformers is probed only when asked for); forward_seen. Device and adapter dtype are the last forward's (autocast's dtype or the
-        tokens'), else the parameters' device and fp32; `dtype` overrides the adapter's. The loss is
-        explained in fp32, the dtype of the logits. Runs the kernels' self-check where it has not run.
+        Keys: device; adapter and loss (kind, then `sage_fast.ops.backend.explain_backend`: requested,
+        resolved "triton" | "torch", path, reason, fallback, self_check); attention
+        (`explain_attention`, xformers probed only when it is the setting, plus ran: the kernel the
+        last forward used, and xformers_ops: the xformers operators it dispatched to); forward_seen.
+        Device and adapter dtype are the last forward's (autocast's dtype, or the tokens'), else the
+        parameters' device and fp32; `dtype` overrides the adapter's. The loss is explained in fp32,
+        the dtype of the logits. Runs the kernels' self-check where it has not run.
         """
         ran = getattr(self, "_ran", None) or {}
         device = ran.get("device", self.classifier.device)

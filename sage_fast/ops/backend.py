@@ -165,9 +165,9 @@ def explain_backend(op: str, backend: str = "auto", device: Union[str, torch.dev
     where none applies). backend 'triton' where it cannot run: resolved None and the error as
     the reason, instead of raising.
     """
-    entry = {"op": op, "requested": backend, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
-    from .selfcheck import SelfCheckError
+    from .selfcheck import SelfCheckError, dtype_name
 
+    entry = {"op": op, "requested": backend, "device": str(device), "dtype": dtype_name(dtype)}
     try:
         choice, why, result = _decide(backend, device, dtype, op)
     except (TritonUnavailableError, SelfCheckError) as err:  # backend 'triton' that cannot run: say so
