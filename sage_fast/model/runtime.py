@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import torch
 
 from .._version import __version__
-from ..ops import selfcheck
+from ..ops import parity, selfcheck
 from ..ops.backend import HAS_TRITON, OPS, explain_backend
 from .attention import explain_attention, xformers_version
 
@@ -130,14 +130,14 @@ def measure_speed_ratios(device: Union[str, torch.device], dtype: torch.dtype = 
     adapter_shape = dict(adapter_shape or SPEED_ADAPTER)
     loss_shape = dict(loss_shape or SPEED_LOSS)
     # the same leaves for both paths, made once: the timings hold forward + backward only
-    ta = selfcheck.leaves(selfcheck.adapter_problem(**adapter_shape), device, dtype)
-    tl = selfcheck.leaves(selfcheck.loss_problem(**loss_shape), device, dtype)
+    ta = parity.leaves(parity.adapter_problem(**adapter_shape), device, dtype)
+    tl = parity.leaves(parity.loss_problem(**loss_shape), device, dtype)
     out = {"dtype": selfcheck.dtype_name(dtype)}
     out["adapter"] = {"shape": adapter_shape, **_ratio(
-        lambda: selfcheck.adapter_step(ta, dtype), lambda: selfcheck.adapter_step(ta, dtype, kernels=False),
+        lambda: parity.adapter_step(ta, dtype), lambda: parity.adapter_step(ta, dtype, kernels=False),
         device, iters, repeats)}
     out["loss"] = {"shape": loss_shape, **_ratio(
-        lambda: selfcheck.loss_step(tl), lambda: selfcheck.loss_step(tl, kernels=False), device, iters, repeats)}
+        lambda: parity.loss_step(tl), lambda: parity.loss_step(tl, kernels=False), device, iters, repeats)}
     return out
 
 

@@ -28,6 +28,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import selfcheck
+
 try:  # Triton is optional: without it the PyTorch paths still work.
     import triton  # noqa: F401
     import triton.language  # noqa: F401
@@ -115,8 +117,6 @@ def _decide(backend: str, device, dtype: Optional[torch.dtype], op: Optional[str
         why = f"'auto' runs the kernels on {device.type}"
     if op is None or dtype not in TRITON_DTYPES:
         return "triton", why, None
-    from . import selfcheck  # lazily: it imports the glue, which imports this module
-
     # A torch.compile trace reads the kept result and warns nothing: the check runs eagerly (a first
     # eager call, or `selfcheck.run_self_checks`), never inside a graph.
     compiling = torch.compiler.is_compiling()
@@ -165,12 +165,10 @@ def explain_backend(op: str, backend: str = "auto", device: Union[str, torch.dev
     where none applies). backend 'triton' where it cannot run: resolved None and the error as
     the reason, instead of raising.
     """
-    from .selfcheck import SelfCheckError, dtype_name
-
-    entry = {"op": op, "requested": backend, "device": str(device), "dtype": dtype_name(dtype)}
+    entry = {"op": op, "requested": backend, "device": str(device), "dtype": selfcheck.dtype_name(dtype)}
     try:
         choice, why, result = _decide(backend, device, dtype, op)
-    except (TritonUnavailableError, SelfCheckError) as err:  # backend 'triton' that cannot run: say so
+    except (TritonUnavailableError, selfcheck.SelfCheckError) as err:  # backend 'triton' that cannot run: say so
         found = getattr(err, "result", None)
         return {**entry, "resolved": None, "path": None, "reason": str(err), "fallback": False,
                 "self_check": found.as_dict() if found is not None else None}
