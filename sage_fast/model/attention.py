@@ -11,9 +11,9 @@
   an `AttentionUnavailableError` when the model is built (and at a forward on another device),
   never a silent SDPA;
 * "open_clip": open_clip's own `nn.MultiheadAttention` (the literal path; the attention-map tool's);
-* "auto": SDPA. Why not xformers when it is usable: the xformers 0.0.35 wheel (the newest for torch
-  2.10 and later) loads without its own compiled extensions under other torch builds, and the ops it
-  then dispatches to (``fa2F@...-pt``, ``cutlassF-pt``) call the same aten kernels as SDPA
+* "auto": SDPA. Why not xformers when it is usable: the xformers 0.0.35 wheel (built for torch 2.10)
+  loads without its own compiled extensions under other torch builds (e.g. torch 2.14), and the ops
+  it then dispatches to (``fa2F@...-pt``, ``cutlassF-pt``) call the same aten kernels as SDPA
   (``_flash_attention_forward``, ``_efficient_attention_forward``); no GPU measurement of this
   project shows xformers faster. Change this choice only with such a measurement.
 
