@@ -107,10 +107,10 @@ def _decide(backend: str, device, dtype: Optional[torch.dtype], op: Optional[str
         if reason is not None:
             raise cannot_run_error(reason)
         why = "backend 'triton' asks for the kernels"
-    elif reason is not None:
-        return "torch", f"the kernels cannot run here: {reason}", None
     elif not _auto_prefers_triton(device):
         return "torch", f"'auto' runs the kernels on CUDA only, not on {device.type}", None
+    elif reason is not None:
+        return "torch", f"the kernels cannot run here: {reason}", None
     elif dtype is not None and dtype not in TRITON_DTYPES:
         return "torch", f"the kernels take fp32, fp16 and bf16, not {dtype}", None
     else:
