@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import read_weights, stored_run_info
 from .config import ConfigError, build_config
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
-from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries
+from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries, write_runtime_record
 
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -110,6 +110,7 @@ def evaluate_weights(cfg, weights, out_dir=None) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(out)
             write_report(out, report, data)
+            write_runtime_record(out, model)
         ok = True
         return report
     finally:

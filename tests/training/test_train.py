@@ -159,6 +159,10 @@ def test_train_writes_metrics_logs_plot_checkpoint(reference):
     assert len(evals) == 3  # header, after epoch 1, final
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["batch_size"] == 16
+    ran = json.loads((out / "runtime.json").read_text())  # what actually ran, beside the config
+    assert ran["versions"]["torch"] == torch.__version__ and ran["model"]["forward_seen"]
+    assert ran["model"]["adapter"]["resolved"] in ("torch", "triton") and ran["model"]["loss"]["op"] == "loss"
+    assert ran["model"]["attention"]["ran"] in ("sdpa", "open_clip", "xformers")
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == metrics["step"]
     assert {"optimizer", "scheduler", "rng", "config", "trainable"} <= set(ckpt)
