@@ -17,7 +17,7 @@ from .classifier import (
     trimmable,
 )
 from .clip import ATTENTION_BACKENDS, frozen_self_attention, image_size, load_clip, resolve_attention, tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, check_model_config
 from .sage import SageModel, SageOutput, build_sage, model_config
 from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
 
@@ -31,6 +31,7 @@ __all__ = [
     "TEMPLATES",
     "build_sage",
     "cached_text_classifier",
+    "check_model_config",
     "classifier_cache_key",
     "encode_text_trimmed",
     "frozen_self_attention",

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, check_model_config
+from ..ops.checks import check_interval, check_non_negative, check_positive
 
 
 class ConfigError(ValueError):
@@ -258,27 +259,29 @@ def _merge(obj, updates: Mapping[str, Any], prefix: str = "") -> None:
         setattr(obj, key, _coerce(full, value, hints[key]))
 
 
-def _check_values(cfg: SageConfig) -> None:
-    def positive(key, v):
-        if not v > 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
+def _checked(check, *args) -> None:
+    """Run one of the ops' range checks (`sage_fast.ops.checks`: one definition of each range for the API and
+    the config); its ValueError / TypeError becomes a ConfigError (one line, exit status 2)."""
+    try:
+        check(*args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
 
-    def non_negative(key, v):
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}")
+
+def _check_values(cfg: SageConfig) -> None:
+    def positive(key, v):  # finite and > 0
+        _checked(check_positive, key, v)
+
+    def non_negative(key, v):  # finite and >= 0
+        _checked(check_non_negative, key, v)
 
     o, d, m, t = cfg.optim, cfg.data, cfg.model, cfg.train
     for k in ("epochs", "batch_size", "lr"):
         positive(f"optim.{k}", getattr(o, k))
-    for k in ("momentum", "weight_decay"):
-        non_negative(f"optim.{k}", getattr(o, k))
-    positive("model.mu", m.mu)
-    positive("model.logit_scale", m.logit_scale)
-    positive("model.text_batch_size", m.text_batch_size)
-    if len(m.lambdas) != 3:
-        raise ConfigError(f"model.lambdas must hold 3 numbers (lambda1, lambda2, lambda3), got {m.lambdas}")
-    if m.bottleneck is not None:
-        positive("model.bottleneck", m.bottleneck)
+    # SGD's momentum buffer is a geometric sum of past gradients: at 1 or above it grows without bound
+    _checked(check_interval, "optim.momentum", o.momentum, 0.0, 1.0, True)
+    non_negative("optim.weight_decay", o.weight_decay)
+    _checked(check_model_config, m, "model.")  # alpha, mu, gamma, lambdas, logit_scale, ...: the model's ranges
     positive("data.imbalance_ratio", d.imbalance_ratio)
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
