@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
+import zlib
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -21,6 +23,27 @@ def save_image(path, pixels: np.ndarray, fmt: Optional[str] = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def save_png16(path, values: np.ndarray) -> Path:
+    """A 16-bit PNG of `values` (ints in 0..65535): (H, W) greyscale, (H, W, 3) RGB or (H, W, 4) RGBA.
+
+    Written by hand (PIL writes no 16-bit RGB, and tests must not need pypng): one IDAT chunk, filter 0.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    v = np.asarray(values).astype(">u2")
+    colour_type = {2: 0, 3: {3: 2, 4: 6}.get(v.shape[-1])}[v.ndim]
+    h, w = v.shape[:2]
+    raw = b"".join(b"\x00" + v[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
     return path
 
 
