@@ -48,12 +48,16 @@ class DataConfig:
     dataset: str = field(default="folder", metadata={"choices": _dataset_names})
     #: image root; for cifar100_lt the directory holding (or being) ``cifar-100-python/``
     root: str = ""
-    #: split files (``relative/path label`` lines, or iNaturalist's official JSON); relative paths are
+    #: split files (``relative/path label`` lines in UTF-8, or iNaturalist's official JSON); relative paths are
     #: resolved against ``root``; empty: the data set's standard file name in ``root``
     train_split: str = ""
     test_split: str = ""
-    #: optional file with one class name per line, in label order (overrides the data set's metadata)
+    #: optional file with one class name per line (UTF-8), in label order (overrides the data set's metadata)
     class_names: str = ""
+    #: accept the same image listed twice in a split file, the same image in both splits, and two classes of
+    #: one name in ``class_names``. Off: each is refused before training, naming the file and both lines (a
+    #: repeated line counts its image twice; a test image in the training split inflates the test accuracy)
+    allow_duplicates: bool = False
     #: CIFAR-100-LT imbalance ratio (100, 50 or 10 in the paper) and the seed of its subsampling
     imbalance_ratio: float = 100.0
     subsample_seed: int = 0
