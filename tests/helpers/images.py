@@ -5,8 +5,11 @@ folders are created.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -134,3 +137,24 @@ def write_cifar100_archive(root, train_per_class: int = 500, test_per_class: int
     with open(d / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return root
+
+
+@contextlib.contextmanager
+def fifo_watchdog(fifo, seconds: int = 60):
+    """Fail (AssertionError) instead of hanging when something opens the FIFO `fifo` for reading and blocks.
+
+    After `seconds` a SIGALRM opens the FIFO's write end and closes it, which lets a blocked reader (in any
+    thread) go on to an empty file, then raises in the main thread. Unix only (os.mkfifo, SIGALRM).
+    """
+    def unblock_and_fail(*_):
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        raise AssertionError(f"opening the FIFO {fifo} blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, unblock_and_fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -31,6 +31,8 @@ from sage_fast.ops import (
 from sage_fast.ops.checks import GAMMA_MAX
 
 COUNTS = [500, 40, 3]
+# Where "triton" runs: CUDA if present, else the CPU under the interpreter (conftest.py)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LOGITS = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -0.1]])
 TARGET = torch.tensor([0, 2])
 
@@ -95,7 +97,8 @@ def test_the_largest_gamma_keeps_the_loss_finite_for_extreme_inputs():
     counts = [1e300, 1.0, 7.0]
     for mu in (1e-300, 0.5, 1e300):
         for backend in ("torch", "triton"):
-            loss = CompensatedLALoss(counts, mu=mu, gamma=GAMMA_MAX, backend=backend)(LOGITS * 25, TARGET)
+            loss = CompensatedLALoss(counts, mu=mu, gamma=GAMMA_MAX, backend=backend).to(DEV)(
+                (LOGITS * 25).to(DEV), TARGET.to(DEV))
             assert torch.isfinite(loss), (mu, backend)
 
 
@@ -172,14 +175,14 @@ BACKENDS = ["torch", "auto", "triton"]
 
 def _adapter_outputs(make, dtype, backend, block):
     torch.manual_seed(0)
-    module = randomise_adapter(make(backend), seed=3)
-    x = (torch.randn(3, 5, 16) * 2 + 0.3).to(dtype)
-    g = torch.randn(16)
-    mlp = torch.randn(3, 5, 16)  # fp32: another dtype than x for fp16
+    module = randomise_adapter(make(backend), seed=3).to(DEV)
+    x = (torch.randn(3, 5, 16) * 2 + 0.3).to(DEV, dtype)
+    g = torch.randn(16, device=DEV)
+    mlp = torch.randn(3, 5, 16, device=DEV)  # fp32: another dtype than x for fp16
     sg = isinstance(module, SGAdapter)
     args = (x, g) if sg else (x,)
     if block:
-        out = module.forward_block(*args, mlp, torch.tensor(0.7))
+        out = module.forward_block(*args, mlp, torch.tensor(0.7, device=DEV))
     else:
         out = module(*args)
     return out
@@ -210,15 +213,15 @@ def test_losses_return_the_same_dtype_on_every_backend(dtype):
     """fp16 / bf16 / fp32 logits give an fp32 loss, fp64 logits an fp64 one (the kernel computes fp64 in fp32
     but returns fp64, as the reference); FIT's z^ keeps z's dtype."""
     torch.manual_seed(1)
-    z, zv, zt = (torch.randn(6, 3).to(dtype) for _ in range(3))
-    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    z, zv, zt = (torch.randn(6, 3).to(DEV, dtype) for _ in range(3))
+    target = torch.tensor([0, 1, 2, 0, 1, 2], device=DEV)
     want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     tol = dict(rtol=1e-2, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
-    ref_la = CompensatedLALoss(COUNTS, backend="torch")(z, target)
-    ref_fit, ref_hat = FITLoss(COUNTS, backend="torch")(z, zv, zt, target)
+    ref_la = CompensatedLALoss(COUNTS, backend="torch").to(DEV)(z, target)
+    ref_fit, ref_hat = FITLoss(COUNTS, backend="torch").to(DEV)(z, zv, zt, target)
     for backend in BACKENDS:
-        la = CompensatedLALoss(COUNTS, backend=backend)(z, target)
-        fit, z_hat = FITLoss(COUNTS, backend=backend)(z, zv, zt, target)
+        la = CompensatedLALoss(COUNTS, backend=backend).to(DEV)(z, target)
+        fit, z_hat = FITLoss(COUNTS, backend=backend).to(DEV)(z, zv, zt, target)
         assert la.dtype == fit.dtype == want_dtype, backend
         assert z_hat.dtype == dtype, backend
         torch.testing.assert_close(la, ref_la, **tol)
@@ -227,10 +230,10 @@ def test_losses_return_the_same_dtype_on_every_backend(dtype):
 
 
 def test_fp64_loss_gradient_flows_through_the_triton_cast():
-    z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    target = torch.tensor([0, 1, 2, 0])
-    CompensatedLALoss(COUNTS, backend="triton")(z, target).backward()
+    z = torch.randn(4, 3, dtype=torch.float64, device=DEV, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0], device=DEV)
+    CompensatedLALoss(COUNTS, backend="triton").to(DEV)(z, target).backward()
     zr = z.detach().clone().requires_grad_()
-    CompensatedLALoss(COUNTS, backend="torch")(zr, target).backward()
+    CompensatedLALoss(COUNTS, backend="torch").to(DEV)(zr, target).backward()
     assert z.grad.dtype == torch.float64
     torch.testing.assert_close(z.grad, zr.grad, rtol=1e-5, atol=1e-6)

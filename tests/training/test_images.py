@@ -7,12 +7,11 @@ PNG): within one grey level. PIL's plain ``convert("RGB")`` clips 16-bit greysca
 `test_plain_pil_conversion_clips_16_bit_greyscale` shows, so these tests fail without the conversion.
 """
 import os
-import signal
 
 import numpy as np
 import pytest
 import torch
-from helpers.images import save_image, save_png16
+from helpers.images import fifo_watchdog, save_image, save_png16
 from PIL import Image
 
 from sage_fast.training.data import GpuBatchTransform, ImageListDataset, build_transform
@@ -132,10 +131,8 @@ def fifo(tmp_path):
         pytest.skip("needs os.mkfifo")
     path = tmp_path / "pipe.png"
     os.mkfifo(path)
-    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("opening the FIFO blocked"))
-    signal.alarm(30)
-    yield path
-    signal.alarm(0)
+    with fifo_watchdog(path):
+        yield path
 
 
 def test_a_fifo_is_refused_without_being_opened(fifo, tmp_path):

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.images import make_image_folder, write_class_names, write_images, write_inat_json, write_split_file
+from helpers.images import (
+    fifo_watchdog,
+    make_image_folder,
+    write_class_names,
+    write_images,
+    write_inat_json,
+    write_split_file,
+)
 from safetensors import safe_open
 
 from sage_fast.training.cli import main
@@ -478,16 +485,10 @@ def test_a_fifo_in_a_split_file_is_named_not_waited_on(data, tmp_path, capsys, c
     """Opening a FIFO waits for a writer: training hung. Now it is an unreadable image (one stat, no open), named;
     with data.max_unreadable=0 the run stops before training. Both the full header check and the probe of
     data.check_images=false find it (the probe opens every image of a split this small)."""
-    import signal
-
     fifo = data / "train" / "c0" / "0.png"
     fifo.unlink()
     os.mkfifo(fifo)
-    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("reading the FIFO blocked"))
-    signal.alarm(60)
-    try:
+    with fifo_watchdog(fifo):
         rc, err = run_cli(args(data, tmp_path / "run", "data.max_unreadable=0",
                                f"data.check_images={str(check_images).lower()}"), capsys)
-    finally:
-        signal.alarm(0)
     assert_one_line_error(rc, err, f"{fifo} (not a regular file: a FIFO (named pipe))")
