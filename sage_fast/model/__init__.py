@@ -28,7 +28,7 @@ from .attention import (
     xformers_unusable_reason,
 )
 from .clip import image_size, load_clip, tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, check_model_config
 from .sage import SageModel, SageOutput, build_sage, model_config
 from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
 
@@ -43,6 +43,7 @@ __all__ = [
     "TEMPLATES",
     "build_sage",
     "cached_text_classifier",
+    "check_model_config",
     "classifier_cache_key",
     "encode_text_trimmed",
     "explain_attention",

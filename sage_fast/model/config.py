@@ -1,12 +1,15 @@
 """The model's hyperparameters: one dataclass, the single source of their names, types and defaults.
 
 `build_sage` builds from it, `SageModel` keeps it, and the run config (`sage_fast.training.config`)
-uses it as its ``model`` section, so a hyperparameter is declared here and nowhere else.
+uses it as its ``model`` section, so a hyperparameter is declared here and nowhere else; its numbers'
+ranges are checked by `check_model_config`, for the API and the run config alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
+
+from ..ops.checks import check_alpha, check_gamma, check_lambdas, check_mu, check_positive
 
 
 @dataclass
@@ -44,3 +47,20 @@ class ModelConfig:
     logit_scale: float = 25.0
     #: prompts per text-encoder batch when the classifier is initialised from the templates
     text_batch_size: int = 256
+
+
+def check_model_config(cfg: ModelConfig, prefix: str = "") -> None:
+    """Raise ValueError (TypeError for a non-number) naming the first field out of its range.
+
+    The ranges are the ops' (`sage_fast.ops.checks`): alpha in [0, 1], mu > 0, gamma in [0, 10], lambdas
+    three numbers >= 0, logit_scale > 0, all finite; bottleneck (unless null) and text_batch_size positive.
+    prefix: put before each field's name in the message ("model." for the run config's keys).
+    """
+    check_alpha(cfg.alpha, f"{prefix}alpha")
+    check_mu(cfg.mu, f"{prefix}mu")
+    check_gamma(cfg.gamma, f"{prefix}gamma")
+    check_lambdas(cfg.lambdas, f"{prefix}lambdas")
+    check_positive(f"{prefix}logit_scale", cfg.logit_scale)
+    check_positive(f"{prefix}text_batch_size", cfg.text_batch_size)
+    if cfg.bottleneck is not None:
+        check_positive(f"{prefix}bottleneck", cfg.bottleneck)

@@ -20,7 +20,7 @@ from ..ops.backend import check_backend, explain_backend
 from .attention import explain_attention, frozen_self_attention, resolve_attention, xformers_ops_used
 from .classifier import cached_text_classifier
 from .clip import load_clip, tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, check_model_config
 from .templates import CLASSIFIER_TEMPLATES
 
 
@@ -44,7 +44,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     """`config` (default: `ModelConfig()`) with `fields` replaced; ``model_name`` is an alias of ``name``.
 
     An unknown field is a TypeError naming the valid ones; a value outside a field's choices (its
-    Literal type) is a ValueError naming them.
+    Literal type) or its range (`check_model_config`) is a ValueError naming them.
     """
     config = config or ModelConfig()
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -58,6 +58,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     for name, tp in typing.get_type_hints(ModelConfig).items():
         if typing.get_origin(tp) is typing.Literal and getattr(config, name) not in typing.get_args(tp):
             raise ValueError(f"{name} must be one of {typing.get_args(tp)}, got {getattr(config, name)!r}")
+    check_model_config(config)
     return config
 
 
@@ -89,8 +90,6 @@ class SageModel(nn.Module):
         super().__init__()
         cfg = model_config(config, **fields)
         check_backend(cfg.backend)
-        if len(cfg.lambdas) != 3:
-            raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {cfg.lambdas}")
         visual = clip.visual
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
         if blocks is None or not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
@@ -249,8 +248,7 @@ class SageModel(nn.Module):
 
         adapters=False is the frozen zero-shot encoder (f_zs).
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        self.check_images(images)
         visual = self.clip.visual
         backend = resolve_attention(self.attention, images.device)
         if adapters and self.check_finite and not torch.compiler.is_compiling():
@@ -275,6 +273,19 @@ class SageModel(nn.Module):
             else:
                 x = self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
         return visual.ln_post(x[:, 0])
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """images must be a floating-point (B, 3, S, S) tensor, S = `image_size` (the ViT's position
+        embeddings fix it); TypeError / ValueError saying what differs."""
+        s = self.image_size
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, 3, {s}, {s}), got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (RGB scaled to [0, 1], then normalised with "
+                            f"CLIP's mean and std), got {images.dtype}")
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (s, s):
+            raise ValueError(f"images must have shape (B, 3, {s}, {s}) for this model (model.image_size = {s}), "
+                             f"got {tuple(images.shape)}")
 
     def _cosine(self, weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=feats.device.type, enabled=False):

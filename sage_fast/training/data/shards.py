@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .images import to_rgb
 from .unreadable import UnreadableLimit
 from .datasets import LTData, LTDataset
 
@@ -136,7 +137,7 @@ class PreparedDataset(LTDataset):
 
     def open_image(self, index: int) -> Image.Image:
         with self.open_lazy(index) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
     def read_raw(self, index: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(self.read_bytes(index)), dtype=torch.uint8)
