@@ -150,13 +150,11 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
+        from .data.images import open_rgb
         from .data.unreadable import READ_ERRORS
 
         try:
-            with Image.open(self.paths[i]) as im:
-                return i, self.transform(im.convert("RGB"))  # convert(): the full decode, so truncation raises here
+            return i, self.transform(open_rgb(self.paths[i]))  # the full decode: truncation raises here
         except READ_ERRORS as e:
             return i, f"{type(e).__name__}: {e}"
 
