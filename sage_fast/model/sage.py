@@ -14,12 +14,13 @@ from typing import Dict, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import AdaptFormerFused, CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
 from ..ops.backend import check_backend
 from .classifier import cached_text_classifier
 from .clip import frozen_self_attention, load_clip, resolve_attention, tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, checkpoint_every
 from .templates import CLASSIFIER_TEMPLATES
 
 
@@ -43,7 +44,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     """`config` (default: `ModelConfig()`) with `fields` replaced; ``model_name`` is an alias of ``name``.
 
     An unknown field is a TypeError naming the valid ones; a value outside a field's choices (its
-    Literal type) is a ValueError naming them.
+    Literal type) is a ValueError naming them, as is a ``grad_checkpoint`` that is not false, true or k >= 1.
     """
     config = config or ModelConfig()
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -57,6 +58,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     for name, tp in typing.get_type_hints(ModelConfig).items():
         if typing.get_origin(tp) is typing.Literal and getattr(config, name) not in typing.get_args(tp):
             raise ValueError(f"{name} must be one of {typing.get_args(tp)}, got {getattr(config, name)!r}")
+    checkpoint_every(config.grad_checkpoint)
     return config
 
 
@@ -222,20 +224,31 @@ class SageModel(nn.Module):
             self.check_parameters_finite()
         x = visual._embeds(images)                                   # (B, N, d)
         g = self.guidance() if adapters and self.guided else None
+        every = checkpoint_every(self.config.grad_checkpoint) if torch.is_grad_enabled() else 0
         for i, block in enumerate(visual.transformer.resblocks):
-            if backend == "open_clip":
-                attn = block.attention(block.ln_1(x))
+            if every and (i + 1) % every == 0:
+                # Keeps only the block's input (and g) for backward; the block runs again in backward.
+                # No random op runs in a frozen block (CLIP is in eval mode), so no RNG state is kept.
+                x = checkpoint(self._block, i, x, g, backend, adapters, use_reentrant=False,
+                               preserve_rng_state=False)
             else:
-                attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
-            f = x + block.ls_1(attn)                                 # f~
-            mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
-            if not adapters:
-                x = f + mlp_out
-            elif self.guided:
-                x = self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
-            else:
-                x = self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
+                x = self._block(i, x, g, backend, adapters)
         return visual.ln_post(x[:, 0])
+
+    def _block(self, i: int, x: torch.Tensor, g: Optional[torch.Tensor], backend: str, adapters: bool) -> torch.Tensor:
+        """Visual block i with its adapter (Eq. 9), or frozen alone: x (B, N, d) -> (B, N, d)."""
+        block = self.clip.visual.transformer.resblocks[i]
+        if backend == "open_clip":
+            attn = block.attention(block.ln_1(x))
+        else:
+            attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
+        f = x + block.ls_1(attn)                                     # f~
+        mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
+        if not adapters:
+            return f + mlp_out
+        if self.guided:
+            return self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
+        return self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
 
     def _cosine(self, weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=feats.device.type, enabled=False):

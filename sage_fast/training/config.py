@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, checkpoint_every
 
 
 class ConfigError(ValueError):
@@ -279,6 +279,10 @@ def _check_values(cfg: SageConfig) -> None:
         raise ConfigError(f"model.lambdas must hold 3 numbers (lambda1, lambda2, lambda3), got {m.lambdas}")
     if m.bottleneck is not None:
         positive("model.bottleneck", m.bottleneck)
+    try:
+        checkpoint_every(m.grad_checkpoint)
+    except ValueError as err:
+        raise ConfigError(f"model.{err}") from None
     positive("data.imbalance_ratio", d.imbalance_ratio)
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
