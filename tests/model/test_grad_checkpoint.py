@@ -157,3 +157,25 @@ def test_the_option_is_validated():
             build_config(overrides=[f"model.grad_checkpoint={bad}"])
     with pytest.raises(ValueError, match="grad_checkpoint"):
         build_sage(NAMES, COUNTS, model_name=TINY, pretrained=None, grad_checkpoint=0, progress=False)
+
+
+def test_readme_table_is_the_bytes_models():
+    """README "Training at scale": the batch table is `batch_table()`'s output, and checkpointing every block
+    cuts the saved activations of ViT-B/16 and ViT-L/14 by 7x or more."""
+    from pathlib import Path
+
+    from sage_fast.model.memory import batch_table, training_memory
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert batch_table() in readme
+    for name in ("ViT-B-16-quickgelu", "ViT-L-14-quickgelu"):
+        off, on = (training_memory(name, 128, num_classes=1000, grad_checkpoint=ck).activations.saved
+                   for ck in (False, True))
+        assert off / on > 7
+
+
+def test_torch_compile_traces_checkpointed_blocks_without_graph_breaks(_base):
+    m = configured(_base, backend="triton", grad_checkpoint=True)
+    images, _ = inputs(m.image_size)
+    explained = torch._dynamo.explain(m.visual_features)(images)
+    assert explained.graph_break_count == 0, explained.break_reasons
