@@ -149,6 +149,13 @@ def test_fit_frozen_pass_keeps_no_activations(_base, monkeypatch):
     assert counts[False] == 0 and counts[True] > 0
 
 
+def test_a_resume_may_change_it():
+    from sage_fast.training.config import config_differences
+
+    stored = build_config(overrides=["model.grad_checkpoint=false"]).to_dict()
+    assert config_differences(stored, build_config(overrides=["model.grad_checkpoint=2"]).to_dict()) == []
+
+
 def test_the_option_is_validated():
     assert build_config(overrides=["model.grad_checkpoint=3"]).model.grad_checkpoint == 3
     assert build_config(overrides=["model.grad_checkpoint=true"]).model.grad_checkpoint is True

@@ -38,7 +38,7 @@ _WORKER = """
     folder = sys.argv.pop(1)
     with open(os.path.join(folder, "pid." + os.environ["RANK"]), "w") as f:
         f.write(f"{os.getpid()} {os.getppid()}")
-    from sage_fast.training.cli import main
+    from sage_fast.cli import main
     sys.exit(main(sys.argv[1:]))
 """
 
