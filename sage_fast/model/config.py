@@ -45,10 +45,10 @@ class ModelConfig:
     #: prompts per text-encoder batch when the classifier is initialised from the templates
     text_batch_size: int = 256
     #: activation checkpointing of the visual blocks, each frozen block together with its adapter: false
-    #: (off), true (every block), or an int k >= 1 (every k-th block: k, 2k, ... counted from 1; 1 is every block). A checkpointed
-    #: block keeps only its input for backward and runs again there: less activation memory (about 8x
-    #: less for ViT-B/16 with every block, sage_fast.model.memory) for about one more forward of those
-    #: blocks. The same loss and gradients; FIT's frozen pass keeps nothing either way
+    #: (off), true (every block), or an int k >= 1 (every k-th block: k, 2k, ... counted from 1). A
+    #: checkpointed block keeps only its input for backward and runs again there: 7x less activation
+    #: memory for ViT-B/16 and ViT-L/14 with every block (sage_fast.model.memory) for one more forward
+    #: of those blocks. The same loss and gradients; FIT's frozen pass keeps nothing either way
     grad_checkpoint: Union[bool, int] = False
 
 

@@ -221,7 +221,8 @@ class SageModel(nn.Module):
     def visual_features(self, images: torch.Tensor, adapters: bool = True) -> torch.Tensor:
         """ln_post of the class token, without the visual projection: (B, d).
 
-        adapters=False is the frozen zero-shot encoder (f_zs).
+        adapters=False is the frozen zero-shot encoder (f_zs). With config ``grad_checkpoint`` and gradients
+        enabled, the blocks it names keep only their input for backward (`torch.utils.checkpoint`).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -232,7 +233,7 @@ class SageModel(nn.Module):
         x = visual._embeds(images)                                   # (B, N, d)
         g = self.guidance() if adapters and self.guided else None
         every = checkpoint_every(self.config.grad_checkpoint) if torch.is_grad_enabled() else 0
-        for i, block in enumerate(visual.transformer.resblocks):
+        for i in range(self.num_layers):
             if every and (i + 1) % every == 0:
                 # Keeps only the block's input (and g) for backward; the block runs again in backward.
                 # No random op runs in a frozen block (CLIP is in eval mode), so no RNG state is kept.
