@@ -1,14 +1,16 @@
 """The model layer: Sage on a frozen open_clip ViT. Uses `sage_fast.ops`; knows nothing of training.
 
-| module        | what                                                                  |
-| ------------- | --------------------------------------------------------------------- |
-| `config`      | `ModelConfig`: every hyperparameter of the model, once                |
-| `sage`        | `SageModel`, `build_sage`                                             |
-| `clip`        | loading open_clip (tag or local file), `sage-tiny`                    |
-| `attention`   | the backbone's attention kernel: sdpa / xformers / open_clip, probed  |
-| `runtime`     | the environment report: versions, device, what runs here and why     |
-| `classifier`  | the classifier's initialisation from the text encoder, its disk cache |
-| `templates`   | the 60 prompt templates, LIFT's single prompt                         |
+| module          | what                                                                    |
+| --------------- | ----------------------------------------------------------------------- |
+| `config`        | `ModelConfig`: every hyperparameter of the model, once                  |
+| `sage`          | `SageModel`, `build_sage`                                               |
+| `clip`          | loading open_clip (tag or local file), `sage-tiny`                      |
+| `attention`     | the backbone's attention kernel: sdpa / xformers / open_clip, probed    |
+| `runtime`       | the environment report: versions, device, what runs here and why        |
+| `classifier`    | the classifier's initialisation from the text encoder, its disk cache   |
+| `prompt_tokens` | the prompts' token ids, each class name tokenised once                  |
+| `templates`     | the 60 prompt templates, LIFT's single prompt                           |
+| `memory`        | what a training step keeps for backward: a bytes model, its measurement |
 """
 from .classifier import (
     cached_text_classifier,

@@ -14,13 +14,14 @@ from typing import Dict, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import AdaptFormerFused, CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
 from ..ops.backend import check_backend, explain_backend
 from .attention import explain_attention, frozen_self_attention, resolve_attention, xformers_ops_used
 from .classifier import cached_text_classifier
 from .clip import load_clip, tokenizer
-from .config import ModelConfig, check_model_config
+from .config import ModelConfig, check_model_config, checkpoint_every
 from .templates import CLASSIFIER_TEMPLATES
 
 
@@ -44,7 +45,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     """`config` (default: `ModelConfig()`) with `fields` replaced; ``model_name`` is an alias of ``name``.
 
     An unknown field is a TypeError naming the valid ones; a value outside a field's choices (its
-    Literal type) or its range (`check_model_config`) is a ValueError naming them.
+    Literal type) or its range (`check_model_config`: grad_checkpoint too) is a ValueError naming them.
     """
     config = config or ModelConfig()
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -246,7 +247,8 @@ class SageModel(nn.Module):
     def visual_features(self, images: torch.Tensor, adapters: bool = True) -> torch.Tensor:
         """ln_post of the class token, without the visual projection: (B, d).
 
-        adapters=False is the frozen zero-shot encoder (f_zs).
+        adapters=False is the frozen zero-shot encoder (f_zs). With config ``grad_checkpoint`` and gradients
+        enabled, the blocks it names keep only their input for backward (`torch.utils.checkpoint`).
         """
         self.check_images(images)
         visual = self.clip.visual
@@ -259,19 +261,15 @@ class SageModel(nn.Module):
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             self._ran = {"device": images.device, "attention": backend, "adapter_dtype": dtype}
         g = self.guidance() if adapters and self.guided else None
-        for i, block in enumerate(visual.transformer.resblocks):
-            if backend == "open_clip":
-                attn = block.attention(block.ln_1(x))
+        every = checkpoint_every(self.config.grad_checkpoint) if torch.is_grad_enabled() else 0
+        for i in range(self.num_layers):
+            if every and (i + 1) % every == 0:
+                # Keeps only the block's input (and g) for backward; the block runs again in backward.
+                # No random op runs in a frozen block (CLIP is in eval mode), so no RNG state is kept.
+                x = checkpoint(self._block, i, x, g, backend, adapters, use_reentrant=False,
+                               preserve_rng_state=False)
             else:
-                attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
-            f = x + block.ls_1(attn)                                 # f~
-            mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
-            if not adapters:
-                x = f + mlp_out
-            elif self.guided:
-                x = self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
-            else:
-                x = self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
+                x = self._block(i, x, g, backend, adapters)
         return visual.ln_post(x[:, 0])
 
     def check_images(self, images: torch.Tensor) -> None:
@@ -286,6 +284,21 @@ class SageModel(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (s, s):
             raise ValueError(f"images must have shape (B, 3, {s}, {s}) for this model (model.image_size = {s}), "
                              f"got {tuple(images.shape)}")
+
+    def _block(self, i: int, x: torch.Tensor, g: Optional[torch.Tensor], backend: str, adapters: bool) -> torch.Tensor:
+        """Visual block i with its adapter (Eq. 9), or frozen alone: x (B, N, d) -> (B, N, d)."""
+        block = self.clip.visual.transformer.resblocks[i]
+        if backend == "open_clip":
+            attn = block.attention(block.ln_1(x))
+        else:
+            attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
+        f = x + block.ls_1(attn)                                     # f~
+        mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
+        if not adapters:
+            return f + mlp_out
+        if self.guided:
+            return self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
+        return self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
 
     def _cosine(self, weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=feats.device.type, enabled=False):

@@ -460,6 +460,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.output_dir", "train.device", "train.progress", "train.tensorboard", "train.log_every_steps",
     "train.ckpt_every_steps", "train.eval_every_epochs", "train.eval_batch_size", "train.find_unused_parameters",
     "model.text_batch_size",  # batching of the classifier's initialisation; the trained classifier is restored
+    "model.grad_checkpoint",  # activation checkpointing recomputes the same forward: the same gradients
     "eval.tte",  # how the test set is evaluated, not what is trained
 })
 #: keys in which a finished run may differ from the requested config and still count as that run (sweep,

@@ -257,6 +257,16 @@ def test_unreadable_training_images_do_not_stop_training(tmp_path):
     assert report["test_images"] == 6 and (tmp_path / "run/adapters.safetensors").is_file()
 
 
+def test_grad_checkpoint_trains_to_the_same_weights(tiny, reference, tmp_path):
+    """model.grad_checkpoint=true through the trainer: the reference run's weights, bit for bit (fp32, CPU)."""
+    out = tmp_path / "ckpt"
+    train(cfg_for(tiny, out, **{"model.grad_checkpoint": True, "train.eval_every_epochs": 0}))
+    got, want = load_file(str(out / "adapters.safetensors")), load_file(str(reference[0] / "adapters.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_resume_refuses_other_classes(reference, tmp_path):
     other = make_image_folder(tmp_path / "other", (5, 4, 3), test=1)
     trainer = Trainer(cfg_for(other, tmp_path / "run", **{"optim.batch_size": 4}))
