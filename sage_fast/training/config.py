@@ -106,6 +106,13 @@ class OptimConfig:
     epochs: int = 10
     #: global batch size, split evenly over the processes of a distributed run
     batch_size: int = 128
+    #: gradient accumulation: each process splits its share of the batch into this many micro-batches, one
+    #: forward and backward each, and the optimizer steps once per batch; the micro-batches' losses are
+    #: weighted by their share of the batch's images, so the update is the full batch's (up to float
+    #: rounding): the paper's batch 128 on a smaller GPU is ``optim.batch_size=128 optim.accumulate_steps=4``
+    #: (4 x 32). Activation memory follows the micro-batch; the schedule, logs and checkpoints count batches.
+    #: batch_size must be divisible by accumulate_steps x processes.
+    accumulate_steps: int = 1
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -277,6 +284,10 @@ def _check_values(cfg: SageConfig) -> None:
         positive(f"optim.{k}", getattr(o, k))
     for k in ("momentum", "weight_decay"):
         non_negative(f"optim.{k}", getattr(o, k))
+    positive("optim.accumulate_steps", o.accumulate_steps)
+    if o.batch_size % o.accumulate_steps:
+        raise ConfigError(f"optim.batch_size={o.batch_size} is not divisible by optim.accumulate_steps="
+                          f"{o.accumulate_steps}: the batch is split into that many equal micro-batches")
     positive("model.mu", m.mu)
     positive("model.logit_scale", m.logit_scale)
     positive("model.text_batch_size", m.text_batch_size)
