@@ -441,7 +441,8 @@ def config_from_dict(d: Mapping[str, Any]) -> SageConfig:
 # Comparing configs
 
 #: config keys that may differ between a checkpoint and the run resuming it: they decide where and how
-#: fast the run goes, or what it logs, never the weights it ends with
+#: fast the run goes, or what it logs, never the weights it ends with. Not optim.accumulate_steps: the
+#: accumulated update is the full batch's summed in another order, equal up to float rounding, not in bits
 RESUME_FREE_KEYS = frozenset({
     "preset",  # the values a preset set are compared themselves
     "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
