@@ -7,6 +7,7 @@
 | `clip`        | loading open_clip (tag or local file), attention kernels, `sage-tiny` |
 | `classifier`  | the classifier's initialisation from the text encoder, its disk cache |
 | `templates`   | the 60 prompt templates, LIFT's single prompt                         |
+| `zero_shot`   | `ZeroShotCLIP`: frozen CLIP and the template classifier, no training  |
 """
 from .classifier import (
     cached_text_classifier,
@@ -20,6 +21,7 @@ from .clip import ATTENTION_BACKENDS, frozen_self_attention, image_size, load_cl
 from .config import ModelConfig
 from .sage import SageModel, SageOutput, build_sage, model_config
 from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
+from .zero_shot import ZeroShotCLIP
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -29,6 +31,7 @@ __all__ = [
     "SageOutput",
     "SINGLE_TEMPLATE",
     "TEMPLATES",
+    "ZeroShotCLIP",
     "build_sage",
     "cached_text_classifier",
     "classifier_cache_key",
