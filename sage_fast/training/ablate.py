@@ -1,4 +1,4 @@
-"""`sage-fast ablate`: the component ladder of the paper's Tables 5 and 6 after zero-shot CLIP, one training run per row.
+"""`sage-fast ablate`: the component ladder of the paper's Tables 5 and 6 after zero-shot CLIP, one run per row.
 
     sage-fast ablate --preset imagenet_lt data.root=/data/ImageNet_LT train.output_dir=runs/ablation
     sage-fast ablate --config run.yaml train.output_dir=runs/ablation --rows baseline +FIT

@@ -1,8 +1,8 @@
 """`sage-fast ablate`: zero-shot CLIP and the ladder of Tables 5 and 6 as configs, and one tiny run per row, never
 run twice.
 
-The training test evaluates the zero-shot row and runs three rows (baseline, +SG, +FIT) for one epoch on `sage-tiny` with random weights and
-3 classes (40 / 12 / 6 training images, 2 test images each).
+The training test evaluates the zero-shot row and runs three rows (baseline, +SG, +FIT) for one epoch on
+`sage-tiny` with random weights and 3 classes (40 / 12 / 6 training images, 2 test images each).
 """
 import csv
 import dataclasses

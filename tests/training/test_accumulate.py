@@ -182,7 +182,8 @@ def test_torchrun_two_ranks_accumulating_match_one_process(data, full_batch, tmp
     out = tmp_path / "ddp"
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(_RANK_SCRIPT))
-    args = [f"{k}={'null' if v is None else v}" for k, v in overrides(data, out, **{"optim.accumulate_steps": 4}).items()]
+    settings = overrides(data, out, **{"optim.accumulate_steps": 4})
+    args = [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
