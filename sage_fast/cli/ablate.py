@@ -19,7 +19,7 @@ def main(argv) -> int:
     add_config_arguments(p, "YAML run config (sections data, model, optim, train, eval)")
     p.add_argument("--rows", nargs="+", metavar="ROW",
                    help="rows to run, by name or number: " + ", ".join(f"{i} {r.name}" for i, r in
-                                                                     enumerate(ablate.LADDER, 1)) + " (default: all)")
+                                                                     enumerate(ablate.LADDER)) + " (default: all)")
     p.add_argument("--dry-run", action="store_true", help="list the rows, their folders and which are finished; "
                                                           "train nothing")
     args, rest = p.parse_known_args(argv)
@@ -41,7 +41,7 @@ def main(argv) -> int:
     if args.dry_run:
         lines = [[str(planned[i].index), planned[i].row.name, " ".join(ablate.row_overrides(planned[i].row)),
                   str(planned[i].folder),
-                  "finished" if ablate.finished_report(planned[i].cfg, planned[i].folder) is not None else "to run"]
+                  "finished" if ablate.row_report(planned[i]) is not None else "to run"]
                  for i in selected]
         widths = [max(len(line[c]) for line in lines) for c in range(4)]
         for line in lines:
@@ -51,7 +51,9 @@ def main(argv) -> int:
     if is_main_process():
         print()
         print(ablate.markdown_table(ablate.table_rows([(d[0], d[1]) for d in done])), end="")
-        trained = sum(s != "reused" for _, _, s in done)
-        print(f"{len(done)} rows ({trained} trained, {len(done) - trained} finished earlier); "
+        evaluated = sum(s == "evaluated" for _, _, s in done)
+        trained = sum(s not in ("reused", "evaluated") for _, _, s in done)
+        zero_shot = f", {evaluated} evaluated (zero-shot)" if evaluated else ""
+        print(f"{len(done)} rows ({trained} trained{zero_shot}, {len(done) - trained - evaluated} finished earlier); "
               f"{out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}")
     return 0

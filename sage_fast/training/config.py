@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, check_model_config
+from ..ops.checks import check_interval, check_non_negative, check_positive
 
 
 class ConfigError(ValueError):
@@ -52,12 +53,16 @@ class DataConfig:
     dataset: str = field(default="folder", metadata={"choices": _dataset_names})
     #: image root; for cifar100_lt the directory holding (or being) ``cifar-100-python/``
     root: str = ""
-    #: split files (``relative/path label`` lines, or iNaturalist's official JSON); relative paths are
+    #: split files (``relative/path label`` lines in UTF-8, or iNaturalist's official JSON); relative paths are
     #: resolved against ``root``; empty: the data set's standard file name in ``root``
     train_split: str = ""
     test_split: str = ""
-    #: optional file with one class name per line, in label order (overrides the data set's metadata)
+    #: optional file with one class name per line (UTF-8), in label order (overrides the data set's metadata)
     class_names: str = ""
+    #: accept the same image listed twice in a split file, the same image in both splits, and two classes of
+    #: one name in ``class_names``. Off: each is refused before training, naming the file and both lines (a
+    #: repeated line counts its image twice; a test image in the training split inflates the test accuracy)
+    allow_duplicates: bool = False
     #: CIFAR-100-LT imbalance ratio (100, 50 or 10 in the paper) and the seed of its subsampling
     imbalance_ratio: float = 100.0
     subsample_seed: int = 0
@@ -106,6 +111,13 @@ class OptimConfig:
     epochs: int = 10
     #: global batch size, split evenly over the processes of a distributed run
     batch_size: int = 128
+    #: gradient accumulation: each process splits its share of the batch into this many micro-batches, one
+    #: forward and backward each, and the optimizer steps once per batch; the micro-batches' losses are
+    #: weighted by their share of the batch's images, so the update is the full batch's (up to float
+    #: rounding): the paper's batch 128 on a smaller GPU is ``optim.batch_size=128 optim.accumulate_steps=4``
+    #: (4 x 32). Activation memory follows the micro-batch; the schedule, logs and checkpoints count batches.
+    #: batch_size must be divisible by accumulate_steps x processes.
+    accumulate_steps: int = 1
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -263,27 +275,33 @@ def _merge(obj, updates: Mapping[str, Any], prefix: str = "") -> None:
         setattr(obj, key, _coerce(full, value, hints[key]))
 
 
-def _check_values(cfg: SageConfig) -> None:
-    def positive(key, v):
-        if not v > 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
+def _checked(check, *args) -> None:
+    """Run one of the ops' range checks (`sage_fast.ops.checks`: one definition of each range for the API and
+    the config); its ValueError / TypeError becomes a ConfigError (one line, exit status 2)."""
+    try:
+        check(*args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
 
-    def non_negative(key, v):
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}")
+
+def _check_values(cfg: SageConfig) -> None:
+    def positive(key, v):  # finite and > 0
+        _checked(check_positive, key, v)
+
+    def non_negative(key, v):  # finite and >= 0
+        _checked(check_non_negative, key, v)
 
     o, d, m, t = cfg.optim, cfg.data, cfg.model, cfg.train
     for k in ("epochs", "batch_size", "lr"):
         positive(f"optim.{k}", getattr(o, k))
-    for k in ("momentum", "weight_decay"):
-        non_negative(f"optim.{k}", getattr(o, k))
-    positive("model.mu", m.mu)
-    positive("model.logit_scale", m.logit_scale)
-    positive("model.text_batch_size", m.text_batch_size)
-    if len(m.lambdas) != 3:
-        raise ConfigError(f"model.lambdas must hold 3 numbers (lambda1, lambda2, lambda3), got {m.lambdas}")
-    if m.bottleneck is not None:
-        positive("model.bottleneck", m.bottleneck)
+    # SGD's momentum buffer is a geometric sum of past gradients: at 1 or above it grows without bound
+    _checked(check_interval, "optim.momentum", o.momentum, 0.0, 1.0, True)
+    non_negative("optim.weight_decay", o.weight_decay)
+    _checked(check_model_config, m, "model.")  # alpha, mu, gamma, lambdas, logit_scale, ...: the model's ranges
+    positive("optim.accumulate_steps", o.accumulate_steps)
+    if o.batch_size % o.accumulate_steps:
+        raise ConfigError(f"optim.batch_size={o.batch_size} is not divisible by optim.accumulate_steps="
+                          f"{o.accumulate_steps}: the batch is split into that many equal micro-batches")
     positive("data.imbalance_ratio", d.imbalance_ratio)
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
@@ -387,7 +405,11 @@ def build_config(
     else:
         name = file_preset
     if file_preset is not None and name != file_preset:
-        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset {file_preset!r}")
+        file_layer, replaced = _without_preset_values(file_layer, file_preset)
+        what = f"; the file's values of the keys {file_preset!r} sets are {name!r}'s now ({', '.join(replaced)})" \
+            if replaced else ""
+        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset "
+                      f"{file_preset!r}{what}")
     cfg = SageConfig()
     if base is not None:
         base = upgrade_stored(base)
@@ -401,6 +423,18 @@ def build_config(
     _merge(cfg, over_layer)
     _check_values(cfg)
     return cfg
+
+
+def _without_preset_values(layer: Mapping[str, Any], preset) -> Tuple[Dict[str, Any], List[str]]:
+    """`layer` (a config file) without the values it holds because `preset` set them: the keys the preset sets
+    whose value in the file equals the preset's. A file written by ``--print-config`` holds every value,
+    the preset's among them; when another preset is chosen, those must give way to it, not override it.
+    -> (the layer without them, their dotted keys)."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        return dict(layer), []
+    own = flatten(PRESETS[preset])
+    kept = {k: v for k, v in flatten(layer).items() if k not in own or own[k] != v}
+    return _nest(kept), sorted(k for k in flatten(layer) if k not in kept)
 
 
 def upgrade_stored(d: Mapping[str, Any]) -> Dict[str, Any]:
@@ -430,13 +464,15 @@ def config_from_dict(d: Mapping[str, Any]) -> SageConfig:
 # Comparing configs
 
 #: config keys that may differ between a checkpoint and the run resuming it: they decide where and how
-#: fast the run goes, or what it logs, never the weights it ends with
+#: fast the run goes, or what it logs, never the weights it ends with. Not optim.accumulate_steps: the
+#: accumulated update is the full batch's summed in another order, equal up to float rounding, not in bits
 RESUME_FREE_KEYS = frozenset({
     "preset",  # the values a preset set are compared themselves
     "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
     "train.output_dir", "train.device", "train.progress", "train.tensorboard", "train.log_every_steps",
     "train.ckpt_every_steps", "train.eval_every_epochs", "train.eval_batch_size", "train.find_unused_parameters",
     "model.text_batch_size",  # batching of the classifier's initialisation; the trained classifier is restored
+    "model.grad_checkpoint",  # activation checkpointing recomputes the same forward: the same gradients
     "eval.tte",  # how the test set is evaluated, not what is trained
 })
 #: keys in which a finished run may differ from the requested config and still count as that run (sweep,

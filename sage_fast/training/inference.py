@@ -37,7 +37,7 @@ from .checkpoint import ZERO_SHOT, CheckpointError, nonfinite_entries, read_weig
 from .config import ConfigError, build_config, config_differences, flatten, format_differences
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
 from .errors import UserError
-from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries
+from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries, write_runtime_record
 
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -224,19 +224,32 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
     are grouped (many / medium / few) by the training counts stored with the weights, as the training run
     grouped them. The report's ``epoch`` / ``step`` are those of the weights (None where the file does not
     say), and ``weights`` names the file. Nothing is written unless the evaluation finishes: the folder and
-    its three files appear together (a stop signal waits for them)."""
-    from .data import GpuBatchTransform
+    its files appear together (a stop signal waits for them).
+
+    weights None: zero-shot CLIP (`sage_fast.model.ZeroShotCLIP`: the frozen encoder and the template
+    classifier of `cfg`, nothing trained), on the data set as a training run of `cfg` builds it (the same
+    groups); default folder ``train.output_dir/zero-shot``, which also gets the ``config.yaml`` evaluated;
+    the report has ``epoch`` = ``step`` = 0 and ``zero_shot`` true."""
+    import os
+
+    from ..model import ZeroShotCLIP
+    from ..utils.files import atomic_write_text
+    from .data import GpuBatchTransform, build_data
+    from .distributed import setup_distributed
     from .evaluation import evaluate_model
     from .metrics import write_report
     from .preemption import signals_deferred
     from .preflight import check_device, check_image_size, check_model_source, check_output_dir
-    from .distributed import setup_distributed
+    from .run_folder import CONFIG
+    from .trainer import build_model
 
-    out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / "eval"
+    out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / ("eval" if weights else "zero-shot")
     if holds_training_run(out):
         raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere (--out)")
-    w = read_trained(weights)
-    check_device(cfg.train.device)
+    w = read_trained(weights) if weights else None
+    # the checks of a training run's `preflight` that evaluation needs: not the training batch, and the
+    # folder written is `out`
+    check_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = setup_distributed(cfg.train.device)
     ok = False
     try:
@@ -246,32 +259,44 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
         size = check_image_size(cfg)
         progress = cfg.train.progress and dist_info.is_main
         seed_everything(cfg.train.seed)
-        data = _test_data(cfg, size, raw=bool(cfg.data.gpu_decode), progress=progress)
-        names, counts = data.class_names, data.class_counts
-        if w.class_names is not None:
-            check_class_names(w.class_names, data.class_names, _data_source(cfg), force)
-            names = w.class_names
-        if w.class_counts is not None:
-            # the grouping follows the training counts, unless the data set groups by fixed counts of its own
-            # (CIFAR-100-LT ratios 50 and 10: ratio 100's)
-            own_groups = list(data.group_counts) != list(data.class_counts)
-            data.class_names, data.class_counts = list(names), list(w.class_counts)
-            if not own_groups:
-                data.group_counts = list(w.class_counts)
-            counts = w.class_counts
-        model = _build(cfg, w, names, counts, dist_info.device, False, progress)
+        raw = bool(cfg.data.gpu_decode)
+        if w is None:
+            data = build_data(cfg.data, size, raw=raw, progress=progress)
+            model = ZeroShotCLIP(build_model(cfg, data.class_names, data.class_counts, dist_info.device,
+                                             progress=progress))
+        else:
+            data = _test_data(cfg, size, raw=raw, progress=progress)
+            names, counts = data.class_names, data.class_counts
+            if w.class_names is not None:
+                check_class_names(w.class_names, data.class_names, _data_source(cfg), force)
+                names = w.class_names
+            if w.class_counts is not None:
+                # the grouping follows the training counts, unless the data set groups by fixed counts of its
+                # own (CIFAR-100-LT ratios 50 and 10: ratio 100's)
+                own_groups = list(data.group_counts) != list(data.class_counts)
+                data.class_names, data.class_counts = list(names), list(w.class_counts)
+                if not own_groups:
+                    data.group_counts = list(w.class_counts)
+                counts = w.class_counts
+            model = _build(cfg, w, names, counts, dist_info.device, False, progress)
         gpu_tf = (GpuBatchTransform(size, False, dist_info.device, unreadable=data.test.unreadable)
                   if cfg.data.gpu_decode else None)
         report = evaluate_model(model, data, cfg, dist_info, size, progress, gpu_tf)
-        report["epoch"], report["step"] = w.epoch, w.step
-        report["weights"] = str(w.path)
+        if w is None:
+            report["epoch"], report["step"], report["zero_shot"] = 0, 0, True
+        else:
+            report["epoch"], report["step"] = w.epoch, w.step
+            report["weights"] = str(w.path)
         if dist_info.is_main:
             if report["skipped"]:
                 warnings.warn(f"evaluation: {report['skipped']} unreadable test images skipped")
             with signals_deferred():
                 out.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(out)
+                if w is None:  # what was evaluated, before the metrics (`reuse.finished_report` reads both)
+                    atomic_write_text(out / CONFIG, cfg.to_yaml())
                 write_report(out, report, data)
+                write_runtime_record(out, model)
         ok = True
         return report
     finally:
@@ -319,13 +344,11 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
+        from .data.images import open_rgb
         from .data.unreadable import READ_ERRORS
 
         try:
-            with Image.open(self.paths[i]) as im:
-                return i, self.transform(im.convert("RGB"))  # convert(): the full decode, so truncation raises here
+            return i, self.transform(open_rgb(self.paths[i]))  # the full decode: truncation raises here
         except READ_ERRORS as e:
             return i, f"{type(e).__name__}: {e}"
 

@@ -37,12 +37,12 @@ def same_run(cfg: SageConfig, folder) -> bool:
     return stored is not None and not config_differences(stored, cfg.to_dict(), free=REUSE_FREE_KEYS)
 
 
-def finished_report(cfg: SageConfig, folder) -> Optional[dict]:
+def finished_report(cfg: SageConfig, folder, epoch: Optional[int] = None) -> Optional[dict]:
     """The ``metrics.json`` of a finished run of `cfg` in `folder`, else None.
 
     Finished: the metrics are at least as new as ``config.yaml`` (which a run writes when it starts, so
-    metrics left by an earlier config do not count), were taken after the last epoch, and the config is
-    `cfg` (`same_run`).
+    metrics left by an earlier config do not count), were taken after the last epoch (`epoch`, default
+    ``cfg.optim.epochs``; 0 for a zero-shot evaluation), and the config is `cfg` (`same_run`).
     """
     folder = Path(folder)
     metrics, config = folder / "metrics.json", folder / CONFIG
@@ -52,7 +52,8 @@ def finished_report(cfg: SageConfig, folder) -> Optional[dict]:
         report = json.loads(metrics.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(report, dict) or report.get("epoch") != cfg.optim.epochs or not same_run(cfg, folder):
+    wanted = cfg.optim.epochs if epoch is None else epoch
+    if not isinstance(report, dict) or report.get("epoch") != wanted or not same_run(cfg, folder):
         return None
     return report
 

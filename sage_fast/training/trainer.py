@@ -12,6 +12,13 @@ CPU) and reads its shard of every global batch (`optim.batch_size` is the global
 files. A process that fails exits at once (no final barrier), so torchrun sees the failure and stops the
 others instead of the job hanging.
 
+Gradient accumulation (`optim.accumulate_steps` = k, for a batch whose activations do not fit): each process
+splits its share of the batch into k micro-batches and runs forward and backward on each; their losses are
+weighted by their share of the batch's readable images, so the one SGD step per batch is the full batch's
+(up to float rounding), and the schedule, logs and checkpoints count batches as before. A checkpoint is only
+ever at a batch boundary: a run stopped mid-accumulation repeats that batch on resume. Under DDP only the
+last micro-batch all-reduces its gradients (``no_sync`` before it).
+
 Determinism and resume: augmentations are drawn from per-sample seeds (`sage_fast.training.data`), so a run's
 batches do not depend on the number of processes or on interruptions. A checkpoint (`checkpoint`) is written
 atomically every `train.ckpt_every_steps` steps and at each epoch end; ``--resume`` continues from it to the
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +45,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..ops.backend import decide_backends
 from ..utils.files import atomic_write_text
 from .checkpoint import (
     checkpoint_state,
@@ -61,6 +70,7 @@ from .run_folder import (
     claim_for_fresh_run,
     refuse_if_in_use,
     remove_stale_temporaries,
+    write_runtime_record,
 )
 from .run_log import RunLog
 
@@ -83,6 +93,17 @@ def build_model(cfg: SageConfig, class_names, class_counts, device, progress: bo
 
     torch.manual_seed(cfg.train.seed)
     return build_sage(class_names, class_counts, cfg.model, device=device, progress=progress, zero_shot=zero_shot)
+
+
+def _no_buffer_sync_per_forward(ddp_class) -> dict:
+    """DDP's switch for "do not broadcast the buffers before every forward" (they are the frozen model's, equal
+    on every rank): ``forward_sync_buffers=False`` where torch has it (2.14 deprecates ``broadcast_buffers``
+    with a FutureWarning on every rank), ``broadcast_buffers=False`` before."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def cosine_lambda(total_steps: int) -> Callable[[int], float]:
@@ -126,6 +147,10 @@ class Trainer:
                                  progress=self.progress)
         if self.dist.distributed and first:
             barrier(self.dist)
+        # every op decided (and the kernels self-checked) now: 'triton' that cannot run stops here, and an
+        # 'auto' fallback warns here, not in the first step
+        amp_dtype = torch.bfloat16 if cfg.train.amp and self.device.type == "cuda" else torch.float32
+        decide_backends(cfg.model.backend, self.device, tuple(dict.fromkeys((amp_dtype, torch.float32))))
 
         pin = cfg.data.pin_memory and self.device.type == "cuda"
         self.train_loader = build_loader(self.data.train, self.local_batch, self.sampler, cfg.data, pin, train=True)
@@ -148,7 +173,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           broadcast_buffers=False, find_unused_parameters=cfg.train.find_unused_parameters)
+                           find_unused_parameters=cfg.train.find_unused_parameters, **_no_buffer_sync_per_forward(DDP))
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -159,6 +184,7 @@ class Trainer:
         self._last_good = None
         # False while out_dir/last.pt is a corrupt file that a resume skipped: it must not become previous.pt
         self._keep_previous = True
+        self._recorded = False  # runtime.json written (after the first step)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -211,24 +237,55 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self, batch) -> tuple:
-        """Forward, loss, backward, SGD step, scheduler step. -> (loss, images in this process's batch)."""
+        """Forward and backward of each of the `optim.accumulate_steps` micro-batches of this process's batch,
+        then one SGD step and one scheduler step. -> (the batch's loss, images in this process's batch).
+
+        Each micro-batch's loss (a mean over its images) is weighted by its share of the readable images of
+        the global batch (`_loss_weights`), so the summed gradients are the gradient of the batch's mean loss.
+        Under DDP only the last micro-batch's backward all-reduces (``no_sync`` before it)."""
         images, labels = batch_on_device(batch, self.device, self.gpu_train_tf)
-        empty = images is None
-        if empty:
+        n = 0 if images is None else len(labels)
+        if n == 0:
             # every image of the local batch was unreadable: a zero-weight dummy keeps DDP's collectives in step
-            images = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-            labels = torch.zeros(1, dtype=torch.long, device=self.device)
-        with autocast(self.device, self.cfg.train.amp):
-            out = self.net(images)
-        loss, _ = self.model.loss(out, labels)
-        if empty:
-            loss = loss * 0.0
+            micro = [(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device),
+                      torch.zeros(1, dtype=torch.long, device=self.device))]
+        else:
+            k = min(self.cfg.optim.accumulate_steps, n)  # fewer readable images than micro-batches: one each
+            micro = list(zip(images.tensor_split(k), labels.tensor_split(k)))
+        weights = self._loss_weights([0 if n == 0 else len(y) for _, y in micro])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for i, ((x, y), w) in enumerate(zip(micro, weights)):
+            last = i == len(micro) - 1
+            with (self.net.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()):
+                with autocast(self.device, self.cfg.train.amp):
+                    out = self.net(x)
+                loss, _ = self.model.loss(out, y)
+                loss = loss * w
+                loss.backward()
+            total += loss.detach()
         self.optimizer.step()
         self.last_lr = self.scheduler.get_last_lr()[0]  # the lr this step used
         self.scheduler.step()
-        return loss.detach(), (0 if empty else len(labels))
+        return total, n
+
+    def _loss_weights(self, sizes: Sequence[int]) -> list:
+        """The weight of each micro-batch's mean loss: n_i R / N, for n_i readable images in it, R processes
+        and N readable images in the global batch (summed over the processes: one all-reduce of one number).
+
+        DDP averages the R processes' gradients, so the update is the gradient of the mean loss over the N
+        images, however they are spread over processes and micro-batches. With every image readable and one
+        micro-batch the weight is exactly 1 (n R / N in one division), which leaves such runs bit for bit
+        as they were. A process without readable images weighs 0."""
+        world = self.dist.world_size
+        if not self.dist.distributed:
+            total = max(sum(sizes), 1)
+            return [n * world / total for n in sizes]
+        count = torch.tensor(float(sum(sizes)), device=self.device)
+        dist.all_reduce(count)
+        count = count.clamp(min=1.0)
+        # count.new_tensor(n R) / count, not n R / count: a number over a tensor is n R * (1 / count), two roundings
+        return [count.new_tensor(float(n * world)) / count for n in sizes]
 
     def _step_flags(self, check_weights: bool = True):
         """(signal number that asked some rank to stop, or 0; whether the weights hold NaN / Inf), the same on
@@ -292,6 +349,8 @@ class Trainer:
         for batch in self.train_loader:
             skipped += batch.skipped
             loss, n = self.train_step(batch)
+            if not self._recorded:
+                self._record_runtime()
             loss_sum += loss
             loss_n += 1
             imgs += n
@@ -338,6 +397,13 @@ class Trainer:
             with self.stops.interruptible():
                 self.evaluate(write=False)
         self._emit("epoch", self.epoch)
+
+    def _record_runtime(self) -> None:
+        """After this process's first step: rank 0 writes what ran (runtime.json) and says it in one line."""
+        self._recorded = True
+        if self.dist.is_main:
+            line = write_runtime_record(self.out_dir, self.model)
+            print(f"sage-fast: ran {line}", file=sys.stderr, flush=True)
 
     def _emit(self, event: str, info) -> None:
         for cb in self.callbacks:
