@@ -476,7 +476,7 @@ def test_sweep_mistakes_are_one_line(tmp_path, capsys):
         (["model.alpha=0.1,0.2", "--model.alpha", "0.3"], "model.alpha is swept (0.1,0.2) and also set to 0.3"),
         (["model.alpha=a,b"], "model.alpha: expected float, got 'a'"),
         (["model.alpha=0.1,0.1"], "give the same run"),
-        (["model.lambdas=[1],[2]"], "model.lambdas must hold 3 numbers"),
+        (["model.lambdas=[1],[2]"], "model.lambdas must hold three numbers"),
         (["optim.nope=1,2"], "unknown config key 'optim.nope'"),
         (["--config", str(tmp_path / "none.yaml"), "model.alpha=0.1,0.2"], "config file not found"),
     ]:
