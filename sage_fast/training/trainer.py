@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.backend import decide_backends
+from ..ops.checks import NonFiniteError
 from ..utils.files import atomic_write_text
 from .checkpoint import (
     checkpoint_state,
@@ -185,6 +186,7 @@ class Trainer:
         # False while out_dir/last.pt is a corrupt file that a resume skipped: it must not become previous.pt
         self._keep_previous = True
         self._recorded = False  # runtime.json written (after the first step)
+        self._nonfinite_loss = False  # the loss of this step found NaN / Inf logits (`_step_flags` reads it)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -260,7 +262,14 @@ class Trainer:
             with (self.net.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()):
                 with autocast(self.device, self.cfg.train.amp):
                     out = self.net(x)
-                loss, _ = self.model.loss(out, y)
+                try:
+                    loss, _ = self.model.loss(out, y)
+                except NonFiniteError:
+                    # the logits overflowed: the run diverged. A zero loss over the weights keeps this
+                    # process's backward (DDP's all-reduce) in step with the others; the step flags then stop
+                    # every rank before anything of this step is saved
+                    self._nonfinite_loss = True
+                    loss = sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
                 loss = loss * w
                 loss.backward()
             total += loss.detach()
@@ -287,17 +296,21 @@ class Trainer:
         # count.new_tensor(n R) / count, not n R / count: a number over a tensor is n R * (1 / count), two roundings
         return [count.new_tensor(float(n * world)) / count for n in sizes]
 
-    def _step_flags(self, check_weights: bool = True):
-        """(signal number that asked some rank to stop, or 0; whether the weights hold NaN / Inf), the same on
-        every rank: one all-reduce of two numbers, one host sync."""
-        flags = torch.zeros(2, device=self.device)
+    def _step_flags(self, loss: Optional[torch.Tensor] = None):
+        """After a step (its `loss`) or an epoch: (signal number that asked some rank to stop, or 0; what went
+        NaN / Inf on some rank: "" when nothing, else "the loss (the logits overflowed)" or "the weights"),
+        the same on every rank: one all-reduce of three numbers, one host sync."""
+        flags = torch.zeros(3, device=self.device)
         flags[0] = float(self.stops.signum or 0)
-        if check_weights:
+        if loss is not None:
             flags[1] = (~self.model.finite_parameters()[1].all()).float()
+            flags[2] = 1.0 if self._nonfinite_loss else (~torch.isfinite(loss)).float()
+            self._nonfinite_loss = False
         if self.dist.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, bad = flags.tolist()
-        return int(stop), bool(bad)
+        stop, bad_weights, bad_loss = flags.tolist()
+        bad = "the loss (the logits overflowed)" if bad_loss else "the weights" if bad_weights else ""
+        return int(stop), bad
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, resume=None, overwrite: bool = False, force_resume: bool = False) -> dict:
@@ -356,14 +369,14 @@ class Trainer:
             imgs += n
             self.step_in_epoch += 1
             self.global_step += 1
-            stop, bad = self._step_flags()
+            stop, bad = self._step_flags(loss)
             if stop:
                 self.stops.acknowledge()  # every rank got here: none is stuck
             now = time.perf_counter()
             self.stops.step_took(now - t_step)
             t_step = now
             if bad:
-                raise self._diverged(self._nonfinite_names())
+                raise self._diverged(self._nonfinite_names() if bad == "the weights" else bad)
             if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                 mean_loss = reduce_sum(self.dist, float(loss_sum / max(loss_n, 1))) / self.dist.world_size
                 dt = time.perf_counter() - t0
@@ -389,7 +402,7 @@ class Trainer:
                           f"({self.skipped_total} so far)")
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.save_checkpoint()
-        stop, _ = self._step_flags(check_weights=False)
+        stop, _ = self._step_flags()
         if stop:
             self._stop_now(stop)
         ev = cfg.train.eval_every_epochs
@@ -420,9 +433,9 @@ class Trainer:
             good = "no checkpoint was written yet"
         else:
             good = f"the last good checkpoint is {self._last_good[0]} (step {self._last_good[1]})"
-        return Diverged(f"training diverged at step {self.global_step}: {what} hold NaN or "
-                        f"Inf after the update, so nothing of it was saved; {good}. Check the data, or resume with a "
-                        "lower optim.lr (and --force-resume)", self.global_step)
+        return Diverged(f"training diverged at step {self.global_step}: {what} hold NaN or Inf, so nothing of "
+                        f"this step was saved; {good}. Check the data, or resume with a lower optim.lr (and "
+                        "--force-resume)", self.global_step)
 
     def _where(self) -> str:
         return f"rank {self.dist.rank}: " if self.dist.distributed else ""

@@ -255,6 +255,20 @@ def test_nan_gradient_on_a_checkpoint_step_keeps_the_last_good_checkpoint(data, 
     assert_same_weights(out, reference)
 
 
+def test_overflowing_logits_are_a_divergence_stop_too(data, tmp_path):
+    """An lr so large that the logits overflow while the weights stay finite: the loss refuses its NaN / Inf
+    input, and the run ends in the divergence stop (exit 3, the step, the last good checkpoint), not a
+    traceback; what is on disk is finite."""
+    out = tmp_path / "run"
+    proc = sage("train", *overrides(data, out, **{"optim.lr": 1e30, "train.ckpt_every_steps": 1}))
+    assert proc.returncode == 3, why(proc)
+    line = error_line(proc)
+    assert "diverged at step" in line and "the loss (the logits overflowed) hold NaN or Inf" in line, line
+    assert "Traceback" not in proc.stderr
+    if (out / "last.pt").exists():
+        read_checkpoint(out / "last.pt")  # verifies digest and finiteness
+
+
 # ---------------------------------------------------------------- corrupt checkpoints
 
 
