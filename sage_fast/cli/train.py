@@ -13,7 +13,7 @@ EXIT_DIVERGED = 3
 EXIT_HELP = (
     "Exit status: 0 finished; 1 crashed; 2 refused before training: bad arguments or config, an OUTPUT_DIR "
     "that already holds a run (without --resume / --overwrite), resume settings that differ from the "
-    "checkpoint's (without --force-resume), no checkpoint that verifies; 3 diverged: the weights went NaN/Inf, "
+    "checkpoint's (without --force-resume), no checkpoint that verifies; 3 diverged: the loss, logits or weights went NaN/Inf, "
     "nothing non-finite was saved, the message names the step and the last good checkpoint; "
     f"{EXIT_PREEMPTED} preempted: SIGTERM or SIGUSR1 stopped the run after a whole step with a checkpoint written "
     "(every rank under torchrun, which itself then exits 1 and reports 'exitcode: 75'): resubmit with --resume "
