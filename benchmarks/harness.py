@@ -649,7 +649,7 @@ def add_ratios(record: dict, records: list[dict]) -> None:
 
 def attention_backend() -> str:
     """The attention kernel the train-step benchmark uses: the model's "auto" choice on this device
-    (xformers on CUDA when installed, SDPA otherwise)."""
+    (SDPA; see sage_fast.model.attention)."""
     from sage_fast.model import resolve_attention
 
     return resolve_attention("auto", DEVICE)

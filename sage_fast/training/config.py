@@ -390,7 +390,11 @@ def build_config(
     else:
         name = file_preset
     if file_preset is not None and name != file_preset:
-        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset {file_preset!r}")
+        file_layer, replaced = _without_preset_values(file_layer, file_preset)
+        what = f"; the file's values of the keys {file_preset!r} sets are {name!r}'s now ({', '.join(replaced)})" \
+            if replaced else ""
+        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset "
+                      f"{file_preset!r}{what}")
     cfg = SageConfig()
     if base is not None:
         base = upgrade_stored(base)
@@ -404,6 +408,18 @@ def build_config(
     _merge(cfg, over_layer)
     _check_values(cfg)
     return cfg
+
+
+def _without_preset_values(layer: Mapping[str, Any], preset) -> Tuple[Dict[str, Any], List[str]]:
+    """`layer` (a config file) without the values it holds because `preset` set them: the keys the preset sets
+    whose value in the file equals the preset's. A file written by ``--print-config`` holds every value,
+    the preset's among them; when another preset is chosen, those must give way to it, not override it.
+    -> (the layer without them, their dotted keys)."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        return dict(layer), []
+    own = flatten(PRESETS[preset])
+    kept = {k: v for k, v in flatten(layer).items() if k not in own or own[k] != v}
+    return _nest(kept), sorted(k for k in flatten(layer) if k not in kept)
 
 
 def upgrade_stored(d: Mapping[str, Any]) -> Dict[str, Any]:

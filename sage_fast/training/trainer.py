@@ -79,6 +79,17 @@ def build_model(cfg: SageConfig, class_names, class_counts, device, progress: bo
     return build_sage(class_names, class_counts, cfg.model, device=device, progress=progress)
 
 
+def _no_buffer_sync_per_forward(ddp_class) -> dict:
+    """DDP's switch for "do not broadcast the buffers before every forward" (they are the frozen model's, equal
+    on every rank): ``forward_sync_buffers=False`` where torch has it (2.14 deprecates ``broadcast_buffers``
+    with a FutureWarning on every rank), ``broadcast_buffers=False`` before."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def cosine_lambda(total_steps: int) -> Callable[[int], float]:
     """lr factor at step t: 0.5 (1 + cos(pi t / T)), no warm-up; reaches 0 after the last step."""
     total = max(int(total_steps), 1)
@@ -142,7 +153,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           broadcast_buffers=False, find_unused_parameters=cfg.train.find_unused_parameters)
+                           find_unused_parameters=cfg.train.find_unused_parameters, **_no_buffer_sync_per_forward(DDP))
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
