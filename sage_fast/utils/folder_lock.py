@@ -207,7 +207,8 @@ class FolderLock:
         self._created = []
 
     def _take(self) -> None:
-        deadline = time.monotonic() + self.wait
+        # at least a moment: `lock_holder` of another process may hold a shared lock for a few microseconds
+        deadline = time.monotonic() + max(self.wait, 0.2)
         for _ in range(100 + int(self.wait * 20)):  # starts over when a holder deleted the file under us, or waits
             try:
                 fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
