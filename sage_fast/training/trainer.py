@@ -50,6 +50,8 @@ from ..ops.checks import NonFiniteError
 from ..utils.files import atomic_write_text
 from .checkpoint import (
     checkpoint_state,
+    final_report,
+    finished_run,
     nonfinite_entries,
     restore_checkpoint,
     resume_candidates,
@@ -58,19 +60,19 @@ from .checkpoint import (
 )
 from .config import SageConfig
 from .data import GpuBatchTransform, LTData, TrainSampler, batch_on_device, build_data, build_loader
-from .distributed import DistInfo, autocast, barrier, cleanup_distributed, reduce_sum, seed_everything
+from .distributed import DistInfo, autocast, barrier, cleanup_distributed, is_main_process, reduce_sum, seed_everything
 from .evaluation import evaluate_model
 from .metrics import write_report
 from .preemption import Preempted, StopSignals, signal_name
-from .preflight import preflight
+from .preflight import check_output_dir, preflight
 from .run_folder import (
     CONFIG,
     EXPORT,
     LAST,
     PREVIOUS,
-    claim_for_fresh_run,
-    refuse_if_in_use,
-    remove_stale_temporaries,
+    check_claim,
+    claim_run_folder,
+    hold_run_folder,
     write_runtime_record,
 )
 from .run_log import RunLog
@@ -215,7 +217,7 @@ class Trainer:
         warning): weights, optimizer, scheduler, sampler position and RNG states. `force`: resume even when
         settings that change the result differ from the checkpoint's (`restore_checkpoint`)."""
         progress = restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.cfg.to_dict(),
-                                      self.data.class_counts, self.device, force=force)
+                                      self.data.class_names, self.data.class_counts, self.device, force=force)
         self.epoch, self.step_in_epoch = progress["epoch"], progress["step_in_epoch"]
         self.global_step, self.skipped_total = progress["global_step"], progress["skipped_total"]
         used = progress["path"]
@@ -316,19 +318,26 @@ class Trainer:
     def fit(self, resume=None, overwrite: bool = False, force_resume: bool = False) -> dict:
         """Train for `optim.epochs` epochs (from a checkpoint when `resume` is a path), evaluate, write outputs.
 
-        Without `resume`, a folder that already holds a run is refused (`RunFolderError`) unless `overwrite`,
-        which deletes that run's files first. `force_resume`: see `load_checkpoint`.
+        Rank 0 holds the output folder's lock throughout (`run_folder.hold_run_folder`), and the run claims the
+        folder (`run_folder.claim_run_folder`): without `resume`, a folder that already holds a run is refused
+        (`RunFolderError`) unless `overwrite`, which deletes that run's files first; a folder of foreign files is
+        always refused. `force_resume`: see `load_checkpoint`.
         Raises `Preempted` after SIGTERM / SIGUSR1 (checkpoint written) and `Diverged` on NaN / Inf weights.
-        Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts.
+        Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts; a resumed run that had
+        already finished is left as it is and returns its ``metrics.json`` with ``done_before`` True.
         """
-        if self.dist.is_main:
-            remove_stale_temporaries(self.out_dir)
+        with hold_run_folder(self.out_dir, self.dist.is_main):
+            return self._fit(resume, overwrite, force_resume)
+
+    def _fit(self, resume, overwrite: bool, force_resume: bool) -> dict:
         if resume:
             self.load_checkpoint(resume, force=force_resume)
-        else:
-            claim_for_fresh_run(self.out_dir, overwrite, self.dist)
+            at = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+            done = final_report(self.out_dir, at, self.cfg.optim.epochs)
+            if done is not None:
+                return {**done, "done_before": True}
+        claim_run_folder(self.out_dir, self.dist, fresh=not resume, overwrite=overwrite)
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / CONFIG, self.cfg.to_yaml())
         self.log = RunLog(self.out_dir, self.dist.is_main, self.cfg.train.tensorboard,
                           self.global_step if resume else None)
@@ -485,24 +494,36 @@ def train(cfg: SageConfig, resume=None, callbacks: Sequence[Callable] = (), over
     """Build a `Trainer`, fit, clean up the process group.
 
     resume: a checkpoint path, or "auto" for ``output_dir/last.pt`` (or ``previous.pt``) when there is one
-    and a fresh start otherwise. Without it, an output folder that holds a run is refused
-    (`RunFolderError`, before anything is built) unless `overwrite`. `force_resume`: `Trainer.load_checkpoint`.
+    and a fresh start otherwise. `force_resume`: `Trainer.load_checkpoint`.
+
+    Before anything is built, rank 0 takes the output folder's lock (a folder another process holds is refused,
+    `RunFolderBusy`) and checks the claim (`RunFolderError`: a folder of foreign files, or without `resume` one
+    that holds a run, unless `overwrite`); a resume of a run that has already finished returns its
+    ``metrics.json`` with ``done_before`` True and changes nothing.
     """
     out = Path(cfg.train.output_dir)
     if resume == "auto":
         resume = next((p for p in resume_candidates(out / LAST) if p.is_file()), None)
     elif resume and not any(p.is_file() for p in resume_candidates(resume)):
         raise FileNotFoundError(f"checkpoint to resume from not found: {resume}")
-    if not resume and not overwrite:
-        refuse_if_in_use(out)
-    trainer = Trainer(cfg, callbacks=callbacks)
-    ok = False
-    try:
-        result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
-        ok = True
-        return result
-    except Preempted as e:
-        ok = e.agreed  # then every rank stopped at the same step and passed the same barrier
-        raise
-    finally:
-        trainer.close(ok)
+    main = is_main_process()
+    if main:
+        check_output_dir(out)  # its message names the key, before the lock makes the folder
+    with hold_run_folder(out, main):
+        if main:
+            check_claim(out, fresh=not resume, overwrite=overwrite)
+        if resume:
+            done = finished_run(out, resume, cfg.to_dict(), force_resume)
+            if done is not None:
+                return {**done, "done_before": True}
+        trainer = Trainer(cfg, callbacks=callbacks)
+        ok = False
+        try:
+            result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
+            ok = True
+            return result
+        except Preempted as e:
+            ok = e.agreed  # then every rank stopped at the same step and passed the same barrier
+            raise
+        finally:
+            trainer.close(ok)
