@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .common import OVERRIDE_HELP, CommandError, CommandParser, add_config_arguments, split_arguments
+from .train import training_outcomes
 
 
 def main(argv) -> int:
@@ -39,15 +40,18 @@ def main(argv) -> int:
     base, planned = ablate.plan_ablation(args.config, overrides, args.preset)
     out_dir = Path(base.train.output_dir)
     if args.dry_run:
+        identities: dict = {}
+        finished = {i for i in selected
+                    if ablate.row_report(planned[i], identities) is not None}
         lines = [[str(planned[i].index), planned[i].row.name, " ".join(ablate.row_overrides(planned[i].row)),
-                  str(planned[i].folder),
-                  "finished" if ablate.row_report(planned[i]) is not None else "to run"]
+                  str(planned[i].folder), "finished" if i in finished else "to run"]
                  for i in selected]
         widths = [max(len(line[c]) for line in lines) for c in range(4)]
         for line in lines:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths + [0])).rstrip())
         return 0
-    done = ablate.run_ablation(base, planned, selected)
+    with training_outcomes(p.prog):
+        done = ablate.run_ablation(base, planned, selected)
     if is_main_process():
         print()
         print(ablate.markdown_table(ablate.table_rows([(d[0], d[1]) for d in done])), end="")

@@ -52,6 +52,7 @@ from .config import ConfigError, SageConfig, build_config, parse_overrides
 from .distributed import is_main_process
 from .metrics import ACCURACIES, metric_value
 from .reuse import finished_report, run_or_reuse
+from .run_folder import hold_run_folder
 
 #: the switches the rows set, in the table's column order
 SWITCHES = ("adapter", "classifier_init", "loss", "fit")
@@ -261,16 +262,17 @@ def write_results(out_dir, base: SageConfig, done: Sequence[Tuple[Planned, dict]
     return rows
 
 
-def row_report(p: Planned) -> Optional[dict]:
-    """The report of row `p` when its folder holds it finished (`reuse.finished_report`), else None."""
-    return finished_report(p.cfg, p.folder, epoch=0 if p.row.zero_shot else None)
+def row_report(p: Planned, identities: Optional[dict] = None) -> Optional[dict]:
+    """The report of row `p` when its folder holds it finished (`reuse.finished_report`), else None.
+    identities: the data listings read so far in this command (`reuse.DataIdentities`)."""
+    return finished_report(p.cfg, p.folder, identities, epoch=0 if p.row.zero_shot else None)
 
 
-def evaluate_or_reuse(p: Planned) -> Tuple[dict, str]:
+def evaluate_or_reuse(p: Planned, identities: Optional[dict] = None) -> Tuple[dict, str]:
     """The zero-shot row: its finished report ("reused"), or zero-shot CLIP evaluated into its folder ("evaluated")."""
     from .inference import evaluate_weights
 
-    report = row_report(p)
+    report = row_report(p, identities)
     if report is not None:
         return report, "reused"
     return evaluate_weights(p.cfg, None, out_dir=p.folder), "evaluated"
@@ -282,29 +284,34 @@ def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequenc
     ``ablation.md`` and ``ablation.csv`` with them and every other row finished earlier.
 
     -> [(planned row, report, status)] for the selected rows (status: see `reuse.run_or_reuse`; "evaluated"
-    for zero-shot). `log` gets the progress lines (on the main process only).
+    for zero-shot). `log` gets the progress lines (on the main process only). The main process holds the output
+    folder's lock throughout (a second ablation into it is refused, `RunFolderBusy`), and each row its own
+    folder's.
     """
     if not is_main_process():  # under torchrun: one process reports
         def log(*args, **kwargs):
             pass
     out_dir = Path(base.train.output_dir)
-    others = {i: row_report(planned[i]) for i in range(len(planned)) if i not in selected}
-    others = {i: r for i, r in others.items() if r is not None}
+    identities: dict = {}  # the data's listing, read once per data config
     done: List[Tuple[Planned, dict, str]] = []
-    for n, i in enumerate(selected, 1):
-        p = planned[i]
-        finished = row_report(p) is not None
-        doing = "evaluating" if p.row.zero_shot else "training"
-        log(f"[{n}/{len(selected)}] {p.row.name} ({' '.join(row_overrides(p.row))}): "
-            + ("finished earlier" if finished else f"{doing} in {p.folder}"))
-        start = time.time()
-        report, status = evaluate_or_reuse(p) if p.row.zero_shot else run_or_reuse(p.cfg, p.folder)
-        done.append((p, report, status))
-        if status != "reused":
-            log(f"    {p.row.name}: overall {_acc(report.get('overall'))}  many {_acc(report.get('many'))}  "
-                f"medium {_acc(report.get('medium'))}  few {_acc(report.get('few'))}  "
-                f"({status}, {time.time() - start:.0f} s)")
-        if is_main_process():
-            results = [(planned[j], r) for j, r in others.items()] + [(d[0], d[1]) for d in done]
-            write_results(out_dir, base, results)
+    with hold_run_folder(out_dir, is_main_process()):
+        others = {i: row_report(planned[i], identities) for i in range(len(planned)) if i not in selected}
+        others = {i: r for i, r in others.items() if r is not None}
+        for n, i in enumerate(selected, 1):
+            p = planned[i]
+            finished = row_report(p, identities) is not None
+            doing = "evaluating" if p.row.zero_shot else "training"
+            log(f"[{n}/{len(selected)}] {p.row.name} ({' '.join(row_overrides(p.row))}): "
+                + ("finished earlier" if finished else f"{doing} in {p.folder}"))
+            start = time.time()
+            report, status = (evaluate_or_reuse(p, identities) if p.row.zero_shot
+                              else run_or_reuse(p.cfg, p.folder, identities))
+            done.append((p, report, status))
+            if status != "reused":
+                log(f"    {p.row.name}: overall {_acc(report.get('overall'))}  many {_acc(report.get('many'))}  "
+                    f"medium {_acc(report.get('medium'))}  few {_acc(report.get('few'))}  "
+                    f"({status}, {time.time() - start:.0f} s)")
+            if is_main_process():
+                results = [(planned[j], r) for j, r in others.items()] + [(d[0], d[1]) for d in done]
+                write_results(out_dir, base, results)
     return done

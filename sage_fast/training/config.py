@@ -315,6 +315,9 @@ def _check_values(cfg: SageConfig) -> None:
         non_negative(f"train.{k}", getattr(t, k))
     for k in ("log_every_steps", "eval_batch_size"):
         positive(f"train.{k}", getattr(t, k))
+    if not t.output_dir.strip():
+        # an empty path is the current folder: a run would write its files among the user's
+        raise ConfigError("train.output_dir is empty: set it to the run's own folder (e.g. runs/sage)")
     if cfg.eval.tte != "none" and d.gpu_decode:
         # checked here rather than at the end of training: the crops are cut on the CPU (sage_fast.training.tte)
         raise ConfigError(f"eval.tte={cfg.eval.tte!r} needs data.gpu_decode=false (the crops are cut on the CPU)")

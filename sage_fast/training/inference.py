@@ -37,7 +37,14 @@ from .checkpoint import ZERO_SHOT, CheckpointError, nonfinite_entries, read_weig
 from .config import ConfigError, build_config, config_differences, flatten, format_differences
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
 from .errors import UserError
-from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries, write_runtime_record
+from .run_folder import (
+    RunFolderError,
+    hold_run_folder,
+    holds_training_run,
+    refuse_if_held,
+    remove_stale_temporaries,
+    write_runtime_record,
+)
 
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -246,6 +253,7 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
     out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / ("eval" if weights else "zero-shot")
     if holds_training_run(out):
         raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere (--out)")
+    refuse_if_held(out)  # another process writes there now; the reports are written under the lock below
     w = read_trained(weights) if weights else None
     # the checks of a training run's `preflight` that evaluation needs: not the training batch, and the
     # folder written is `out`
@@ -290,13 +298,18 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
         if dist_info.is_main:
             if report["skipped"]:
                 warnings.warn(f"evaluation: {report['skipped']} unreadable test images skipped")
-            with signals_deferred():
-                out.mkdir(parents=True, exist_ok=True)
-                remove_stale_temporaries(out)
-                if w is None:  # what was evaluated, before the metrics (`reuse.finished_report` reads both)
-                    atomic_write_text(out / CONFIG, cfg.to_yaml())
-                write_report(out, report, data)
-                write_runtime_record(out, model)
+            # the lock for the writes only (a second writer into `out` is refused above, or waits here for the
+            # second it takes, and never mixes its files with these); a run that claimed `out` meanwhile is refused
+            with hold_run_folder(out, what="--out", wait=30.0):
+                if holds_training_run(out):
+                    raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere "
+                                         "(--out)")
+                with signals_deferred():  # the files appear together, or none of them
+                    remove_stale_temporaries(out)
+                    if w is None:  # what was evaluated, before the metrics (`reuse.finished_report` reads both)
+                        atomic_write_text(out / CONFIG, cfg.to_yaml())
+                    write_report(out, report, data)
+                    write_runtime_record(out, model)
         ok = True
         return report
     finally:

@@ -46,9 +46,12 @@ import torch
 import torch.distributed as dist
 
 from ..ops.backend import decide_backends
+from ..ops.checks import NonFiniteError
 from ..utils.files import atomic_write_text
 from .checkpoint import (
     checkpoint_state,
+    final_report,
+    finished_run,
     nonfinite_entries,
     restore_checkpoint,
     resume_candidates,
@@ -57,19 +60,19 @@ from .checkpoint import (
 )
 from .config import SageConfig
 from .data import GpuBatchTransform, LTData, TrainSampler, batch_on_device, build_data, build_loader
-from .distributed import DistInfo, autocast, barrier, cleanup_distributed, reduce_sum, seed_everything
+from .distributed import DistInfo, autocast, barrier, cleanup_distributed, is_main_process, reduce_sum, seed_everything
 from .evaluation import evaluate_model
 from .metrics import write_report
 from .preemption import Preempted, StopSignals, signal_name
-from .preflight import preflight
+from .preflight import check_output_dir, preflight
 from .run_folder import (
     CONFIG,
     EXPORT,
     LAST,
     PREVIOUS,
-    claim_for_fresh_run,
-    refuse_if_in_use,
-    remove_stale_temporaries,
+    check_claim,
+    claim_run_folder,
+    hold_run_folder,
     write_runtime_record,
 )
 from .run_log import RunLog
@@ -185,6 +188,7 @@ class Trainer:
         # False while out_dir/last.pt is a corrupt file that a resume skipped: it must not become previous.pt
         self._keep_previous = True
         self._recorded = False  # runtime.json written (after the first step)
+        self._nonfinite_loss = False  # the loss of this step found NaN / Inf logits (`_step_flags` reads it)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -213,7 +217,7 @@ class Trainer:
         warning): weights, optimizer, scheduler, sampler position and RNG states. `force`: resume even when
         settings that change the result differ from the checkpoint's (`restore_checkpoint`)."""
         progress = restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.cfg.to_dict(),
-                                      self.data.class_counts, self.device, force=force)
+                                      self.data.class_names, self.data.class_counts, self.device, force=force)
         self.epoch, self.step_in_epoch = progress["epoch"], progress["step_in_epoch"]
         self.global_step, self.skipped_total = progress["global_step"], progress["skipped_total"]
         used = progress["path"]
@@ -260,7 +264,14 @@ class Trainer:
             with (self.net.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()):
                 with autocast(self.device, self.cfg.train.amp):
                     out = self.net(x)
-                loss, _ = self.model.loss(out, y)
+                try:
+                    loss, _ = self.model.loss(out, y)
+                except NonFiniteError:
+                    # the logits overflowed: the run diverged. A zero loss over the weights keeps this
+                    # process's backward (DDP's all-reduce) in step with the others; the step flags then stop
+                    # every rank before anything of this step is saved
+                    self._nonfinite_loss = True
+                    loss = sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
                 loss = loss * w
                 loss.backward()
             total += loss.detach()
@@ -287,35 +298,46 @@ class Trainer:
         # count.new_tensor(n R) / count, not n R / count: a number over a tensor is n R * (1 / count), two roundings
         return [count.new_tensor(float(n * world)) / count for n in sizes]
 
-    def _step_flags(self, check_weights: bool = True):
-        """(signal number that asked some rank to stop, or 0; whether the weights hold NaN / Inf), the same on
-        every rank: one all-reduce of two numbers, one host sync."""
-        flags = torch.zeros(2, device=self.device)
+    def _step_flags(self, loss: Optional[torch.Tensor] = None):
+        """After a step (its `loss`) or an epoch: (signal number that asked some rank to stop, or 0; what went
+        NaN / Inf on some rank: "" when nothing, else "the loss (the logits overflowed)" or "the weights"),
+        the same on every rank: one all-reduce of three numbers, one host sync."""
+        flags = torch.zeros(3, device=self.device)
         flags[0] = float(self.stops.signum or 0)
-        if check_weights:
+        if loss is not None:
             flags[1] = (~self.model.finite_parameters()[1].all()).float()
+            flags[2] = 1.0 if self._nonfinite_loss else (~torch.isfinite(loss)).float()
+            self._nonfinite_loss = False
         if self.dist.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, bad = flags.tolist()
-        return int(stop), bool(bad)
+        stop, bad_weights, bad_loss = flags.tolist()
+        bad = "the loss (the logits overflowed)" if bad_loss else "the weights" if bad_weights else ""
+        return int(stop), bad
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, resume=None, overwrite: bool = False, force_resume: bool = False) -> dict:
         """Train for `optim.epochs` epochs (from a checkpoint when `resume` is a path), evaluate, write outputs.
 
-        Without `resume`, a folder that already holds a run is refused (`RunFolderError`) unless `overwrite`,
-        which deletes that run's files first. `force_resume`: see `load_checkpoint`.
-        Raises `Preempted` after SIGTERM / SIGUSR1 / SIGINT (checkpoint written) and `Diverged` on NaN / Inf weights.
-        Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts.
+        Rank 0 holds the output folder's lock throughout (`run_folder.hold_run_folder`), and the run claims the
+        folder (`run_folder.claim_run_folder`): without `resume`, a folder that already holds a run is refused
+        (`RunFolderError`) unless `overwrite`, which deletes that run's files first; a folder of foreign files is
+        always refused. `force_resume`: see `load_checkpoint`.
+        Raises `Preempted` after SIGTERM / SIGUSR1 / SIGINT (checkpoint written) and `Diverged` on NaN / Inf
+        weights. Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts; a resumed run that
+        had already finished is left as it is and returns its ``metrics.json`` with ``done_before`` True.
         """
-        if self.dist.is_main:
-            remove_stale_temporaries(self.out_dir)
+        with hold_run_folder(self.out_dir, self.dist.is_main):
+            return self._fit(resume, overwrite, force_resume)
+
+    def _fit(self, resume, overwrite: bool, force_resume: bool) -> dict:
         if resume:
             self.load_checkpoint(resume, force=force_resume)
-        else:
-            claim_for_fresh_run(self.out_dir, overwrite, self.dist)
+            at = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+            done = final_report(self.out_dir, at, self.cfg.optim.epochs)
+            if done is not None:
+                return {**done, "done_before": True}
+        claim_run_folder(self.out_dir, self.dist, fresh=not resume, overwrite=overwrite)
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / CONFIG, self.cfg.to_yaml())
         self.log = RunLog(self.out_dir, self.dist.is_main, self.cfg.train.tensorboard,
                           self.global_step if resume else None)
@@ -356,14 +378,14 @@ class Trainer:
             imgs += n
             self.step_in_epoch += 1
             self.global_step += 1
-            stop, bad = self._step_flags()
+            stop, bad = self._step_flags(loss)
             if stop:
                 self.stops.acknowledge()  # every rank got here: none is stuck
             now = time.perf_counter()
             self.stops.step_took(now - t_step)
             t_step = now
             if bad:
-                raise self._diverged(self._nonfinite_names())
+                raise self._diverged(self._nonfinite_names() if bad == "the weights" else bad)
             if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                 mean_loss = reduce_sum(self.dist, float(loss_sum / max(loss_n, 1))) / self.dist.world_size
                 dt = time.perf_counter() - t0
@@ -389,7 +411,7 @@ class Trainer:
                           f"({self.skipped_total} so far)")
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.save_checkpoint()
-        stop, _ = self._step_flags(check_weights=False)
+        stop, _ = self._step_flags()
         if stop:
             self._stop_now(stop)
         ev = cfg.train.eval_every_epochs
@@ -399,11 +421,13 @@ class Trainer:
         self._emit("epoch", self.epoch)
 
     def _record_runtime(self) -> None:
-        """After this process's first step: rank 0 writes what ran (runtime.json) and says it in one line."""
+        """After this process's first step: rank 0 writes what ran (runtime.json) and, with the progress bars
+        on, says it in one line of the console log."""
         self._recorded = True
         if self.dist.is_main:
             line = write_runtime_record(self.out_dir, self.model)
-            print(f"sage-fast: ran {line}", file=sys.stderr, flush=True)
+            if self.progress:
+                print(f"runtime: {line}", file=sys.stderr, flush=True)
 
     def _emit(self, event: str, info) -> None:
         for cb in self.callbacks:
@@ -420,9 +444,9 @@ class Trainer:
             good = "no checkpoint was written yet"
         else:
             good = f"the last good checkpoint is {self._last_good[0]} (step {self._last_good[1]})"
-        return Diverged(f"training diverged at step {self.global_step}: {what} hold NaN or "
-                        f"Inf after the update, so nothing of it was saved; {good}. Check the data, or resume with a "
-                        "lower optim.lr (and --force-resume)", self.global_step)
+        return Diverged(f"training diverged at step {self.global_step}: {what} hold NaN or Inf, so nothing of "
+                        f"this step was saved; {good}. Check the data, or resume with a lower optim.lr (and "
+                        "--force-resume)", self.global_step)
 
     def _where(self) -> str:
         return f"rank {self.dist.rank}: " if self.dist.distributed else ""
@@ -472,24 +496,36 @@ def train(cfg: SageConfig, resume=None, callbacks: Sequence[Callable] = (), over
     """Build a `Trainer`, fit, clean up the process group.
 
     resume: a checkpoint path, or "auto" for ``output_dir/last.pt`` (or ``previous.pt``) when there is one
-    and a fresh start otherwise. Without it, an output folder that holds a run is refused
-    (`RunFolderError`, before anything is built) unless `overwrite`. `force_resume`: `Trainer.load_checkpoint`.
+    and a fresh start otherwise. `force_resume`: `Trainer.load_checkpoint`.
+
+    Before anything is built, rank 0 takes the output folder's lock (a folder another process holds is refused,
+    `RunFolderBusy`) and checks the claim (`RunFolderError`: a folder of foreign files, or without `resume` one
+    that holds a run, unless `overwrite`); a resume of a run that has already finished returns its
+    ``metrics.json`` with ``done_before`` True and changes nothing.
     """
     out = Path(cfg.train.output_dir)
     if resume == "auto":
         resume = next((p for p in resume_candidates(out / LAST) if p.is_file()), None)
     elif resume and not any(p.is_file() for p in resume_candidates(resume)):
         raise FileNotFoundError(f"checkpoint to resume from not found: {resume}")
-    if not resume and not overwrite:
-        refuse_if_in_use(out)
-    trainer = Trainer(cfg, callbacks=callbacks)
-    ok = False
-    try:
-        result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
-        ok = True
-        return result
-    except Preempted as e:
-        ok = e.agreed  # then every rank stopped at the same step and passed the same barrier
-        raise
-    finally:
-        trainer.close(ok)
+    main = is_main_process()
+    if main:
+        check_output_dir(out)  # its message names the key, before the lock makes the folder
+    with hold_run_folder(out, main):
+        if main:
+            check_claim(out, fresh=not resume, overwrite=overwrite)
+        if resume:
+            done = finished_run(out, resume, cfg.to_dict(), force_resume)
+            if done is not None:
+                return {**done, "done_before": True}
+        trainer = Trainer(cfg, callbacks=callbacks)
+        ok = False
+        try:
+            result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
+            ok = True
+            return result
+        except Preempted as e:
+            ok = e.agreed  # then every rank stopped at the same step and passed the same barrier
+            raise
+        finally:
+            trainer.close(ok)
