@@ -9,6 +9,7 @@ setup(
     packages=[
         "sage_fast",
         "sage_fast.utils",
+        "sage_fast.cli",
         "sage_fast.ops",
         "sage_fast.model",
         "sage_fast.training",

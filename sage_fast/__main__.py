@@ -1,6 +1,6 @@
 """`python -m sage_fast ...` is the `sage-fast` command (torchrun: `torchrun ... -m sage_fast train ...`)."""
 import sys
 
-from .training.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -60,6 +60,12 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     return config
 
 
+class WeightsMismatchError(ValueError):
+    """Trained weights whose names or shapes do not fit the model built from the config."""
+
+    user_error = True  # the `sage-fast` command prints it as one line (model does not import training)
+
+
 class SageModel(nn.Module):
     """Sage: frozen CLIP ViT with an SG-Adapter and a scale s per visual block, a cosine classifier,
     and FIT's frozen zero-shot path.
@@ -181,11 +187,12 @@ class SageModel(nn.Module):
         expected = {n for n, p in own.items() if p.requires_grad}
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise KeyError(f"trainable state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise WeightsMismatchError(f"trained weights do not fit this model: missing {sorted(missing)[:5]}, "
+                                       f"unexpected {sorted(unexpected)[:5]}")
         with torch.no_grad():
             for n, t in state.items():
                 if own[n].shape != t.shape:
-                    raise ValueError(f"{n}: shape {tuple(t.shape)} does not match {tuple(own[n].shape)}")
+                    raise WeightsMismatchError(f"{n}: shape {tuple(t.shape)} does not match {tuple(own[n].shape)}")
                 own[n].copy_(t)
 
     def finite_parameters(self):

@@ -1,18 +1,25 @@
-"""The training layer: run config, data, trainer, CLI. Uses `sage_fast.model` and `sage_fast.ops`.
+"""The training layer: run config, data, the trainer and its side jobs, evaluation and the experiments.
+Uses `sage_fast.model` and `sage_fast.ops`; the command line (`sage_fast.cli`) sits above it.
 
-| module         | what                                                                                 |
-| -------------- | ------------------------------------------------------------------------------------ |
-| `config`       | `SageConfig` (data, model, optim, train, eval), Table 8 presets, YAML, overrides     |
-| `data`         | data sets (a registry of names), transforms, samplers, loaders, GPU decoding         |
-| `loop`         | `Trainer`, `train`, `evaluate_weights`, `bench_input_pipeline`, the lr schedule      |
-| `checkpoint`   | atomic writes, checkpoints and RNG states, the safetensors export, `load_weights`    |
-| `distributed`  | one process of a torchrun job: device, process group, barrier, seeding               |
-| `metrics`      | many / medium / few accuracy, CSV logs, metrics.json, per_class.csv and the plot     |
-| `tte`          | test-time ensembling (``eval.tte``: five / ten crops, logits averaged)               |
-| `predict`      | `sage-fast predict`: top-k classes of images; `load_trained` (weights -> model)      |
-| `attention_maps` | `sage-fast attention`: class-token attention, zero-shot CLIP vs fine-tuned   |
-| `sweep`        | `sage-fast sweep`: one run per value of one or two keys; `run_or_reuse`              |
-| `cli`          | the `sage-fast` command (`demo`, `train`, `eval`, `predict`, `attention`, `sweep`)   |
-| `errors`       | `UserError`, and which exceptions the command prints as one line (exit status 2)      |
-| `demo`         | `sage-fast demo`: a tiny generated data set, trained on CPU                          |
+| module             | what                                                                              |
+| ------------------ | --------------------------------------------------------------------------------- |
+| `config`           | `SageConfig` (data, model, optim, train, eval), Table 8 presets, YAML, overrides, comparing configs |
+| `data`             | data sets (a registry of names), transforms, samplers, loaders, shards, GPU decoding |
+| `trainer`          | `Trainer` (the loop, the step, evaluation), `train`, the lr schedule               |
+| `preflight`        | the checks a run passes before anything is built                                  |
+| `distributed`      | one process of a torchrun job: device, precision, process group, seeding, rank     |
+| `preemption`       | SIGTERM / SIGUSR1: stop at a step boundary with a checkpoint (`Preempted`)         |
+| `run_folder`       | the files of a run folder, claiming it for a fresh run, `RunFolderError`          |
+| `checkpoint`       | checkpoints and RNG states, the safetensors export, reading trained weights      |
+| `run_log`          | train_log.csv, eval_log.csv and TensorBoard                                       |
+| `evaluation`       | top-1 on a test split, sharded over processes                                     |
+| `metrics`          | many / medium / few accuracy, metrics.json, per_class.csv and the plot            |
+| `tte`              | test-time ensembling (``eval.tte``: five / ten crops, logits averaged)            |
+| `inference`        | trained weights at work: their config, loading, `evaluate_weights`, predicting images |
+| `attention_figure` | the figure of class-token attention, zero-shot CLIP vs fine-tuned                 |
+| `reuse`            | finished runs reused by the commands that train several configs                  |
+| `sweep`            | one run per value of one or two keys; sweep.csv and sweep.png                     |
+| `ablate`           | the ladder of Tables 5 and 6; ablation.md and ablation.csv                        |
+| `demo`             | a tiny generated long-tailed data set, trained on CPU                             |
+| `errors`           | `UserError`, and which exceptions are the user's mistakes (one line, exit status 2) |
 """

@@ -33,7 +33,6 @@ values of them are replaced). Other model keys
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
@@ -43,9 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..utils.files import atomic_write_text
 from .config import ConfigError, SageConfig, build_config, parse_overrides
-from .errors import CommandParser, UserError
-from .sweep import METRICS, _is_main, finished_report, run_or_reuse
+from .distributed import is_main_process
+from .metrics import ACCURACIES, metric_value
+from .reuse import finished_report, run_or_reuse
 
 #: the switches the rows set, in the table's column order
 SWITCHES = ("adapter", "classifier_init", "loss", "fit")
@@ -114,7 +115,7 @@ class Planned:
     folder: Path
 
 
-def plan(config=None, overrides: Sequence[str] = (), preset: Optional[str] = None
+def plan_ablation(config=None, overrides: Sequence[str] = (), preset: Optional[str] = None
          ) -> Tuple[SageConfig, List[Planned]]:
     """The base config and every row of the ladder (all five, in order), each with its config and folder.
 
@@ -167,12 +168,8 @@ def parameter_counts(folder) -> Optional[Dict[str, int]]:
     return {"trainable": total, "adapters": own}
 
 
-def _number(v) -> float:
-    return float("nan") if v is None else float(v)
-
-
 def _acc(v, missing: str = "") -> str:
-    x = _number(v)
+    x = metric_value(v)
     return missing if math.isnan(x) else f"{x:.2f}"
 
 
@@ -186,7 +183,7 @@ def table_rows(done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
     for p, report in done:
         counts = parameter_counts(p.folder)
         out.append({"row": p.row.name, **{k: getattr(p.cfg.model, k) for k in SWITCHES},
-                    **{m: _number(report.get(m)) for m in METRICS},
+                    **{m: metric_value(report.get(m)) for m in ACCURACIES},
                     "trainable_parameters": None if counts is None else counts["trainable"],
                     "adapter_parameters": None if counts is None else counts["adapters"],
                     "run": p.folder.name})
@@ -198,13 +195,13 @@ def csv_text(rows: Sequence[Dict[str, Any]]) -> str:
     in the group), trainable_parameters, adapter_parameters, run (the row's folder)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["row", *SWITCHES, *METRICS, "trainable_parameters", "adapter_parameters", "run"]
+    head = ["row", *SWITCHES, *ACCURACIES, "trainable_parameters", "adapter_parameters", "run"]
     w.writerow(head)
     for r in rows:
         vals = []
         for k in head:
             v = r[k]
-            if k in METRICS:
+            if k in ACCURACIES:
                 v = "" if math.isnan(v) else f"{v:.4f}"
             elif isinstance(v, bool):
                 v = str(v).lower()
@@ -223,7 +220,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 5 + [" ---: "] * 6) + "|"]
     for r in rows:
         marks = [r["adapter"] == "sg", r["classifier_init"] == "templates", r["loss"] == "compensated", r["fit"]]
-        cells = [r["row"], *("✓" if m else "" for m in marks), *(_acc(r[m], "n/a") for m in METRICS),
+        cells = [r["row"], *("✓" if m else "" for m in marks), *(_acc(r[m], "n/a") for m in ACCURACIES),
                  "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
                  "" if r["adapter_parameters"] is None else f"{r['adapter_parameters']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -243,8 +240,6 @@ def markdown(base: SageConfig, rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def write_results(out_dir, base: SageConfig, done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
-    from ..utils.files import atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(sorted(done, key=lambda d: d[0].index))
@@ -258,10 +253,10 @@ def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequenc
     """Run or reuse the `selected` rows (0-based indices into `planned`) in ladder order; after each, rewrite
     ``ablation.md`` and ``ablation.csv`` with them and every other row finished earlier.
 
-    -> [(planned row, report, status)] for the selected rows (status: see `sweep.run_or_reuse`). `log` gets the
+    -> [(planned row, report, status)] for the selected rows (status: see `reuse.run_or_reuse`). `log` gets the
     progress lines (on the main process only).
     """
-    if not _is_main():  # under torchrun: one process reports
+    if not is_main_process():  # under torchrun: one process reports
         def log(*args, **kwargs):
             pass
     out_dir = Path(base.train.output_dir)
@@ -280,66 +275,7 @@ def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequenc
             log(f"    {p.row.name}: overall {_acc(report.get('overall'))}  many {_acc(report.get('many'))}  "
                 f"medium {_acc(report.get('medium'))}  few {_acc(report.get('few'))}  "
                 f"({status}, {time.time() - start:.0f} s)")
-        if _is_main():
+        if is_main_process():
             results = [(planned[j], r) for j, r in others.items()] + [(d[0], d[1]) for d in done]
             write_results(out_dir, base, results)
     return done
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
-
-
-def _description() -> str:
-    return __doc__.split("\n\n", 1)[1]
-
-
-def main(argv=None) -> int:
-    from .cli import _split_overrides
-    from .config import PRESETS
-    from .predict import overrides_help
-
-    p = CommandParser(prog="sage-fast ablate", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="The c" + __doc__.splitlines()[0].split(": the c", 1)[1] + "\n\n" + _description(),
-                epilog=overrides_help(),
-                usage="%(prog)s [--preset P | --config C] [overrides] [--rows ROW [ROW ...]] [--dry-run]")
-    p.add_argument("--config", help="YAML run config (sections data, model, optim, train, eval)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a row of the paper's Table 8")
-    p.add_argument("--rows", nargs="+", metavar="ROW",
-                   help="rows to run, by name or number: " + ", ".join(f"{i} {r.name}" for i, r in
-                                                                     enumerate(LADDER, 1)) + " (default: all)")
-    p.add_argument("--dry-run", action="store_true", help="list the rows, their folders and which are finished; "
-                                                          "train nothing")
-    args, rest = p.parse_known_args(argv)
-    names = list(args.rows or [])
-    # --rows takes every later word: overrides written after it are handed back
-    rest = [n for n in names if "=" in n] + rest
-    names = [n for n in names if "=" not in n]
-    if args.rows is not None and not names:
-        raise UserError("--rows names no row; rows: " + ", ".join(r.name for r in LADDER))
-    overrides = _split_overrides(rest)
-    unknown = [a for a in overrides if "=" not in a]
-    if unknown:
-        raise UserError(f"{p.prog}: unrecognized arguments: {' '.join(unknown)} (overrides are section.key=value; "
-                        f"see {p.prog} --help)")
-    # user errors (a bad row, config or path) are printed as one line by the command line's `main`
-    selected = select_rows(names)
-    base, planned = plan(args.config, overrides, args.preset)
-    out_dir = Path(base.train.output_dir)
-    if args.dry_run:
-        lines = [[str(planned[i].index), planned[i].row.name, " ".join(row_overrides(planned[i].row)),
-                  str(planned[i].folder),
-                  "finished" if finished_report(planned[i].cfg, planned[i].folder) is not None else "to run"]
-                 for i in selected]
-        widths = [max(len(line[c]) for line in lines) for c in range(4)]
-        for line in lines:
-            print("  ".join(v.ljust(w) for v, w in zip(line, widths + [0])).rstrip())
-        return 0
-    done = run_ablation(base, planned, selected)
-    if _is_main():
-        print()
-        print(markdown_table(table_rows([(d[0], d[1]) for d in done])), end="")
-        trained = sum(s != "reused" for _, _, s in done)
-        print(f"{len(done)} rows ({trained} trained, {len(done) - trained} finished earlier); "
-              f"{out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}")
-    return 0

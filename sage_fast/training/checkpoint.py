@@ -1,4 +1,4 @@
-"""Files a run writes and reads back: atomic writes, checkpoints, RNG states, the safetensors export.
+"""The formats a run writes and reads back: checkpoints, RNG states, the safetensors export.
 
 Checkpoint (``last.pt``, format `CHECKPOINT_VERSION`), a dict loadable with ``torch.load(weights_only=True)``:
 
@@ -22,13 +22,12 @@ Export (``adapters.safetensors``): the trainable parameters as float32 CPU tenso
 ``class_names`` and ``class_counts`` (JSON text), ``format`` (`ADAPTERS_FORMAT`), ``epoch`` and
 ``global_step`` and ``digest`` (over the tensors, checked by `read_weights`).
 
-Every write goes through `atomic_path`: readers never see a half-written file, and a crash or Ctrl-C
-keeps the previous file. A kill leaves at most a ``.NAME.PID.tmp`` file, which `remove_stale_temporaries`
-deletes when the next run starts in the folder.
+Every write goes through `sage_fast.utils.files.atomic_path`: readers never see a half-written file, and a
+crash or Ctrl-C keeps the previous file (the run folder's layout and its clean-up: `run_folder`).
 
-Errors a user can act on are `RunFolderError` (a ValueError; the CLI prints it as one line, exit status 2):
-a folder that already holds a run, a resume whose settings differ from the checkpoint's
-(`ConfigMismatchError`), a checkpoint that is corrupt or unreadable (`CheckpointError`).
+Errors a user can act on derive from `RunFolderError` (the command line prints them as one line, exit
+status 2): a resume whose settings differ from the checkpoint's (`ConfigMismatchError`), a checkpoint that is
+corrupt or unreadable (`CheckpointError`).
 """
 from __future__ import annotations
 
@@ -45,8 +44,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..utils.files import atomic_path, remove_quietly
-from ..utils.files import remove_stale_temporaries as _remove_stale
+from ..utils.files import atomic_path
+from .config import config_differences, format_differences
+from .errors import load_failure_reason
+from .run_folder import LAST, PREVIOUS, RunFolderError
 
 CHECKPOINT_VERSION = 2
 #: versions `read_checkpoint` accepts; 1 has no digest and so cannot be verified
@@ -54,41 +55,12 @@ READABLE_VERSIONS = (1, 2)
 ADAPTERS_FORMAT = "sage-fast adapters v1"
 #: the counters a checkpoint stores besides the states: where training stands
 PROGRESS = ("epoch", "step_in_epoch", "global_step", "skipped_total")
-LAST, PREVIOUS = "last.pt", "previous.pt"
-#: files whose presence means a folder holds a run that a fresh start would destroy
-RUN_MARKERS = (LAST, PREVIOUS, "adapters.safetensors", "metrics.json")
-#: everything a run writes at the top of its folder (deleted by `clear_run_files` before a fresh start)
-RUN_FILES = RUN_MARKERS + ("per_class.csv", "per_class_accuracy.png", "train_log.csv", "eval_log.csv", "config.yaml")
-REPORT_FILES = ("metrics.json", "per_class.csv", "per_class_accuracy.png")
-#: config keys that may differ between a checkpoint and the run resuming it: they decide where and how
-#: fast the run goes, or what it logs, never the weights it ends with
-RESUME_FREE_KEYS = frozenset({
-    "preset",  # the values a preset set are compared themselves
-    "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
-    "train.output_dir", "train.device", "train.progress", "train.tensorboard", "train.log_every_steps",
-    "train.ckpt_every_steps", "train.eval_every_epochs", "train.eval_batch_size", "train.find_unused_parameters",
-    "model.text_batch_size",  # batching of the classifier's initialisation; the trained classifier is restored
-    "eval.tte",  # how the test set is evaluated, not what is trained
-})
-
-
-class RunFolderError(ValueError):
-    """A run folder or checkpoint that cannot be used as asked; the message is one line saying what to do."""
-
-    user_error = True  # the command line prints it as one line, exit status 2 (sage_fast.training.errors)
-
-
 class CheckpointError(RunFolderError):
     """A checkpoint that cannot be used: unreadable, corrupt (digest mismatch), another format, non-finite."""
 
 
 class ConfigMismatchError(RunFolderError):
     """Resuming with settings that change the result (`config_differences`), without forcing it."""
-
-
-def remove_stale_temporaries(folder, names: Sequence[str] = RUN_FILES) -> List[Path]:
-    """Delete the temporary files that a kill during a write left beside the run's files (`RUN_FILES`)."""
-    return _remove_stale(folder, names)
 
 
 def _replace_with_link(src: Path, dst: Path) -> None:
@@ -226,17 +198,11 @@ def write_checkpoint(state: Mapping, path, keep_previous: bool = True) -> Path:
     return path
 
 
-def _one_line(e: BaseException, lib: str = "torch") -> str:
-    from .errors import load_failure_reason
-
-    return load_failure_reason(e, lib)
-
-
 def _load(path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or corrupt zip / pickle: which error depends on where the damage is
-        raise CheckpointError(f"{path}: unreadable {what}: {_one_line(e)}") from None
+        raise CheckpointError(f"{path}: unreadable {what}: {load_failure_reason(e)}") from None
 
 
 def read_checkpoint(path) -> dict:
@@ -289,32 +255,6 @@ def find_resumable(path) -> Tuple[dict, Path, List[str]]:
     raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped))
 
 
-def _flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(stored: Mapping, current: Mapping, free=RESUME_FREE_KEYS) -> List[Tuple[str, Any, Any]]:
-    """(key, stored value, current value) for every config key outside `free` (dotted keys) that differs."""
-    from .config import ConfigError, config_from_dict
-
-    try:
-        # a config stored by an older version: today's keys, its missing ones at their defaults
-        stored = config_from_dict(stored).to_dict()
-    except ConfigError:
-        pass
-    old, new = _flatten(stored), _flatten(current)
-    missing = object()
-    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
-            if k not in free and old.get(k, missing) != new.get(k, missing)]
-
-
 def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_counts: Sequence[int],
                        device, force: bool = False) -> Dict[str, Any]:
     """Load the newest verifying checkpoint of `find_resumable(path)` into the model, optimizer, scheduler
@@ -329,7 +269,7 @@ def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_co
         raise RunFolderError(f"{used}: checkpoint was trained on other classes / counts than this data set")
     diffs = config_differences(ckpt["config"], config)
     if diffs:
-        listed = ", ".join(f"{k} ({_show(a)} -> {_show(b)})" for k, a, b in diffs)
+        listed = format_differences(diffs)
         if not force:
             raise ConfigMismatchError(f"cannot resume from {used}: these settings differ from the checkpoint's and "
                                       f"change the result: {listed}; use the checkpoint's values, or force it "
@@ -341,37 +281,6 @@ def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_co
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
     return {**{k: int(ckpt[k]) for k in PROGRESS}, "path": used, "skipped": skipped}
-
-
-def _show(v) -> str:
-    return "absent" if type(v) is object else json.dumps(v)
-
-
-# --------------------------------------------------------------------------------------------------
-# Run folders
-
-
-def run_markers(folder) -> List[str]:
-    """The `RUN_MARKERS` present in `folder`: a fresh run there would destroy a run."""
-    folder = Path(folder)
-    return [n for n in RUN_MARKERS if (folder / n).exists()]
-
-
-def folder_in_use_error(folder, found: Sequence[str]) -> RunFolderError:
-    return RunFolderError(f"{folder} already holds a run ({', '.join(found)}): continue it with --resume, start "
-                          "over with --overwrite (deletes it), or choose another train.output_dir")
-
-
-def clear_run_files(folder) -> None:
-    """Delete what an earlier run wrote in `folder` (`RUN_FILES`, TensorBoard events, eval/ reports), so
-    that nothing of it (a stale previous.pt above all) is mistaken for part of the new run."""
-    folder = Path(folder)
-    for n in RUN_FILES:
-        remove_quietly(folder / n)
-    for p in (folder / "tb").glob("events.out.tfevents.*"):
-        remove_quietly(p)
-    for n in REPORT_FILES:
-        remove_quietly(folder / "eval" / n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,15 +317,13 @@ def read_weights(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Optional[int]
     if not path.is_file():
         raise FileNotFoundError(f"weights not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        meta = _export_metadata(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
             tensors = load_file(str(path))
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable weights: {_one_line(e, 'safetensors')}") from None
+            raise CheckpointError(f"{path}: unreadable weights: {load_failure_reason(e, 'safetensors')}") from None
         if "digest" in meta and _tensors_digest(tensors) != meta["digest"]:
             raise CheckpointError(f"{path}: content does not match its checksum (the file is corrupt)")
         info = {"epoch": _int_or_none(meta.get("epoch")), "step": _int_or_none(meta.get("global_step"))}
@@ -441,17 +348,31 @@ def load_weights(path) -> Dict[str, torch.Tensor]:
     return read_weights(path)[0]
 
 
+def _export_metadata(path: Path) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable weights: {load_failure_reason(e, 'safetensors')}") from None
+
+
+def stored_run_info(path) -> Dict[str, Any]:
+    """What trained weights store besides the tensors: ``config`` (dict), ``class_names``, ``class_counts``;
+    each None where the file holds none (a bare state dict). Reads the safetensors metadata, or a
+    checkpoint with ``weights_only`` loading."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.suffix == ".safetensors":
+        meta = _export_metadata(path)
+        return {k: (json.loads(meta[k]) if k in meta else None) for k in ("config", "class_names", "class_counts")}
+    ckpt = _load(path, "weights")
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    return {k: ckpt.get(k) for k in ("config", "class_names", "class_counts")}
+
+
 def config_from_weights(path) -> Optional[dict]:
     """The run config stored in a checkpoint or in the safetensors export's metadata, if any."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable weights: {_one_line(e, 'safetensors')}") from None
-        return json.loads(meta["config"]) if "config" in meta else None
-    ckpt = _load(path, "weights")
-    return ckpt.get("config") if isinstance(ckpt, dict) else None
+    return stored_run_info(path)["config"]

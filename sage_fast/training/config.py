@@ -9,6 +9,10 @@ A configuration is resolved in this order, each layer overriding the previous on
 
 Every layer is validated before anything runs: an unknown key or a value of the wrong type raises
 `ConfigError` naming the key (with a close match when there is one).
+
+Comparing configs (`config_differences`): a resume refuses a checkpoint whose config differs in a key
+outside `RESUME_FREE_KEYS`, and sweeps and ablations reuse a finished run only when its config differs in
+nothing outside `REUSE_FREE_KEYS`.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+import json
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
@@ -382,7 +387,11 @@ def build_config(
     else:
         name = file_preset
     if file_preset is not None and name != file_preset:
-        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset {file_preset!r}")
+        file_layer, replaced = _without_preset_values(file_layer, file_preset)
+        what = f"; the file's values of the keys {file_preset!r} sets are {name!r}'s now ({', '.join(replaced)})" \
+            if replaced else ""
+        warnings.warn(f"preset {name!r} from the command line overrides the config file's preset "
+                      f"{file_preset!r}{what}")
     cfg = SageConfig()
     if base is not None:
         base = upgrade_stored(base)
@@ -396,6 +405,18 @@ def build_config(
     _merge(cfg, over_layer)
     _check_values(cfg)
     return cfg
+
+
+def _without_preset_values(layer: Mapping[str, Any], preset) -> Tuple[Dict[str, Any], List[str]]:
+    """`layer` (a config file) without the values it holds because `preset` set them: the keys the preset sets
+    whose value in the file equals the preset's. A file written by ``--print-config`` holds every value,
+    the preset's among them; when another preset is chosen, those must give way to it, not override it.
+    -> (the layer without them, their dotted keys)."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        return dict(layer), []
+    own = flatten(PRESETS[preset])
+    kept = {k: v for k, v in flatten(layer).items() if k not in own or own[k] != v}
+    return _nest(kept), sorted(k for k in flatten(layer) if k not in kept)
 
 
 def upgrade_stored(d: Mapping[str, Any]) -> Dict[str, Any]:
@@ -419,3 +440,60 @@ def config_from_dict(d: Mapping[str, Any]) -> SageConfig:
     _merge(cfg, upgrade_stored(d))
     _check_values(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparing configs
+
+#: config keys that may differ between a checkpoint and the run resuming it: they decide where and how
+#: fast the run goes, or what it logs, never the weights it ends with
+RESUME_FREE_KEYS = frozenset({
+    "preset",  # the values a preset set are compared themselves
+    "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+    "train.output_dir", "train.device", "train.progress", "train.tensorboard", "train.log_every_steps",
+    "train.ckpt_every_steps", "train.eval_every_epochs", "train.eval_batch_size", "train.find_unused_parameters",
+    "model.text_batch_size",  # batching of the classifier's initialisation; the trained classifier is restored
+    "eval.tte",  # how the test set is evaluated, not what is trained
+})
+#: keys in which a finished run may differ from the requested config and still count as that run (sweep,
+#: ablate): a finished run's metrics depend on how it was evaluated, so eval.tte is not free here
+REUSE_FREE_KEYS = RESUME_FREE_KEYS - {"eval.tte"}
+
+
+#: a key that one of two compared configs does not have
+ABSENT = object()
+
+
+def flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(stored: Mapping, current: Mapping, free=RESUME_FREE_KEYS) -> List[Tuple[str, Any, Any]]:
+    """(key, stored value, current value) for every config key outside `free` (dotted keys) that differs.
+
+    A config stored by an older version is first brought to today's keys (its missing ones at their
+    defaults); a missing key on one side is the object `ABSENT`.
+    """
+    try:
+        stored = config_from_dict(stored).to_dict()
+    except ConfigError:
+        pass
+    old, new = flatten(stored), flatten(current)
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+            if k not in free and old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+
+def format_differences(diffs: Sequence[Tuple[str, Any, Any]]) -> str:
+    """``key (old -> new), ...`` for messages."""
+    def show(v) -> str:
+        return "absent" if v is ABSENT else json.dumps(v)
+
+    return ", ".join(f"{k} ({show(a)} -> {show(b)})" for k, a, b in diffs)

@@ -2,19 +2,17 @@
 
 Builds a small open_clip architecture with random weights, writes a small long-tailed image data
 set to disk (an image folder with split files, the generic format of `sage_fast.training.data`), trains
-Sage with the project's trainer (`sage_fast.training.loop`, the same code path as `sage-fast train`) and
-prints overall, many-, medium- and few-shot accuracy. The run's outputs (metrics, per-class CSV and
+Sage with the project's trainer (`sage_fast.training.trainer`, the same code path as `sage-fast train`) and
+reports overall, many-, medium- and few-shot accuracy. The run's outputs (metrics, per-class CSV and
 plot, logs, checkpoint, exported adapters) are written under ``--out``/run.
 """
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
 from .data import cifar_lt_counts
-from .errors import CommandParser
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220), "yellow": (230, 210, 40),
            "purple": (150, 50, 190)}
@@ -81,29 +79,18 @@ def demo_overrides(data: dict, out_dir: str, epochs: int = 30, batch_size: int =
     }
 
 
-def main(argv=None) -> int:
-    parser = CommandParser(prog="sage-fast demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="sage_runs/demo", help="folder for the generated data set and the run "
-                                                                "(default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05, help="higher than the paper's 0.01: random weights, few epochs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default %(default)s)")
-    args = parser.parse_args(argv)
-
+def run_demo(out: str = "sage_runs/demo", epochs: int = 30, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
+             workers: int = 0, log=print) -> dict:
+    """Write the demo data set to ``out/data``, train on it into ``out/run`` (replacing an earlier demo run:
+    the data set it was trained on has just been regenerated), and return the final report."""
     from .config import build_config
-    from .loop import train
+    from .trainer import train
 
-    start = time.time()
     # 36 px images for the 32 px model: the test transform's Resize(32 * 256 / 224 = 36) is then the identity
     # (resampling blurs the few-pixel stripes, which costs the random-weight model about 20 points)
-    data = make_demo_dataset(os.path.join(args.out, "data"), seed=args.seed, size=36)
-    cfg = build_config(overrides=demo_overrides(data, os.path.join(args.out, "run"), args.epochs, args.batch_size,
-                                                args.lr, args.seed, args.workers))
-    print(f"Sage on the tiny open_clip config (random weights): {sum(data['class_counts'])} training images, "
-          f"{len(data['class_names'])} classes, {args.epochs} epochs; outputs in {cfg.train.output_dir}")
-    report = train(cfg, overwrite=True)  # the demo regenerates its data set: its earlier run is stale
-    print(f"test accuracy: overall {report['overall']:.1f}%  many {report['many']:.1f}%  "
-          f"medium {report['medium']:.1f}%  few {report['few']:.1f}%   ({time.time() - start:.0f} s)")
-    return 0
+    data = make_demo_dataset(os.path.join(out, "data"), seed=seed, size=36)
+    cfg = build_config(overrides=demo_overrides(data, os.path.join(out, "run"), epochs, batch_size, lr, seed,
+                                                workers))
+    log(f"Sage on the tiny open_clip config (random weights): {sum(data['class_counts'])} training images, "
+        f"{len(data['class_names'])} classes, {epochs} epochs; outputs in {cfg.train.output_dir}")
+    return train(cfg, overwrite=True)

@@ -1,4 +1,5 @@
-"""One process of a run: its device, its place in a torchrun job (DDP over NCCL on CUDA, gloo on CPU), seeding.
+"""One process of a run: its device and precision, its place in a torchrun job (DDP over NCCL on CUDA, gloo on
+CPU), seeding.
 
 Under ``torchrun`` (WORLD_SIZE > 1) `setup_distributed` starts the process group from the environment
 (WORLD_SIZE, RANK, LOCAL_RANK); without it the run is one process and nothing is initialised.
@@ -107,3 +108,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process: for code that runs outside a `DistInfo` (commands that
+    start several runs, the command line's messages)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when `amp` (``train.amp``), the training and evaluation precision; fp32 elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(amp and device.type == "cuda"))

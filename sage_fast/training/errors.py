@@ -1,7 +1,7 @@
 """User errors: mistakes in what the user gave (config, paths, files, hardware), as opposed to bugs.
 
-The ``sage-fast`` command prints a user error as one line, ``sage-fast: error: ...``, and exits with
-status 2; a bug keeps its traceback (status 1). `user_error_message` decides which is which:
+The ``sage-fast`` command (`sage_fast.cli`) prints a user error as one line, ``sage-fast: error: ...``, and
+exits with status 2; a bug keeps its traceback (status 1). `user_error_message` decides which is which:
 
 * `UserError`, raised where our code detects the user's mistake, and any exception whose class has the
   attribute ``user_error = True`` (so other modules can mark their own classes without importing this one:
@@ -16,7 +16,6 @@ mistake of the user's, the code that detects it raises `UserError` instead.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import re
@@ -31,22 +30,6 @@ class UserError(ValueError):
     """
 
     user_error = True
-
-
-class CommandParser(argparse.ArgumentParser):
-    """The commands' argument parser: its own mistakes (an unknown option, a bad choice) end as one line,
-    ``sage-fast: error: ...``, and status 2, like every other user error (argparse prints the usage too)."""
-
-    def error(self, message):
-        self.exit(2, f"sage-fast: error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def report_user_error(message) -> int:
-    """Print a user error as ``sage-fast: error: ...`` on one line of stderr; returns the exit status, 2."""
-    import sys
-
-    print(f"sage-fast: error: {one_line(str(message))}", file=sys.stderr, flush=True)
-    return 2
 
 
 def is_marked_user_error(exc: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""Accuracy by many / medium / few-shot group, the run's CSV logs and the report files.
+"""Accuracy by many / medium / few-shot group and the report files.
 
 `write_report` writes, into a run's output folder (or, for ``sage-fast eval``, its own folder):
 
@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,10 @@ import numpy as np
 import torch
 
 from ..utils.files import atomic_path, atomic_write_text
+
+
+#: the accuracies a report leads with, in this order (top-1, %)
+ACCURACIES = ("overall", "many", "medium", "few")
 
 
 def group_masks(group_counts: Sequence[int]) -> Dict[str, torch.Tensor]:
@@ -42,6 +45,28 @@ def accuracy_report(correct: torch.Tensor, total: torch.Tensor, group_counts: Se
     out["per_class"] = (100.0 * per_class).tolist()
     out["test_images"] = int(total.sum())
     return out
+
+
+def metric_value(v) -> float:
+    """A report's accuracy as a float: None (a group without classes, after JSON) is NaN."""
+    return float("nan") if v is None else float(v)
+
+
+def new_figure(**kwargs):
+    """A matplotlib `Figure` with the Agg canvas, made without pyplot: the process's matplotlib backend and
+    pyplot's figure list stay as the caller had them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path, **kwargs) -> None:
+    """Write `fig` as a PNG to `path` atomically."""
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", **kwargs)
 
 
 def json_safe(obj):
@@ -69,16 +94,12 @@ def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int],
     (20 and 100) are drawn only when the groups follow the plotted counts; CIFAR-100-LT ratios 50 and 10 use
     ratio 100's counts, which the x label then says.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     x = np.asarray(train_counts)
     y = np.asarray(accuracy, dtype=float)
     same = group_counts is None or list(group_counts) == list(train_counts)
     masks = group_masks(train_counts if group_counts is None else group_counts)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = new_figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
     for (name, mask), colour in zip(masks.items(), ("tab:blue", "tab:orange", "tab:green")):
         sel = mask.numpy()
         if sel.any():
@@ -95,11 +116,7 @@ def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int],
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "per-class accuracy")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_png(fig, path)
 
 
 def write_report(out_dir, report: dict, data) -> None:
@@ -124,53 +141,3 @@ def write_report(out_dir, report: dict, data) -> None:
     plot_per_class(out_dir / "per_class_accuracy.png", report["per_class"], data.class_counts,
                    f"{data.name}: overall {report['overall']:.1f}%, many {report['many']:.1f}, "
                    f"medium {report['medium']:.1f}, few {report['few']:.1f}", group_counts=data.group_counts)
-
-
-class CSVLog:
-    """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped.
-
-    A kill can tear the last row (or leave NUL bytes where the file system had not written it yet): rows
-    that are not whole (no line end, another number of fields, no integer step) are dropped on resume.
-    """
-
-    def __init__(self, path: Path, fields: Sequence[str], resume_step: Optional[int] = None):
-        self.path, self.fields = Path(path), list(fields)
-        if resume_step is not None and self.path.is_file():
-            self._rewrite([r for r in self._whole_rows() if int(r["step"]) <= resume_step])
-        else:
-            self._rewrite([])
-
-    def _whole_rows(self) -> list:
-        text = self.path.read_bytes().replace(b"\0", b"").decode("utf-8", errors="replace")
-        lines = text.splitlines(keepends=True)
-        rows = []
-        for line in lines[1:]:
-            if not line.endswith("\n"):
-                continue
-            try:
-                (values,) = list(csv.reader([line]))
-            except (csv.Error, ValueError):
-                continue
-            if len(values) != len(self.fields):
-                continue
-            row = dict(zip(self.fields, values))
-            try:
-                int(row["step"])
-            except ValueError:
-                continue
-            rows.append(row)
-        return rows
-
-    def _rewrite(self, rows) -> None:
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, **row) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v

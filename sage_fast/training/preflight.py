@@ -1,8 +1,8 @@
 """Checks a run passes before anything is built: the user's mistakes surface in seconds, not after the image
 check and the model build (minutes on iNaturalist), and not after training (an unwritable output folder).
 
-`Trainer` runs them first; each raises `sage_fast.training.errors.UserError` (or the model loader's marked
-errors) with a message that names the config key to fix.
+`preflight` runs them all (the trainer calls it first); each raises `sage_fast.training.errors.UserError` (or
+the model loader's marked errors) with a message that names the config key to fix.
 """
 from __future__ import annotations
 
@@ -67,3 +67,34 @@ def check_model_source(model_cfg) -> None:
 
     model_config(model_cfg.name)
     check_pretrained(model_cfg.name, model_cfg.pretrained)
+
+
+def preflight(cfg, dist_info=None):
+    """The checks of a training run, in the order that costs least: the device, then the process group
+    (`setup_distributed`, unless `dist_info` is given), the output folder (rank 0), the model and its weights,
+    the batch against the number of processes, the image size. -> (`DistInfo`, image size in px)."""
+    from .distributed import setup_distributed
+
+    if dist_info is None:
+        check_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = dist_info or setup_distributed(cfg.train.device)
+    if dist_info.is_main:
+        check_output_dir(cfg.train.output_dir)
+    check_model_source(cfg.model)
+    world = dist_info.world_size
+    if cfg.optim.batch_size % world:
+        raise UserError(f"optim.batch_size={cfg.optim.batch_size} (the global batch) is not divisible by the "
+                        f"{world} processes: use a multiple of {world}")
+    return dist_info, check_image_size(cfg)
+
+
+def check_image_size(cfg) -> int:
+    """``data.image_size`` is null or the model's own (its position embeddings are fixed); -> the image size."""
+    from ..model.clip import image_size
+
+    native = image_size(cfg.model.name)
+    size = cfg.data.image_size or native
+    if size != native:
+        raise UserError(f"data.image_size={size} but {cfg.model.name} takes {native} px images (its position "
+                        "embeddings are fixed): leave data.image_size null")
+    return size

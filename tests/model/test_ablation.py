@@ -227,7 +227,7 @@ def test_switches_reach_the_trainer(tmp_path):
     import numpy as np
 
     from sage_fast.training.data import ArrayDataset, LTData
-    from sage_fast.training.loop import Trainer
+    from sage_fast.training.trainer import Trainer
 
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     labels, names = [0, 1, 0, 1], ["class 0", "class 1"]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from helpers.adapters import randomise_adapters
 from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip
+from sage_fast.model.sage import WeightsMismatchError
 from sage_fast.model.templates import TEMPLATES, prompts_for
 
 NAMES = ["golden_retriever", "red fox", "tabby cat", "school bus"]
@@ -172,8 +173,12 @@ def test_trainable_state_dict_round_trip(model, tiny):
     other.load_trainable_state_dict(model.trainable_state_dict())
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(dict(other.named_parameters())[k], v)
-    with pytest.raises(KeyError):
+    with pytest.raises(WeightsMismatchError, match="missing"):
         other.load_trainable_state_dict({"classifier": model.classifier.detach()})
+    state = model.trainable_state_dict()
+    state["classifier"] = state["classifier"][:, :-1]
+    with pytest.raises(WeightsMismatchError, match="classifier: shape"):
+        other.load_trainable_state_dict(state)
     assert isinstance(other, SageModel)
 
 

@@ -12,10 +12,11 @@ import yaml
 from helpers.images import make_image_folder
 
 from sage_fast.model import ModelConfig
-from sage_fast.training.ablate import SWITCHES, plan, row_folder, select_rows
-from sage_fast.training.cli import main as cli_main
+from sage_fast.training.ablate import SWITCHES, row_folder, select_rows
+from sage_fast.training.ablate import plan_ablation as plan
+from sage_fast.cli import main as cli_main
 from sage_fast.training.config import ConfigError
-from sage_fast.training.predict import load_trained, resolve_run_config
+from sage_fast.training.inference import load_trained, resolve_run_config
 
 COUNTS = (40, 12, 6)
 
@@ -134,7 +135,7 @@ def test_ablate_trains_each_row_once(tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished row was trained again")
 
-    monkeypatch.setattr("sage_fast.training.loop.train", no_training)
+    monkeypatch.setattr("sage_fast.training.trainer.train", no_training)
     assert cli_main([*argv, "--rows", "baseline", "+SG", "+FIT"]) == 0
     assert "3 rows (0 trained, 3 finished earlier)" in capsys.readouterr().out
     assert cli_main([*argv, "--dry-run"]) == 0

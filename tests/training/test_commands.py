@@ -13,20 +13,17 @@ import yaml
 from helpers.images import make_image_folder
 from PIL import Image
 
-from sage_fast.training.attention_maps import (
-    attention_maps,
-    cls_attention,
-    figure_pixels,
-    grid_shape,
-    patch_grid,
-)
+from sage_fast.model.attention_maps import attention_maps, cls_attention, patch_grid
+from sage_fast.training.attention_figure import figure_pixels, grid_shape
 from sage_fast.training.checkpoint import load_weights
-from sage_fast.training.cli import main as cli_main
+from sage_fast.cli import main as cli_main
+from sage_fast.cli.common import split_arguments
 from sage_fast.training.config import ConfigError, build_config, config_from_dict
 from sage_fast.training.data import CLIP_MEAN, CLIP_STD, build_transform
-from sage_fast.training.loop import evaluate_weights, train
-from sage_fast.training.predict import load_trained, resolve_run_config
-from sage_fast.training.sweep import finished_report, folder_name, split_axes
+from sage_fast.training.inference import evaluate_weights, load_trained, resolve_run_config
+from sage_fast.training.reuse import finished_report
+from sage_fast.training.sweep import folder_name, split_axes
+from sage_fast.training.trainer import train
 from sage_fast.training.tte import TTE_EXPAND, tte_dataset, tte_logits, tte_transform
 
 COUNTS = (40, 12, 6)
@@ -294,8 +291,9 @@ def test_attention_png(run, data_root, tmp_path, capsys):
 
 
 def test_sweep_arguments():
-    over, axes = split_axes(["model.lambdas=[0,0,1],[0.1,0.1,1]", "optim.lr=0.1", "data.root=/x", "model.fit=true",
-                             "--model.alpha=0.1,0.5"])
+    words = ["model.lambdas=[0,0,1],[0.1,0.1,1]", "optim.lr=0.1", "--data.root", "/x", "model.fit=true",
+             "--model.alpha=0.1,0.5"]
+    over, axes = split_axes(split_arguments(words)[0])  # the command line's words, as sweep reads them
     assert over == ["optim.lr=0.1", "data.root=/x", "model.fit=true"]
     assert [(a.key, a.values) for a in axes] == [("model.lambdas", [[0, 0, 1], [0.1, 0.1, 1]]),
                                                  ("model.alpha", [0.1, 0.5])]
@@ -325,7 +323,7 @@ def test_sweep_trains_each_value_once(data_root, tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("sage_fast.training.loop.train", no_training)
+    monkeypatch.setattr("sage_fast.training.trainer.train", no_training)
     assert cli_main(argv) == 0
     assert "2 runs (0 trained, 2 finished earlier)" in capsys.readouterr().out
     # another base config is another run

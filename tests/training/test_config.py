@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import yaml
 
-from sage_fast.training.cli import main as cli_main
+from sage_fast.cli import main as cli_main
 from sage_fast.training.config import PRESETS, ConfigError, SageConfig, build_config, config_from_dict, parse_overrides
 from sage_fast.training.data import ArrayDataset, LTData, dataset_names
-from sage_fast.training.loop import Trainer
+from sage_fast.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -162,6 +162,17 @@ def test_cli_preset_wins_over_the_files(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["preset"] == "cifar100_lt_r50" and printed["model"]["gamma"] == 0.06
     assert printed["data"]["dataset"] == "cifar100_lt"
+
+
+def test_a_printed_config_given_back_with_another_preset_takes_that_preset(tmp_path, capsys):
+    """--print-config writes every value, the preset's among them: with another --preset those give way to it."""
+    assert cli_main(["train", "--preset", "cifar100_lt_r100", "optim.lr=0.02", "--print-config"]) == 0
+    f = tmp_path / "dumped.yaml"
+    f.write_text(capsys.readouterr().out)
+    with pytest.warns(UserWarning, match=r"'imagenet_lt''s now \(.*data\.dataset.*model\.lambdas"):
+        cfg = build_config(f, preset="imagenet_lt")
+    want = build_config(preset="imagenet_lt", overrides=["optim.lr=0.02"])
+    assert cfg.to_dict() == want.to_dict()  # the file's own change (lr) kept, everything the old preset set replaced
 
 
 def test_cli_resume_from_missing_checkpoint_is_a_usage_error(tmp_path, capsys):

@@ -3,7 +3,7 @@ subprocess on the tiny model (CPU, no DataLoader workers unless they are the poi
 image folder.
 
 Faults are injected from outside the library: signals sent to the process, bytes flipped in its files, or
-a wrapper script in the test's folder that patches torch / os and then calls `sage_fast.training.cli.main`.
+a wrapper script in the test's folder that patches torch / os and then calls `sage_fast.cli.main`.
 
 4 classes with 40 / 12 / 6 / 3 training images (no many-shot class: its accuracy is NaN, null in JSON),
 2 test images each; batch 8: 7 steps per epoch, 2 epochs, a checkpoint every 3 steps and at epoch ends
@@ -92,7 +92,7 @@ def wrapper_script(folder, patch: str) -> Path:
     """A script that applies `patch` and then runs the CLI with its arguments."""
     path = Path(folder) / "inject.py"
     path.write_text("import os, signal, sys\nimport torch\n" + textwrap.dedent(patch) + textwrap.dedent("""
-        from sage_fast.training.cli import main
+        from sage_fast.cli import main
         sys.exit(main(sys.argv[1:]))
     """))
     return path
@@ -383,7 +383,7 @@ _RANK_WRAPPER = """
     with open(os.path.join(folder, "pid." + os.environ["RANK"]), "w") as f:
         f.write(str(os.getpid()))
     {patch}
-    from sage_fast.training.cli import main
+    from sage_fast.cli import main
     rc = main(sys.argv[1:])
     with open(os.path.join(folder, "rc." + os.environ["RANK"]), "w") as f:
         f.write(str(rc))
@@ -437,7 +437,7 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tm
 
 _HANG_RANK_1 = """
     import time
-    from sage_fast.training.loop import Trainer
+    from sage_fast.training.trainer import Trainer
     _step, _calls = Trainer.train_step, []
     def train_step(self, batch):
         _calls.append(1)

@@ -13,13 +13,13 @@ from helpers.images import make_image_folder, save_image, write_split_file
 from PIL import Image, JpegImagePlugin
 from safetensors.torch import load_file
 
-from sage_fast.training.cli import main as cli_main
+from sage_fast.cli import main as cli_main
 from sage_fast.training.config import build_config
 from sage_fast.training.data import build_data
 from sage_fast.training.data import prepare as prepare_mod
 from sage_fast.training.data.shards import PreparedDataset, read_manifest
 from sage_fast.training.data.transforms import CLIP_STD, ReducedDecode, build_transform
-from sage_fast.training.loop import train
+from sage_fast.training.trainer import train
 
 COUNTS = (30, 12, 6)
 SHORT = 40  # prepared short side: the 48 px PNGs and the 64 x 96 JPEGs are resized, nothing is enlarged

@@ -21,12 +21,12 @@ import yaml
 from helpers.images import make_image_folder
 from safetensors.torch import load_file
 
-from sage_fast.training.cli import main as cli_main
+from sage_fast.cli import main as cli_main
 from sage_fast.training.config import build_config
 from sage_fast.training.checkpoint import load_weights
 from sage_fast.utils.files import atomic_torch_save
 from sage_fast.training.distributed import resolve_device
-from sage_fast.training.loop import Trainer, cosine_lambda, train
+from sage_fast.training.trainer import Trainer, cosine_lambda, train
 from sage_fast.training.metrics import accuracy_report, plot_per_class
 
 COUNTS = (105, 30, 20, 8, 4, 3)
@@ -291,7 +291,7 @@ def test_torchrun_two_processes_match_single_process(tiny, reference, tmp_path):
 _FAILING_RANK_SCRIPT = textwrap.dedent("""
     import sys
     from sage_fast.training.config import build_config
-    from sage_fast.training.loop import train
+    from sage_fast.training.trainer import train
 
     def fail(trainer, event, info):
         if event == "step" and info == 2 and trainer.dist.rank == 1:

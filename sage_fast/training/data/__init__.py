@@ -5,10 +5,11 @@
 | `registry`      | the data-set names, `register_dataset`, `build_data(cfg.data, image_size)`            |
 | `datasets`      | `Sample`, `LTDataset`, `ImageListDataset`, `ArrayDataset`, `LTData`                   |
 | `transforms`    | CLIP mean / std, `build_transform` (and reduced-scale JPEG decoding), augmentation seeds |
-| `loaders`       | `TrainSampler`, `ShardSampler`, `collate_skip`, `build_loader`, input-pipeline speed   |
+| `loaders`       | samplers, `collate_skip`, `build_loader`, `batch_on_device`, input-pipeline speed     |
 | `shards`        | prepared data (``data.prepared``): manifest format, `PreparedDataset`                 |
 | `prepare`       | ``sage-fast prepare``: decode, check, resize into tar shards, resumable, in processes  |
 | `gpu_decode`    | `GpuBatchTransform`: decode and augment a raw batch on the GPU                        |
+| `unreadable`    | unreadable images: the check before training and the limit during it                  |
 | `cifar`         | the CIFAR-100 python archive (restricted unpickler) and the CIFAR-100-LT subsampling  |
 | `split_files`   | ``relative/path label`` split files (ImageNet-LT, Places-LT, LIFT lists, folder)      |
 | `inaturalist`   | iNaturalist 2018's JSON annotations and ``categories.json``                           |
@@ -19,7 +20,16 @@ from .class_names import read_class_names
 from .datasets import ArrayDataset, ImageListDataset, LTData, LTDataset, Sample
 from .gpu_decode import GpuBatchTransform
 from .inaturalist import read_inat_categories, read_inat_json
-from .loaders import Batch, ShardSampler, TrainSampler, build_loader, collate_skip, measure_input_pipeline
+from .loaders import (
+    Batch,
+    ShardSampler,
+    TrainSampler,
+    batch_on_device,
+    bench_input_pipeline,
+    build_loader,
+    collate_skip,
+    measure_input_pipeline,
+)
 from .shards import PreparedDataset, read_manifest
 from .registry import BuildContext, build_data, dataset_names, register_dataset
 from .split_files import read_split_file
@@ -40,6 +50,8 @@ __all__ = [
     "Sample",
     "ShardSampler",
     "TrainSampler",
+    "batch_on_device",
+    "bench_input_pipeline",
     "build_data",
     "build_loader",
     "build_transform",

@@ -167,3 +167,25 @@ def measure_input_pipeline(loader: DataLoader, num_batches: int = 50, warmup: in
     dt = time.perf_counter() - t0
     return {"images": n_img, "batches": n_batch, "seconds": dt, "images_per_s": n_img / dt if dt > 0 else float("nan"),
             "skipped": skipped}
+
+
+def batch_on_device(batch: Batch, device: torch.device, gpu_transform=None):
+    """-> (images (B, 3, S, S) on `device`, or None when no image of the batch is left; labels (B,) on `device`).
+
+    gpu_transform: the split's `GpuBatchTransform` when ``data.gpu_decode`` (the batch then holds raw bytes;
+    images that fail to decode are dropped with their labels)."""
+    labels, images = batch.labels, batch.images
+    if images is not None and gpu_transform is not None:
+        images, keep = gpu_transform(images, batch.seeds)
+        labels = labels[keep]
+    if images is None or len(labels) == 0:
+        return None, labels.to(device)
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def bench_input_pipeline(data, batch_size: int, data_cfg, seed: int = 0, num_batches: int = 50) -> Dict[str, float]:
+    """Images/s of the training input pipeline alone (read, decode, augment, collate; no model) over `data`
+    (an `LTData`), as one process with the run's loader settings (`data_cfg`, ``cfg.data``)."""
+    sampler = TrainSampler(data.train, batch_size, 1, 0, seed)
+    loader = build_loader(data.train, batch_size, sampler, data_cfg, pin_memory=False, train=True)
+    return measure_input_pipeline(loader, num_batches)

@@ -20,7 +20,7 @@ import torch
 from helpers.images import make_image_folder, write_class_names, write_images, write_inat_json, write_split_file
 from safetensors import safe_open
 
-from sage_fast.training.cli import main
+from sage_fast.cli import main
 from sage_fast.training.config import ConfigError, build_config
 from sage_fast.training.data import GpuBatchTransform, ImageListDataset, TrainSampler, build_data, build_loader
 from sage_fast.training.data.unreadable import UnreadableImagesError
@@ -201,7 +201,7 @@ def test_unwritable_output_folder_is_found_before_anything_is_built(data, tmp_pa
     in some CI containers, is simulated by a refusing file system)."""
     import tempfile
 
-    from sage_fast.training import loop
+    from sage_fast.training import trainer as loop
 
     out = tmp_path / "ro" / "run"
     out.parent.mkdir()
@@ -278,7 +278,7 @@ def test_full_disk_while_saving(data, tmp_path, capsys, monkeypatch, failure):
 
 def test_bugs_keep_their_traceback(data, tmp_path, monkeypatch):
     """ValueError / RuntimeError from our code are bugs unless marked: not turned into one line."""
-    from sage_fast.training import loop
+    from sage_fast.training import trainer as loop
 
     def bug(*a, **k):
         raise ValueError("an internal inconsistency")
@@ -293,7 +293,7 @@ def test_bugs_keep_their_traceback(data, tmp_path, monkeypatch):
 
 def test_any_class_marked_user_error_is_one(data, tmp_path, capsys, monkeypatch):
     """Other modules mark their exceptions with ``user_error = True`` instead of importing `UserError`."""
-    from sage_fast.training import loop
+    from sage_fast.training import trainer as loop
 
     class RunFolderError(ValueError):
         user_error = True

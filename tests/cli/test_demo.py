@@ -1,7 +1,7 @@
 """The README's first command runs `sage-fast demo`: keep it working (fewer epochs here)."""
 import re
 
-from sage_fast.training.cli import main
+from sage_fast.cli import main
 
 
 def test_demo_command_trains_and_reports_group_accuracy(tmp_path, capsys):
