@@ -17,5 +17,9 @@ setup(
         "sage_fast.kernels",
     ],
     package_dir={"sage_fast": "sage_fast", "sage_fast.kernels": "kernels"},
-    package_data={"sage_fast.model": ["configs/*.json"], "sage_fast.ops": ["tuned_launch.json"]},
+    package_data={
+        "sage_fast": ["py.typed"],
+        "sage_fast.model": ["configs/*.json"],
+        "sage_fast.ops": ["tuned_launch.json"],
+    },
 )

@@ -4,6 +4,7 @@ Layers, each importing only those above it in this list:
 `sage_fast.ops` (reference math, fold, Triton glue, backend switch; kernels in `sage_fast.kernels`),
 `sage_fast.model` (Sage on a frozen open_clip ViT), `sage_fast.training` (config, data, trainer, CLI).
 """
+from ._version import __version__
 from .ops import (
     BACKENDS,
     AdaptFormer,
@@ -24,9 +25,9 @@ from .ops import (
     sg_adapter_torch,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "BACKENDS",
     "resolve_backend",
     "SGAdapter",

@@ -30,3 +30,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def fresh_self_checks(monkeypatch):
+    """No kernel self-check has run (sage_fast.ops.selfcheck) and SAGE_FAST_SELF_CHECK is unset; the
+    process's results and warnings come back after the test."""
+    from sage_fast.ops import selfcheck
+
+    monkeypatch.setattr(selfcheck, "_RESULTS", {})
+    monkeypatch.setattr(selfcheck, "_WARNED", set())
+    monkeypatch.delenv(selfcheck.ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def auto_takes_triton(monkeypatch):
+    """backend "auto" treats every device as a kernel device (on CPU: the interpreter; on a GPU it
+    already does), so that its self-check fallback runs on a machine without one."""
+    from sage_fast.ops import backend
+
+    monkeypatch.setattr(backend, "_auto_prefers_triton", lambda device: True)

@@ -16,6 +16,7 @@ status; anything else is a bug and keeps its traceback (status 1).
 | `attention` | ``sage-fast attention``: class-token attention maps as a PNG                |
 | `sweep`     | ``sage-fast sweep``: one run per value of one or two keys                   |
 | `ablate`    | ``sage-fast ablate``: the ladder of Tables 5 and 6                          |
+| `info`      | ``sage-fast info`` (and ``--version``): what runs on this machine and why   |
 | `common`    | the parser, the overrides, the help texts, the error line                   |
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ COMMANDS = {
     "sweep": ("sweep", "one training run per value of one or two config keys; sweep.csv and sweep.png"),
     "ablate": ("ablate", "the component ladder of Tables 5 and 6 (baseline, +SG, +Init, +CF, +FIT), one run per "
                          "row; ablation.md and ablation.csv"),
+    "info": ("info", "versions, device, and what each op and the attention run here and why (paste it into a bug "
+                     "report)"),
 }
 
 TRACEBACK_ENV = "SAGE_FAST_TRACEBACK"
@@ -55,6 +58,13 @@ def main(argv=None) -> int:
                                   f"{TRACEBACK_ENV}=1, to see where they were raised.")
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
     parser.add_argument("--traceback", action="store_true", help="print the traceback of a user error too")
+    parser.add_argument("--version", action="store_true", help="print the versions of sage-fast, torch, Triton and "
+                                                                 "open_clip and exit")
+    if argv[:1] in (["--version"], ["-V"]):
+        from .info import version_line
+
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

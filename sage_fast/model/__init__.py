@@ -4,7 +4,9 @@
 | ------------- | --------------------------------------------------------------------- |
 | `config`      | `ModelConfig`: every hyperparameter of the model, once                |
 | `sage`        | `SageModel`, `build_sage`                                             |
-| `clip`        | loading open_clip (tag or local file), attention kernels, `sage-tiny` |
+| `clip`        | loading open_clip (tag or local file), `sage-tiny`                    |
+| `attention`   | the backbone's attention kernel: sdpa / xformers / open_clip, probed  |
+| `runtime`     | the environment report: versions, device, what runs here and why     |
 | `classifier`  | the classifier's initialisation from the text encoder, its disk cache |
 | `templates`   | the 60 prompt templates, LIFT's single prompt                         |
 """
@@ -16,13 +18,23 @@ from .classifier import (
     text_classifier,
     trimmable,
 )
-from .clip import ATTENTION_BACKENDS, frozen_self_attention, image_size, load_clip, resolve_attention, tokenizer
+from .attention import (
+    ATTENTION_BACKENDS,
+    AttentionUnavailableError,
+    explain_attention,
+    frozen_self_attention,
+    resolve_attention,
+    xformers_ops_used,
+    xformers_unusable_reason,
+)
+from .clip import image_size, load_clip, tokenizer
 from .config import ModelConfig
 from .sage import SageModel, SageOutput, build_sage, model_config
 from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "AttentionUnavailableError",
     "CLASSIFIER_TEMPLATES",
     "ModelConfig",
     "SageModel",
@@ -33,6 +45,7 @@ __all__ = [
     "cached_text_classifier",
     "classifier_cache_key",
     "encode_text_trimmed",
+    "explain_attention",
     "frozen_self_attention",
     "image_size",
     "load_clip",
@@ -43,4 +56,6 @@ __all__ = [
     "text_classifier",
     "tokenizer",
     "trimmable",
+    "xformers_ops_used",
+    "xformers_unusable_reason",
 ]

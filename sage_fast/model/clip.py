@@ -1,4 +1,4 @@
-"""open_clip, frozen: loading a model (tag or local checkpoint) and its attention with a choice of kernel.
+"""open_clip, frozen: loading a model (tag or local checkpoint); its attention kernels are in `attention`.
 
 The architectures in ``configs/`` beside this file (``sage-tiny``: 32 px images, 2 blocks of width 64,
 for the demo and tests; it builds in a fraction of a second with random weights) are registered with
@@ -9,17 +9,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import importlib.util
 import logging
 import os
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "open_clip")
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -143,39 +138,3 @@ def load_clip(model_name: str = "ViT-B-16-quickgelu", pretrained: Optional[str] 
         model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
     model.requires_grad_(False)
     return model.eval().to(device)
-
-
-@functools.lru_cache(maxsize=1)
-def _xformers_available() -> bool:
-    # Cached: visual_features resolves the attention backend on every forward.
-    return importlib.util.find_spec("xformers") is not None
-
-
-def resolve_attention(attention: str, device: torch.device) -> str:
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
-    if attention == "auto":
-        return "xformers" if (device.type == "cuda" and _xformers_available()) else "sdpa"
-    if attention == "xformers" and not _xformers_available():
-        raise RuntimeError("attention='xformers' but xformers is not installed (pip install 'sage-fast[xformers]')")
-    return attention
-
-
-def frozen_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """Self-attention of open_clip's nn.MultiheadAttention on x (B, N, d), no mask.
-
-    Same weights and result as ``mha(x, x, x, need_weights=False)[0]``; the kernel is PyTorch SDPA
-    (FlashAttention / memory-efficient on CUDA) or xformers' memory-efficient attention.
-    """
-    b, n, d = x.shape
-    heads = mha.num_heads
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, heads, d // heads)
-    if backend == "xformers" and x.is_cuda:
-        import xformers.ops as xops
-
-        q, k, v = qkv.unbind(2)                               # (B, N, H, hd) each
-        out = xops.memory_efficient_attention(q, k, v)
-    else:
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)        # (B, H, N, hd) each
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    return mha.out_proj(out.reshape(b, n, d))

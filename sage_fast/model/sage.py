@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import AdaptFormerFused, CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
-from ..ops.backend import check_backend
+from ..ops.backend import check_backend, explain_backend
+from .attention import explain_attention, frozen_self_attention, resolve_attention, xformers_ops_used
 from .classifier import cached_text_classifier
-from .clip import frozen_self_attention, load_clip, resolve_attention, tokenizer
+from .clip import load_clip, tokenizer
 from .config import ModelConfig
 from .templates import CLASSIFIER_TEMPLATES
 
@@ -210,6 +211,33 @@ class SageModel(nn.Module):
             bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
             raise ValueError(f"trainable parameters hold NaN or Inf: {', '.join(bad[:5])}")
 
+    def runtime(self, dtype: Optional[torch.dtype] = None) -> dict:
+        """What runs in this model, as plain data (JSON-ready; the run folder keeps it).
+
+        Keys: device; adapter and loss (kind, then `sage_fast.ops.backend.explain_backend`: requested,
+        resolved "triton" | "torch", path, reason, fallback, self_check); attention
+        (`explain_attention`, xformers probed only when it is the setting, plus ran: the kernel the
+        last forward used, and xformers_ops: the xformers operators it dispatched to); forward_seen.
+        Device and adapter dtype are the last forward's (autocast's dtype, or the tokens'), else the
+        parameters' device and fp32; `dtype` overrides the adapter's. The loss is explained in fp32,
+        the dtype of the logits. Runs the kernels' self-check where it has not run.
+        """
+        ran = getattr(self, "_ran", None) or {}
+        device = ran.get("device", self.classifier.device)
+        adapter_dtype = dtype or ran.get("adapter_dtype", torch.float32)
+        attention = explain_attention(self.attention, device, probe_xformers=self.attention == "xformers")
+        attention["ran"] = ran.get("attention")
+        attention["xformers_ops"] = xformers_ops_used() if ran.get("attention") == "xformers" else []
+        return {
+            "device": str(device),
+            "adapter": {"kind": self.config.adapter,
+                        **explain_backend("adapter", self.backend, device, adapter_dtype)},
+            "loss": {"kind": type(self.criterion).__name__,
+                     **explain_backend("loss", self.backend, device, torch.float32)},
+            "attention": attention,
+            "forward_seen": bool(ran),
+        }
+
     # -- forward ------------------------------------------------------------------------------
     def guidance(self) -> torch.Tensor:
         """g: the mean of the L2-normalised classifier rows, (d,). Gradients reach W through it.
@@ -228,6 +256,10 @@ class SageModel(nn.Module):
         if adapters and self.check_finite and not torch.compiler.is_compiling():
             self.check_parameters_finite()
         x = visual._embeds(images)                                   # (B, N, d)
+        if adapters and not torch.compiler.is_compiling():  # what ran, for `runtime`
+            dev = images.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            self._ran = {"device": images.device, "attention": backend, "adapter_dtype": dtype}
         g = self.guidance() if adapters and self.guided else None
         for i, block in enumerate(visual.transformer.resblocks):
             if backend == "open_clip":

@@ -9,8 +9,11 @@
 | `launch`      | the kernels' launch configurations (GPU, tuned, interpreter)                |
 | `modules`     | `SGAdapterFused`, `AdaptFormerFused`, the two losses: the backend switch    |
 | `backend`     | "auto" / "triton" / "torch": `resolve_backend`, where Triton can run        |
+| `selfcheck`   | the kernels' first-use check against PyTorch, which `resolve_backend` asks  |
+| `parity`      | the check's problems: kernels vs PyTorch, forward and every gradient        |
 | `checks`      | input validation and its error messages                                     |
 """
+from . import parity  # noqa: F401  (registers the kernels' self-checks with selfcheck)
 from .backend import BACKENDS, resolve_backend
 from .fold import fold_adaptformer_weights, fold_adapter_weights, sg_adapter_torch
 from .la_loss import fused_fit_loss, fused_la_loss

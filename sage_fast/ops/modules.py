@@ -50,7 +50,7 @@ def _loss_backend(backend: str, *tensors) -> str:
     if not isinstance(first, torch.Tensor):
         return "torch"  # the reference raises the clear error
     dtype = torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else first.dtype
-    return resolve_backend(backend, first.device, dtype)
+    return resolve_backend(backend, first.device, dtype, op="loss")
 
 
 class _PriorLoss(nn.Module):
@@ -147,7 +147,9 @@ class _FoldedAdapter:
     check_finite: bool = True
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if resolve_backend(self.backend, x.device, x.dtype) != "triton":
+        # The kernels are decided (and self-checked) in the dtype their GEMMs run in: autocast's, or x's.
+        dtype = self._compute_dtype(x) if x.dtype in TRITON_DTYPES else x.dtype
+        if resolve_backend(self.backend, x.device, dtype, op="adapter") != "triton":
             return False
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports fp32, fp16 and bf16 inputs, got {x.dtype}")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.adapters import randomise_adapters
-from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip
+from sage_fast.model import SageModel, build_sage, frozen_self_attention, load_clip, xformers_unusable_reason
 from sage_fast.model.sage import WeightsMismatchError
 from sage_fast.model.templates import TEMPLATES, prompts_for
 
@@ -55,7 +55,9 @@ def test_attention_backend_matches_open_clip(model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers runs on CUDA only")
 def test_xformers_attention_matches_open_clip(model):
-    pytest.importorskip("xformers")
+    reason = xformers_unusable_reason("cuda")
+    if reason is not None:
+        pytest.skip(reason)
     block = model.clip.visual.transformer.resblocks[0].cuda()
     x = torch.randn(2, 197, model.dim, device="cuda")
     want = block.attn(x, x, x, need_weights=False)[0]
