@@ -4,13 +4,14 @@ Sage adapts inside every block of a frozen CLIP ViT, so each training step runs 
 and backward: the gradient flows back through the frozen blocks to the adapters of the earlier ones. Its
 attention is the model's ``attention`` setting (sage_fast/model/clip.py): ``open_clip`` (the block's own
 nn.MultiheadAttention), ``sdpa`` (PyTorch's scaled_dot_product_attention; which SDPA kernel runs is
-probed, `environment.sdpa_kernel`) or ``xformers`` (xformers' memory_efficient_attention). This times
-that encoder alone with each of them, on the same weights and inputs.
+probed, `environment.sdpa_kernel`) or ``xformers`` (xformers' memory_efficient_attention, with the
+operator its dispatcher chose). This times that encoder alone with each of them, on the same weights and
+inputs: the measurement that decides whether the model's ``auto`` (SDPA) should ever take xformers.
 
 CUDA: open_clip ``ViT-B-16-quickgelu`` (random weights) at 224 px, batch 128 (``--sage-e2e-batch``), bf16
 autocast, as the training step runs. CPU: the tiny ``sage-tiny`` config, batch 4, fp32; xformers is
 skipped with the reason (its kernels need CUDA, and on a CPU the switch runs SDPA), as it is on a GPU
-where xformers is not installed or does not run (`environment.xformers_status`).
+where xformers is not installed or does not run (the model's own probe, `environment.xformers_status`).
 
 One step (``impl`` = the attention, ``case`` "fwdbwd"): `SageModel.visual_features(images,
 adapters=False)` on images that require grad (the frozen blocks without adapters, as the training step's
@@ -28,6 +29,7 @@ import pytest
 import torch
 
 from sage_fast.model import SageModel
+from sage_fast.model.attention import xformers_ops_used
 
 from . import environment, timing
 from .bench_train_step import bf16_autocast, make_e2e
@@ -88,6 +90,15 @@ def skip_reason(attention: str) -> str | None:
     return None
 
 
+def kernel_name(attention: str) -> str:
+    """What ran: the SDPA kernel (probed), or xformers with the operators its dispatcher chose."""
+    if attention == "sdpa":
+        return environment.sdpa_kernel()
+    if attention == "xformers":
+        return f"xformers ({', '.join(xformers_ops_used()) or 'operator unknown'})"
+    return attention
+
+
 def check_against_open_clip(data: dict, model: SageModel) -> ErrorCheck:
     got = encoder_outputs(model, data["images"], data["grad_out"], autocast=ON_GPU)
     return check_error(got, data["want"], PRECISION, data["eager"])
@@ -120,7 +131,7 @@ def test_encoder_fwdbwd(attention, encoder_data, benchmark, recorder):
             "impl": attention,
             "params": dict(encoder_data["params"]),
             "attention": attention,
-            "attention_kernel": environment.sdpa_kernel() if attention == "sdpa" else attention,
+            "attention_kernel": kernel_name(attention),
             **measured.record_fields(),
             "images_per_s": batch / measured.median_s,
             **timing.peak_memory_fields(),

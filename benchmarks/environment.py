@@ -5,7 +5,8 @@ stage, each pytest session adds its command line; `benchmarks.records.write_json
 name, compute capability, SM count and memory, the driver and the CUDA versions (the runtime torch was
 built with and the driver's), cuDNN, torch, Triton, open_clip, xformers, pytest-benchmark and sage-fast
 versions, which kernel PyTorch SDPA runs (`sdpa_kernel`), whether xformers runs (`xformers_status`),
-the date, the git commit and the command.
+the date, the git commit and the command. The versions and the device's name, capability and memory
+come from the library's own report (`sage_fast.model.runtime`, behind ``sage-fast info``).
 """
 from __future__ import annotations
 
@@ -97,47 +98,26 @@ def sdpa_kernel() -> str:
     return result
 
 
-_XFORMERS: list[tuple[bool, str]] = []  # cached probe result
-
-
 def xformers_status() -> tuple[bool, str]:
-    """(runs, what happened): whether xformers' memory-efficient attention runs here, forward and backward,
-    on a small bf16 problem of ViT-B/16's head size. An installed xformers can still fail (a wheel built
-    for another torch, a GPU its kernels do not support): the benchmarks then leave it out with this text
-    as the reason, instead of failing every case that would use it. Probed once per process."""
-    if _XFORMERS:
-        return _XFORMERS[0]
-    version = package_version("xformers")
-    if version is None:
-        result = (False, "xformers is not installed")
-    elif not ON_GPU:
-        result = (False, f"xformers {version} is installed, but its kernels need CUDA (on a CPU the model's "
-                         "xformers switch runs SDPA)")
-    else:
-        try:
-            import xformers.ops as xops
+    """(runs, what was found): whether the model's xformers attention can run on this device, from the
+    model's own probe (`sage_fast.model.attention.xformers_unusable_reason`: a tiny forward and backward
+    that must agree with SDPA; once per device and process). An installed xformers can still fail (its
+    compiled extensions built for another torch, a GPU its kernels do not support): the xformers cases
+    then skip with this text as the reason."""
+    from sage_fast.model.attention import xformers_unusable_reason, xformers_version
 
-            q = torch.randn(2, 197, 12, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-            xops.memory_efficient_attention(q, q, q).sum().backward()
-            torch.cuda.synchronize()
-            result = (True, f"xformers {version}: memory_efficient_attention runs (forward and backward)")
-        except Exception as err:  # noqa: BLE001 - any failure means: do not use it in this run
-            text = str(err).strip().splitlines()
-            result = (False, f"xformers {version} fails: {type(err).__name__}: {text[0][:300] if text else ''}")
-    _XFORMERS.append(result)
-    return result
+    reason = xformers_unusable_reason(DEVICE)
+    if reason is None:
+        return True, f"xformers {xformers_version()} runs here (forward and backward agree with SDPA)"
+    return False, reason
 
 
 def attention_backend() -> str:
     """The attention kernel the train-step benchmark uses: the model's "auto" choice on this device
-    (xformers on CUDA when installed, SDPA otherwise), except that an xformers failing `xformers_status`
-    gives way to SDPA (env.json says why)."""
+    (SDPA; see sage_fast/model/attention.py)."""
     from sage_fast.model import resolve_attention
 
-    choice = resolve_attention("auto", DEVICE)
-    if choice == "xformers" and not xformers_status()[0]:
-        return "sdpa"
-    return choice
+    return resolve_attention("auto", DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,18 +145,12 @@ def _cuda_driver_version() -> Optional[str]:
 
 
 def gpu_fields() -> dict:
-    """The GPU's name, capability, SMs, memory, driver and CUDA versions (empty without CUDA)."""
+    """What the library's device report does not say: SMs, the driver (nvidia-smi) and the CUDA version
+    the driver supports (empty without CUDA)."""
     if not ON_GPU:
         return {}
-    props = torch.cuda.get_device_properties(0)
-    out = {
-        "gpu_name": torch.cuda.get_device_name(0),
-        "gpu_capability": f"{props.major}.{props.minor}",
-        "gpu_sms": props.multi_processor_count,
-        "gpu_memory_GiB": round(props.total_memory / 2**30, 1),
-        "cuda_driver": _cuda_driver_version(),
-        "cudnn": torch.backends.cudnn.version(),
-    }
+    out = {"gpu_sms": torch.cuda.get_device_properties(0).multi_processor_count,
+           "cuda_driver": _cuda_driver_version()}
     smi = _run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"])
     if smi:
         fields = [f.strip() for f in smi.splitlines()[0].split(",")]
@@ -188,27 +162,35 @@ def gpu_fields() -> dict:
 
 
 def collect_env(command: Optional[str] = None) -> dict:
-    """Device, driver, library versions, attention kernels, date, git commit and the command line of this run."""
+    """Device, driver, library versions, attention kernels, date, git commit and the command line of this
+    run. The versions and the device's name, capability and memory are the library's own report
+    (`sage_fast.model.runtime.versions`, `device_report`), under the keys the summary reads."""
+    from sage_fast.model.runtime import device_report, versions
+
+    v = versions()
+    dev = device_report(DEVICE if ON_GPU else "cpu")
     env = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(),
         "device_type": DEVICE.type,
         "mode": "gpu" if ON_GPU else "cpu-smoke",
-        "python": platform.python_version(),
+        "python": v["python"],
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": package_version("triton"),
-        "open_clip": package_version("open_clip"),
-        "xformers": package_version("xformers"),
+        "torch": v["torch"],
+        "torch_cuda": v["cuda"],
+        "cudnn": v["cudnn"],
+        "triton": v["triton"],
+        "open_clip": v["open_clip"],
+        "xformers": v["xformers"],
         "xformers_status": xformers_status()[1],
         "sdpa_kernel": sdpa_kernel(),
         "pytest_benchmark": package_version("pytest_benchmark"),
-        "sage_fast": package_version("sage_fast"),
+        "sage_fast": v["sage_fast"],
         "cpu_threads": torch.get_num_threads(),
         "command": command or command_line(),
-        **gpu_fields(),
     }
+    if ON_GPU:
+        env.update(gpu_capability=dev["capability"], gpu_memory_GiB=dev.get("memory_gib"), **gpu_fields())
     env["git_commit"] = git_commit() or "unknown"
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_ROOT)
     env["git_dirty"] = None if status is None else bool(status)

@@ -10,8 +10,9 @@
 # The GPU machine is assumed to have torch (>= 2.10, as xformers 0.0.35 requires; tested against torch 2.11,
 # Triton 3.6), triton, torchvision, numpy, pillow, pyyaml, pytest, pytest-benchmark and matplotlib, and to
 # lack open_clip_torch (and its ftfy, wcwidth) and xformers: those are the wheels downloaded here, without
-# their dependencies. xformers is optional: without it (or where it does not run) the xformers cases skip
-# with the reason and the training step uses PyTorch SDPA.
+# their dependencies. xformers is optional: it is timed against SDPA and open_clip's attention in the
+# encoder stage; without it, or where the model's probe finds it does not run (the 0.0.35 wheel was built
+# for torch 2.10 / CUDA 12.8 and links libcudart.so.12), its case skips with the reason.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python3 -m pip download --no-deps --only-binary=:all: --python-version "${SAGE_WHEEL_PYTHON:-3.12}" --implementation cp \
