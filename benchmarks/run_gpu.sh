@@ -80,8 +80,12 @@ for s in ${STAGES//,/ }; do
 done
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
+PLAN_ONLY=${SAGE_PLAN_ONLY:-0}
 SIM_OFFSET=0  # SAGE_PLAN_ONLY: simulated seconds spent
-left() { echo $(( BUDGET - (SECONDS - START) - SIM_OFFSET )); }
+# seconds of the budget left; a plan counts simulated time only (a slow shell must not shift its numbers)
+left() {
+    if [[ "$PLAN_ONLY" == "1" ]]; then echo $(( BUDGET - SIM_OFFSET )); else echo $(( BUDGET - (SECONDS - START) - SIM_OFFSET )); fi
+}
 # keep_after <stage>: seconds the enabled stages after it are guaranteed, plus the report
 keep_after() {
     local seen=0 keep=$REPORT_S name max reserve
@@ -114,7 +118,7 @@ stage() { echo; echo "=== [$(date -u +%H:%M:%S), $(( SECONDS - START ))s] $*"; }
 
 # SAGE_PLAN_ONLY=1: print the worst-case schedule (setup taking SAGE_PLAN_SETUP_S, default 25 s; every
 # stage running to its limit, then its grace) and exit without running anything.
-if [[ "${SAGE_PLAN_ONLY:-0}" == "1" ]]; then
+if [[ "$PLAN_ONLY" == "1" ]]; then
     SIM_OFFSET=${SAGE_PLAN_SETUP_S:-25}
     for row in "${STAGE_TABLE[@]}"; do
         read -r name max reserve <<< "$row"

@@ -83,3 +83,18 @@ def test_parity_and_the_kernel_timings_come_first_and_the_new_stages_have_their_
     stages, _ = plan(SAGE_BUDGET_S="400", SAGE_PLAN_SETUP_S="25")
     got = {s["name"]: s["limit"] for s in stages}
     assert got["train"] >= 70 and got["encoder"] < 30
+
+
+def test_the_plan_counts_simulated_time_only(tmp_path):
+    """The printed schedule does not depend on how fast the shell computes it (on a loaded machine the
+    wall-clock second that passed once shifted a limit): the script slowed down prints the same plan."""
+    env = {**os.environ, "SAGE_PLAN_ONLY": "1", "SAGE_PLAN_SETUP_S": "25"}
+    row = 'read -r name max reserve <<< "$row"\n'
+    script = SCRIPT.read_text()
+    assert script.count(row) == 3
+    slowed = tmp_path / "benchmarks" / "run_gpu.sh"
+    slowed.parent.mkdir()
+    slowed.write_text(script.replace(row, row + "sleep 0.02\n"))  # a few seconds in all
+    runs = [subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=120,
+                           check=True).stdout for path in (SCRIPT, slowed)]
+    assert runs[0].count("plan ") == 11 and runs[1] == runs[0]
