@@ -16,6 +16,16 @@ CPU: `sage-tiny` (text tower of width 32, 2 layers), C = 10 x 60 = 600 prompts, 
   nothing about ViT-B (on a 2-core CPU, ViT-B-16 with 10 classes takes about 50 s untrimmed, 3-5 s
   trimmed; too slow for the smoke run).
 
+Tokenisation apart (`test_prompt_tokenisation`, CPU work on every machine): the token ids of C classes x
+60 templates through open_clip's tokenizer, one prompt after the other in one process (the baseline, as
+`text_classifier` did before), against `sage_fast.model.prompt_tokens.tokenize_prompts` (each class name
+tokenised once and spliced into the templates' pre-tokenised parts), in the same run, each with a fresh
+tokenizer (BPE's word cache cold), in `text_classifier`'s windows of 16,384 prompts; the ids must be
+equal. C = 8,142 on CUDA machines, 1,000 on CPU (the baseline takes about 40 s at 8,142 on the 2-core
+development machine; SAGE_BENCH_TOKENIZE_CLASSES=8142 runs it there). The baseline's record times the
+tokenizer's stages on 2,000 of the prompts: ftfy + cleaning, the regex, BPE with a cold word cache, and
+the whole call again with the cache warm (cleaning, regex, cached BPE, ids into a tensor).
+
 Every trimmed case is checked against the untrimmed path (rows are independent per class, so a
 sample of classes suffices: 64 on CUDA, all on CPU); a trimmed path that is fast but wrong fails.
 Class names are synthetic Latin-like binomials of varied length (the sort only helps when prompt
@@ -23,6 +33,7 @@ lengths vary, as real class names do). Time includes tokenisation, as a build pa
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -134,3 +145,88 @@ def test_classifier_init(classes, impl, text_tower, benchmark, recorder):
     if trim and base and base.get("time_s"):
         record["speedup_vs_untrimmed"] = base["time_s"] / measured.median_s
     recorder.add(record, benchmark.extra_info)
+
+
+TOKENIZE_CLASSES = int(os.environ.get("SAGE_BENCH_TOKENIZE_CLASSES", 8142 if ON_GPU else 1000))
+TOKENIZE_WINDOW = 256 * 64  # text_classifier's window: batch_size x _WINDOW_BATCHES
+
+
+def _fresh_tokenizer():
+    """open_clip's tokenizer with an empty BPE cache (`sage_fast.model.tokenizer` keeps one per process)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _tokenizer_breakdown(prompts: list[str]) -> dict:
+    """Seconds per prompt of each stage of SimpleTokenizer on `prompts`, with a fresh tokenizer."""
+    import time
+
+    import regex
+
+    tok = _fresh_tokenizer()
+    t0 = time.perf_counter()
+    cleaned = [tok.clean_fn(p) for p in prompts]
+    t1 = time.perf_counter()
+    words = [regex.findall(tok.pat, c) for c in cleaned]
+    t2 = time.perf_counter()
+    for ws in words:
+        for w in ws:
+            tok.bpe("".join(tok.byte_encoder[b] for b in w.encode("utf-8")))
+    t3 = time.perf_counter()
+    tok(prompts)  # the whole call again, BPE's word cache now warm
+    t4 = time.perf_counter()
+    n = len(prompts)
+    return {"clean_us": 1e6 * (t1 - t0) / n, "regex_us": 1e6 * (t2 - t1) / n, "bpe_cold_us": 1e6 * (t3 - t2) / n,
+            "whole_call_bpe_warm_us": 1e6 * (t4 - t3) / n}
+
+
+@pytest.mark.parametrize("impl", ["single_process", "spliced"])
+def test_prompt_tokenisation(impl, benchmark, recorder):
+    """Token ids of C x 60 prompts: open_clip's tokenizer prompt by prompt against tokenize_prompts."""
+    import time
+
+    from sage_fast.model.prompt_tokens import tokenize_prompts
+    from sage_fast.model.templates import TEMPLATES, prompts_for
+
+    benchmark.group = "classifier_tokenize"
+    names = class_names(TOKENIZE_CLASSES)
+    total = len(names) * len(TEMPLATES)
+    out = {}
+
+    def run():
+        tok = _fresh_tokenizer()
+        t0 = time.perf_counter()
+        if impl == "single_process":
+            prompts = [p for n in names for p in prompts_for(n, TEMPLATES)]
+            parts = [tok(prompts[s:s + TOKENIZE_WINDOW]) for s in range(0, total, TOKENIZE_WINDOW)]
+        else:
+            parts = [tokenize_prompts(tok, names, TEMPLATES, s, s + TOKENIZE_WINDOW)
+                     for s in range(0, total, TOKENIZE_WINDOW)]
+        out["s"] = time.perf_counter() - t0
+        out["ids"] = torch.cat(parts)
+
+    # one call each (the baseline lasts seconds to a minute); the tokenizer's loading is not timed
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    case = f"C={len(names)} T={len(TEMPLATES)}"
+    record = {"group": "classifier_tokenize", "case": case, "impl": impl,
+              "params": {"classes": len(names), "templates": len(TEMPLATES), "prompts": total,
+                         "window": TOKENIZE_WINDOW, "processes": 1},
+              "time_s": out["s"], "prompts_per_s": total / out["s"], "us_per_prompt": 1e6 * out["s"] / total}
+    if impl == "single_process":
+        sample = [p for n in names[:34] for p in prompts_for(n, TEMPLATES)][:2000]
+        record["breakdown_us_per_prompt"] = _tokenizer_breakdown(sample)
+        recorder.add(record, benchmark.extra_info)
+        _TOKENS[case] = out["ids"]
+        return
+    base = next((r for r in recorder.records if (r.get("group"), r.get("case"), r.get("impl"))
+                 == ("classifier_tokenize", case, "single_process")), None)
+    if base and base.get("time_s"):
+        record["speedup_vs_single_process"] = base["time_s"] / out["s"]
+    if case in _TOKENS:
+        record["ids_equal"] = bool(torch.equal(out["ids"], _TOKENS.pop(case)))
+    recorder.add(record, benchmark.extra_info)
+    assert record.get("ids_equal", True), "tokenize_prompts gave other ids than the tokenizer"
+
+
+_TOKENS: dict = {}

@@ -76,7 +76,7 @@ def image_sets():
             samples.append((rel, i % 2))
         for split in ("train", "test"):
             (root / f"{split}.txt").write_text("".join(f"{p} {t}\n" for p, t in samples))
-        cfg = DataConfig(dataset="folder", root=str(root))
+        cfg = DataConfig(dataset="folder", root=str(root), allow_duplicates=True)  # one list for both splits
         prepare(cfg, base / f"{case}-shards", workers=os.cpu_count(), progress=False, log=lambda m: None)
         out[case] = {"root": root, "samples": samples, "prepared": base / f"{case}-shards"}
     yield out

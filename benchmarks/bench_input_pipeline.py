@@ -132,8 +132,9 @@ def test_input_pipeline(mode, jpeg_folder, benchmark, recorder):
     root, info = jpeg_folder
     s = settings()
     raw = mode == "gpu_decode"
+    # allow_duplicates: train.txt lists each file `repeat` times (a large epoch from few files), test.txt some of them
     cfg = DataConfig(dataset="folder", root=str(root), num_workers=s["workers"], gpu_decode=raw,
-                     check_images=False, pin_memory=ON_GPU)
+                     check_images=False, pin_memory=ON_GPU, allow_duplicates=True)
     data = build_data(cfg, IMAGE_SIZE, raw=raw)
     sampler = TrainSampler(data.train, s["batch"], 1, 0, seed=0)
     needed = s["warmup"] + s["batches"]

@@ -22,6 +22,11 @@ Configurations ("impl", with the FIT setting as "case"):
                  (its one host sync, the input check, would break the graph anyway); run_gpu.sh times
                  these in its last stage (-k compile), after the uncompiled ones
 FIT on: the four-term loss and the extra frozen forward pass for f_zs; FIT off: the compensated LA loss.
+
+Activation checkpointing (`test_train_step_grad_checkpoint`, CUDA only): the fused Sage step with FIT
+on `ViT-B-16-quickgelu` and `ViT-L-14-quickgelu` (random weights, 224 px, batch 128, 1000 classes),
+`model.grad_checkpoint` false and true: images/s and the peak memory the step adds to what was allocated
+before the model was built, next to `sage_fast.model.memory.training_memory`'s computed total.
 A training step is zero_grad, forward, loss, backward and an SGD step (lr 0.01, momentum 0.9,
 weight decay 5e-4) over the trainable parameters. Inference is `SageModel.predict` (FIT on: two
 backbone passes) or the floor's features + head. Reported: images/s and peak memory.
@@ -316,4 +321,61 @@ def test_inference(case, impl, e2e, benchmark, recorder):
     measured = timing.run_benchmark(benchmark, run, timing.default_plan(step=True))
     _finish(recorder, benchmark, "infer", case, impl, e2e, measured, extra, check)
     del sage
+    timing.free_memory()
+
+
+CHECKPOINT_CASES = [(name, ck) for name in ("ViT-B-16-quickgelu", "ViT-L-14-quickgelu") for ck in (False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_name,grad_checkpoint", CHECKPOINT_CASES,
+                         ids=[f"{n}-{'ckpt' if c else 'no_ckpt'}" for n, c in CHECKPOINT_CASES])
+def test_train_step_grad_checkpoint(model_name, grad_checkpoint, benchmark, recorder):
+    """Peak memory and images/s of a fused FIT step with and without `model.grad_checkpoint` (CUDA only)."""
+    from sage_fast.model.memory import training_memory
+
+    if not ON_GPU:
+        pytest.skip("peak GPU memory needs CUDA")
+    benchmark.group = "train_step_grad_checkpoint"
+    classes, batch = 1000, 128
+    timing.free_memory()
+    # what was allocated before the model is built (without the L2-flush buffer, allocated or not yet)
+    before_mib = torch.cuda.memory_allocated() / 2**20 - timing.flush_mib()
+    clip = load_clip(model_name, pretrained=None, device=DEVICE)
+    size = clip.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    images = torch.randn(batch, 3, size, size, generator=gen, device=DEVICE)
+    target = torch.randint(0, classes, (batch,), generator=gen, device=DEVICE)
+    init = F.normalize(torch.randn(classes, clip.visual.transformer.width, generator=torch.Generator().manual_seed(4)),
+                       dim=-1)
+    sage = SageModel(clip, [f"class_{k}" for k in range(classes)], harness.long_tailed_counts(classes), init,
+                     fit=True, backend="auto", attention=environment.attention_backend(),
+                     grad_checkpoint=grad_checkpoint).to(DEVICE)
+    sage.train()
+    optimizer = torch.optim.SGD(sage.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with bf16_autocast():
+            loss, _ = sage.loss(sage(images), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step()  # the momentum buffers and the gradients exist from here on, as in training
+    timing.reset_peak_memory()
+    measured = timing.run_benchmark(benchmark, step, timing.default_plan(step=True))
+    peak = timing.peak_memory_mib() - before_mib
+    predicted = training_memory(model_name, batch, num_classes=classes, bottleneck=sage.bottleneck,
+                                grad_checkpoint=grad_checkpoint).total / 2**20
+    if measured is not None:
+        recorder.add({
+            "group": "train_grad_checkpoint", "case": f"{model_name} grad_checkpoint={grad_checkpoint}", "impl": "fused",
+            "params": {"model": model_name, "image_size": size, "batch": batch, "classes": classes,
+                       "bottleneck": sage.bottleneck, "precision": "bf16 autocast", "grad_checkpoint": grad_checkpoint},
+            **measured.record_fields(), "images_per_s": batch / measured.median_s,
+            "step_peak_MiB": peak, "computed_total_MiB": predicted,
+        }, benchmark.extra_info)
+    del sage, clip, optimizer, images
     timing.free_memory()

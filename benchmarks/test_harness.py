@@ -320,7 +320,7 @@ def test_the_input_benchmark_measures_a_gpu_decode_loader_on_cpu(tmp_path):
     info = bip.make_jpeg_folder(tmp_path, files=8, classes=2, repeat=2, processes=1)
     assert info["files"] == 8 and 5 < info["mean_file_KB"] < 500
     cfg = DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, gpu_decode=True, check_images=False,
-                     pin_memory=False)
+                     pin_memory=False, allow_duplicates=True)  # the folder's lists repeat files on purpose
     data = build_data(cfg, 64, raw=True)
     loader = build_loader(data.train, 4, TrainSampler(data.train, 4, 1, 0, seed=0), cfg, pin_memory=False, train=True)
     transform = GpuBatchTransform(64, True, "cpu", cfg.crop_scale, cfg.train_augment)

@@ -1,14 +1,16 @@
 """The model layer: Sage on a frozen open_clip ViT. Uses `sage_fast.ops`; knows nothing of training.
 
-| module        | what                                                                  |
-| ------------- | --------------------------------------------------------------------- |
-| `config`      | `ModelConfig`: every hyperparameter of the model, once                |
-| `sage`        | `SageModel`, `build_sage`                                             |
-| `clip`        | loading open_clip (tag or local file), `sage-tiny`                    |
-| `attention`   | the backbone's attention kernel: sdpa / xformers / open_clip, probed  |
-| `runtime`     | the environment report: versions, device, what runs here and why     |
-| `classifier`  | the classifier's initialisation from the text encoder, its disk cache |
-| `templates`   | the 60 prompt templates, LIFT's single prompt                         |
+| module          | what                                                                    |
+| --------------- | ----------------------------------------------------------------------- |
+| `config`        | `ModelConfig`: every hyperparameter of the model, once                  |
+| `sage`          | `SageModel`, `build_sage`                                               |
+| `clip`          | loading open_clip (tag or local file), `sage-tiny`                      |
+| `attention`     | the backbone's attention kernel: sdpa / xformers / open_clip, probed    |
+| `runtime`       | the environment report: versions, device, what runs here and why        |
+| `classifier`    | the classifier's initialisation from the text encoder, its disk cache   |
+| `prompt_tokens` | the prompts' token ids, each class name tokenised once                  |
+| `templates`     | the 60 prompt templates, LIFT's single prompt                           |
+| `memory`        | what a training step keeps for backward: a bytes model, its measurement |
 """
 from .classifier import (
     cached_text_classifier,
@@ -28,7 +30,7 @@ from .attention import (
     xformers_unusable_reason,
 )
 from .clip import image_size, load_clip, tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, check_model_config
 from .sage import SageModel, SageOutput, build_sage, model_config
 from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
 
@@ -43,6 +45,7 @@ __all__ = [
     "TEMPLATES",
     "build_sage",
     "cached_text_classifier",
+    "check_model_config",
     "classifier_cache_key",
     "encode_text_trimmed",
     "explain_attention",

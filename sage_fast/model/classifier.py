@@ -4,7 +4,8 @@
 dozen tokens long, but CLIP's text tower runs at its full context (77): the tower is causal and
 pools at the end-of-text token, so tokens after it cannot change the features. Each batch is
 therefore cut to its longest prompt (`encode_text_trimmed`), after sorting the prompts by length so
-that a batch's longest prompt is close to its shortest.
+that a batch's longest prompt is close to its shortest. The prompts' token ids come from
+`sage_fast.model.prompt_tokens` (each class name tokenised once, the same ids as the tokenizer's).
 
 `cached_text_classifier` keeps the result on disk (safetensors) keyed by the model, its weights, the
 class names and the templates, so resuming, evaluating or re-running does not recompute it.
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.files import atomic_write_bytes
-from .templates import TEMPLATES, prompts_for
+from .prompt_tokens import tokenize_prompts
+from .templates import TEMPLATES
 
 #: Bump when anything that shapes the cached numbers changes (prompt filling, averaging, projection).
 CACHE_FORMAT = 1
@@ -134,14 +136,15 @@ def text_classifier(clip, tokenizer, class_names: Sequence[str], templates=TEMPL
     trim = trim and trimmable(clip)
     # All prompts of all classes (iNaturalist: 8,142 x 60); each normalised embedding is summed into
     # its class's row, so memory stays at C x embed_dim whatever the order the prompts run in.
-    prompts = [p for name in class_names for p in prompts_for(name, templates)]
+    num_prompts = len(class_names) * len(templates)
     labels_all = torch.arange(len(class_names)).repeat_interleave(len(templates))
     window = batch_size * _WINDOW_BATCHES
     sums, counts = None, torch.zeros(len(class_names), device=device)
-    with tqdm(total=math.ceil(len(prompts) / batch_size), desc="classifier init", disable=not progress,
+    with tqdm(total=math.ceil(num_prompts / batch_size), desc="classifier init", disable=not progress,
               unit="batch") as bar:
-        for start in range(0, len(prompts), window):
-            tokens = tokenizer(prompts[start:start + window])                 # (n, n_ctx), CPU
+        for start in range(0, num_prompts, window):
+            # the tokenizer's ids, each class name tokenised once (sage_fast.model.prompt_tokens)
+            tokens = tokenize_prompts(tokenizer, class_names, templates, start, start + window)  # (n, n_ctx)
             labels = labels_all[start:start + tokens.shape[0]]
             if trim:
                 lengths = pooled_lengths(clip, tokens)

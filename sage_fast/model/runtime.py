@@ -220,3 +220,40 @@ def format_environment(report: dict) -> str:
             lines.append(f"  {op:<8} {shape}: {e['fused_ms']:.3f} ms vs {e['pytorch_ms']:.3f} ms, "
                          f"{e['speedup']}x")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# What a run used
+# --------------------------------------------------------------------------------------------
+
+
+def run_record(model) -> dict:
+    """What `model` (a `SageModel`) actually ran, for a run folder's ``runtime.json``: versions, device,
+    `SageModel.runtime` (each op's backend and any fallback with its reason, the attention and xformers
+    op the last forward used) and the kernels' self-checks so far. Plain data."""
+    runtime = model.runtime()
+    return {
+        "versions": versions(),
+        "device": device_report(runtime["device"]),
+        "model": runtime,
+        "self_check": selfcheck.results(),
+        "self_check_enabled": selfcheck.enabled(),
+    }
+
+
+def summary_line(record: dict) -> str:
+    """One line of a `run_record`: ``adapter: triton (bf16), loss: torch, attention: sdpa`` plus any
+    fallback and its reason."""
+    m = record["model"]
+    parts = []
+    for op in ("adapter", "loss"):
+        e = m[op]
+        what = f"{op} {e['resolved'] or 'cannot run'} ({e['dtype']})"
+        if e.get("fallback"):
+            what += f" [fell back: {e['reason']}]"
+        parts.append(what)
+    att = m["attention"]
+    ran = att.get("ran") or att.get("resolved")
+    ops = att.get("xformers_ops") or []
+    parts.append(f"attention {ran}" + (f" ({', '.join(ops)})" if ops else ""))
+    return ", ".join(parts)

@@ -14,13 +14,14 @@ from typing import Dict, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import AdaptFormerFused, CompensatedLALoss, FITLoss, SGAdapterFused, lift_bottleneck
 from ..ops.backend import check_backend, explain_backend
 from .attention import explain_attention, frozen_self_attention, resolve_attention, xformers_ops_used
 from .classifier import cached_text_classifier
 from .clip import load_clip, tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, check_model_config, checkpoint_every
 from .templates import CLASSIFIER_TEMPLATES
 
 
@@ -44,7 +45,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     """`config` (default: `ModelConfig()`) with `fields` replaced; ``model_name`` is an alias of ``name``.
 
     An unknown field is a TypeError naming the valid ones; a value outside a field's choices (its
-    Literal type) is a ValueError naming them.
+    Literal type) or its range (`check_model_config`: grad_checkpoint too) is a ValueError naming them.
     """
     config = config or ModelConfig()
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -58,6 +59,7 @@ def model_config(config: Optional[ModelConfig] = None, **fields) -> ModelConfig:
     for name, tp in typing.get_type_hints(ModelConfig).items():
         if typing.get_origin(tp) is typing.Literal and getattr(config, name) not in typing.get_args(tp):
             raise ValueError(f"{name} must be one of {typing.get_args(tp)}, got {getattr(config, name)!r}")
+    check_model_config(config)
     return config
 
 
@@ -89,8 +91,6 @@ class SageModel(nn.Module):
         super().__init__()
         cfg = model_config(config, **fields)
         check_backend(cfg.backend)
-        if len(cfg.lambdas) != 3:
-            raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {cfg.lambdas}")
         visual = clip.visual
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
         if blocks is None or not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
@@ -247,10 +247,10 @@ class SageModel(nn.Module):
     def visual_features(self, images: torch.Tensor, adapters: bool = True) -> torch.Tensor:
         """ln_post of the class token, without the visual projection: (B, d).
 
-        adapters=False is the frozen zero-shot encoder (f_zs).
+        adapters=False is the frozen zero-shot encoder (f_zs). With config ``grad_checkpoint`` and gradients
+        enabled, the blocks it names keep only their input for backward (`torch.utils.checkpoint`).
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        self.check_images(images)
         visual = self.clip.visual
         backend = resolve_attention(self.attention, images.device)
         if adapters and self.check_finite and not torch.compiler.is_compiling():
@@ -261,20 +261,44 @@ class SageModel(nn.Module):
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             self._ran = {"device": images.device, "attention": backend, "adapter_dtype": dtype}
         g = self.guidance() if adapters and self.guided else None
-        for i, block in enumerate(visual.transformer.resblocks):
-            if backend == "open_clip":
-                attn = block.attention(block.ln_1(x))
+        every = checkpoint_every(self.config.grad_checkpoint) if torch.is_grad_enabled() else 0
+        for i in range(self.num_layers):
+            if every and (i + 1) % every == 0:
+                # Keeps only the block's input (and g) for backward; the block runs again in backward.
+                # No random op runs in a frozen block (CLIP is in eval mode), so no RNG state is kept.
+                x = checkpoint(self._block, i, x, g, backend, adapters, use_reentrant=False,
+                               preserve_rng_state=False)
             else:
-                attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
-            f = x + block.ls_1(attn)                                 # f~
-            mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
-            if not adapters:
-                x = f + mlp_out
-            elif self.guided:
-                x = self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
-            else:
-                x = self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
+                x = self._block(i, x, g, backend, adapters)
         return visual.ln_post(x[:, 0])
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """images must be a floating-point (B, 3, S, S) tensor, S = `image_size` (the ViT's position
+        embeddings fix it); TypeError / ValueError saying what differs."""
+        s = self.image_size
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, 3, {s}, {s}), got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (RGB scaled to [0, 1], then normalised with "
+                            f"CLIP's mean and std), got {images.dtype}")
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (s, s):
+            raise ValueError(f"images must have shape (B, 3, {s}, {s}) for this model (model.image_size = {s}), "
+                             f"got {tuple(images.shape)}")
+
+    def _block(self, i: int, x: torch.Tensor, g: Optional[torch.Tensor], backend: str, adapters: bool) -> torch.Tensor:
+        """Visual block i with its adapter (Eq. 9), or frozen alone: x (B, N, d) -> (B, N, d)."""
+        block = self.clip.visual.transformer.resblocks[i]
+        if backend == "open_clip":
+            attn = block.attention(block.ln_1(x))
+        else:
+            attn = frozen_self_attention(block.attn, block.ln_1(x), backend)
+        f = x + block.ls_1(attn)                                     # f~
+        mlp_out = block.ls_2(block.mlp(block.ln_2(f)))
+        if not adapters:
+            return f + mlp_out
+        if self.guided:
+            return self.adapters[i].forward_block(f, g, mlp_out, self.block_scales[i])
+        return self.adapters[i].forward_block(f, mlp_out, self.block_scales[i])
 
     def _cosine(self, weight: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=feats.device.type, enabled=False):

@@ -30,7 +30,12 @@ SINGLE_TEMPLATE = ("a photo of a {}.",)
 CLASSIFIER_TEMPLATES = {"templates": TEMPLATES, "single": SINGLE_TEMPLATE}
 
 
+def prompt_name(class_name: str) -> str:
+    """A class name as the prompts spell it: underscores become spaces, no spaces around it."""
+    return class_name.replace("_", " ").strip()
+
+
 def prompts_for(class_name: str, templates=TEMPLATES) -> list[str]:
-    """Fill every template with the class name; underscores become spaces."""
-    name = class_name.replace("_", " ").strip()
+    """Fill every template with the class name (`prompt_name`)."""
+    name = prompt_name(class_name)
     return [t.format(name) for t in templates]

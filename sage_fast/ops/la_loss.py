@@ -19,7 +19,7 @@ Limitations, by design:
 * the gradients are computed in the forward pass, so one backward per forward: a second backward
   (retain_graph=True) raises; use backend="torch" for that or for double backward;
 * fp64 inputs are computed in fp32 (the reference computes them in fp64; backend="auto" therefore
-  picks PyTorch for fp64);
+  picks PyTorch for fp64); the loss is still returned as fp64 then, the reference's dtype (`loss_dtype`);
 * all rows ignored: the loss is NaN (0 / 0, as F.cross_entropy and the reference) and every
   gradient is 0.
 """
@@ -32,7 +32,8 @@ from torch.autograd.function import once_differentiable
 
 from . import launch
 from .backend import device_ctx, resolve_backend
-from .checks import check_finite, check_float, check_labels, check_same_device
+from .checks import check_finite, check_float, check_ignore_index, check_labels, check_lambdas, check_same_device
+from .reference import loss_dtype
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -239,12 +240,12 @@ def fused_fit_loss(
     z, zv, zt: (B, C) float (fp16, bf16, fp32; fp64 is computed in fp32), same device.
     target: (B,) integer in [0, C) or `ignore_index`. log_prior: (C,), `compensated_log_prior`.
     s1, s2: scalar tensors (gradients flow to them) or floats. lambdas: (lam1, lam2, lam3).
-    Returns (loss, z^): loss 0-dim fp32, mean over the non-ignored rows; z^ (B, C) in z's dtype,
-    differentiable (a gradient into z^ is added to the stored ones in backward).
+    Returns (loss, z^): loss 0-dim, mean over the non-ignored rows, fp32 (fp64 when a logits tensor is
+    fp64, as the reference); z^ (B, C) in z's dtype, differentiable (a gradient into z^ is added to the
+    stored ones in backward).
     """
-    lambdas = tuple(float(v) for v in lambdas)
-    if len(lambdas) != 3:
-        raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {lambdas}")
+    lambdas = check_lambdas(lambdas)
+    ignore_index = check_ignore_index(ignore_index)
     num_classes = _check_log_prior(log_prior)
     z = _prepare_logits("z", z, num_classes)
     zv = _prepare_logits("zv", zv, num_classes)
@@ -258,9 +259,10 @@ def fused_fit_loss(
     s1 = _as_scalar_tensor("s1", s1, z.device)
     s2 = _as_scalar_tensor("s2", s2, z.device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (z, zv, zt, s1, s2))
-    return FusedFITLALossFunction.apply(
-        z, zv, zt, s1, s2, target, log_prior, lambdas, int(ignore_index), need_grad
+    loss, z_hat = FusedFITLALossFunction.apply(
+        z, zv, zt, s1, s2, target, log_prior, lambdas, ignore_index, need_grad
     )
+    return loss.to(loss_dtype(z, zv, zt)), z_hat
 
 
 def fused_la_loss(
@@ -272,8 +274,10 @@ def fused_la_loss(
     """Compensated LA cross-entropy (Eq. 22), fused: the FIT kernel with FIT off (one stream).
 
     logits: (B, C) float; target: (B,) integer in [0, C) or `ignore_index`; log_prior: (C,).
-    Returns the 0-dim fp32 mean over the non-ignored rows (NaN when every row is ignored).
+    Returns the 0-dim mean over the non-ignored rows (NaN when every row is ignored), fp32 (fp64 for fp64
+    logits, as the reference).
     """
+    ignore_index = check_ignore_index(ignore_index)
     num_classes = _check_log_prior(log_prior)
     logits = _prepare_logits("logits", logits, num_classes)
     check_same_device(logits=logits, target=target)
@@ -281,6 +285,7 @@ def fused_la_loss(
     target = _prepare_target(target, logits.shape[0])
     log_prior = _prepare_log_prior(log_prior, logits.device)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    return FusedFITLALossFunction.apply(
-        logits, None, None, None, None, target, log_prior, (0.0, 0.0, 0.0), int(ignore_index), need_grad
+    loss = FusedFITLALossFunction.apply(
+        logits, None, None, None, None, target, log_prior, (0.0, 0.0, 0.0), ignore_index, need_grad
     )
+    return loss.to(loss_dtype(logits))

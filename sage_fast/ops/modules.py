@@ -9,11 +9,12 @@
 
 `backend` is "auto" | "triton" | "torch", resolved per call by `sage_fast.ops.backend.resolve_backend`.
 
-SGAdapterFused and AdaptFormerFused, dtypes: x may be fp32, fp16 or bf16 on the Triton path (fp64
-takes the folded PyTorch path under "auto"). `forward` returns the compute dtype (like the
-reference's last Linear), `forward_block` x's dtype. Under `torch.autocast` the compute dtype is
-autocast's dtype for x's device, as the reference's Linear layers would run; the fold stays in fp32
-and weight gradients come back fp32. mlp_out may have another float dtype; it is read as is.
+SGAdapterFused and AdaptFormerFused, dtypes (the reference's rule, the same on every backend): x may be
+fp16, bf16, fp32 or fp64 whatever the parameters' dtype, except that the Triton kernels take fp16, bf16
+and fp32 only (fp64 raises TypeError with backend="triton"; "auto" takes the folded PyTorch path for it).
+The compute dtype is x's, or under `torch.autocast` autocast's dtype for x's device; `forward` returns
+it, `forward_block` x's dtype. The fold stays in fp32 and weight gradients come back in the parameters'
+dtype. mlp_out may have another float dtype; it is read as is.
 
 SGAdapterFused and AdaptFormerFused, checks: input shapes, dtypes and devices as the reference; the
 folded weights, `up` and s must be finite, else ValueError. That check costs one host-device sync
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .backend import TRITON_DTYPES, check_backend, resolve_backend
+from .checks import check_gamma, check_ignore_index, check_lambdas, check_mu
 from .fold import fold_adaptformer_weights, fold_adapter_weights, sg_adapter_torch
 from .la_loss import fused_fit_loss, fused_la_loss
 from .reference import (
@@ -58,7 +60,7 @@ class _PriorLoss(nn.Module):
 
     def __init__(self, class_counts, mu: float, gamma: float, ignore_index: int, backend: str, adjustment: str):
         super().__init__()
-        self.mu, self.gamma, self.ignore_index = float(mu), float(gamma), int(ignore_index)
+        self.mu, self.gamma, self.ignore_index = check_mu(mu), check_gamma(gamma), check_ignore_index(ignore_index)
         self.backend = check_backend(backend)
         self.adjustment = check_loss(adjustment)
         self.register_buffer("log_prior", loss_log_prior(class_counts, adjustment, mu, gamma), persistent=False)
@@ -117,9 +119,7 @@ class FITLoss(_PriorLoss):
         backend: str = "auto",
         adjustment: str = "compensated",
     ):
-        lambdas = tuple(float(v) for v in lambdas)
-        if len(lambdas) != 3:
-            raise ValueError(f"lambdas must hold three numbers (lambda1, lambda2, lambda3), got {lambdas}")
+        lambdas = check_lambdas(lambdas)
         super().__init__(class_counts, mu, gamma, ignore_index, backend, adjustment)
         self.lambdas = lambdas
         self.s1 = nn.Parameter(torch.zeros(()))
@@ -193,7 +193,7 @@ class _FoldedAdapter:
         self._check_finite(*checked)
         if not self._use_triton(x):
             a = sg_adapter_torch(x, w_cat, b_cat, self.up.weight, self.up.bias, alpha, self.eps)
-            return a if scale is None else x + mlp_out + scale * a
+            return a if scale is None else (x + mlp_out + scale * a).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.dim).contiguous()
         mlp2 = mlp_out.reshape(-1, self.dim).contiguous() if mlp_out is not None else None

@@ -8,6 +8,18 @@
   `loss_log_prior` also gives the ablations' plain LA and CE priors.
 
 Nothing here imports fused code; `sage_fast.ops.modules` chooses between this and the kernels.
+
+Dtypes, the same for every backend (`sage_fast.ops.modules` and the kernels follow them):
+
+* adapters: x may be fp16, bf16, fp32 or fp64, whatever the parameters' dtype; the adapter computes in x's
+  dtype (or autocast's, under `torch.autocast`) with its weights cast to it, as the fused path does.
+  `forward` returns that compute dtype, `forward_block` x's dtype; parameter gradients come back in the
+  parameters' dtype;
+* losses: logits fp16, bf16, fp32 or fp64; fp16 / bf16 are upcast to fp32, so the loss is fp32, or fp64 when
+  a logits tensor is fp64 (`loss_dtype`); FIT's z^ is in z's dtype.
+
+Hyperparameters are checked where a module or function takes them, with the ranges of `sage_fast.ops.checks`
+(alpha in [0, 1], eps > 0, mu > 0, gamma in [0, 10], lambdas >= 0, all finite; an integer ignore_index).
 """
 from __future__ import annotations
 
@@ -18,7 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_class_counts, check_finite, check_float, check_labels, check_last_dim, check_same_device
+from .checks import (
+    check_alpha,
+    check_class_counts,
+    check_eps,
+    check_finite,
+    check_float,
+    check_gamma,
+    check_ignore_index,
+    check_labels,
+    check_lambdas,
+    check_last_dim,
+    check_mu,
+    check_same_device,
+)
 
 
 def lift_bottleneck(num_classes: int, num_layers: int = 12) -> int:
@@ -46,6 +71,17 @@ def check_adapter_inputs(x: torch.Tensor, guidance: torch.Tensor, dim: int) -> N
     check_same_device(x=x, guidance=guidance)
 
 
+def _linear(layer: nn.Linear, t: torch.Tensor) -> torch.Tensor:
+    """layer(t) in t's dtype whatever the weights' (nn.Linear would refuse fp16 input to fp32 weights);
+    under autocast F.linear still casts both to autocast's dtype."""
+    return F.linear(t, layer.weight.to(t.dtype), layer.bias.to(t.dtype))
+
+
+def _layer_norm(ln: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
+    """ln(t) in t's dtype whatever the affine parameters' dtype."""
+    return F.layer_norm(t, ln.normalized_shape, ln.weight.to(t.dtype), ln.bias.to(t.dtype), ln.eps)
+
+
 class SGAdapter(nn.Module):
     """Semantic-guided adapter (reference implementation).
 
@@ -66,12 +102,10 @@ class SGAdapter(nn.Module):
         super().__init__()
         if dim < 1 or bottleneck < 1:
             raise ValueError(f"dim and bottleneck must be positive, got dim={dim}, bottleneck={bottleneck}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.dim = dim
         self.bottleneck = bottleneck
-        self.alpha = float(alpha)
-        self.eps = float(eps)
+        self.alpha = check_alpha(alpha)
+        self.eps = check_eps(eps)
         self.text_proj = bool(text_proj)
         self.ln = nn.LayerNorm(dim, eps=eps)
         self.proj = nn.Linear(dim, dim) if self.text_proj else None
@@ -107,16 +141,16 @@ class SGAdapter(nn.Module):
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         check_adapter_inputs(x, guidance, self.dim)
         guidance = guidance.to(x.dtype)
-        fv = self.ln(x)                                   # (..., d)
-        ft = self.ln(guidance)                            # (d,)
+        fv = _layer_norm(self.ln, x)                      # (..., d)
+        ft = _layer_norm(self.ln, guidance)               # (d,)
         ft_tokens = ft.expand_as(fv)                      # literal Eq. 7: text input per token
-        text = self.proj(ft_tokens) if self.proj is not None else ft_tokens
+        text = _linear(self.proj, ft_tokens) if self.proj is not None else ft_tokens
         fvt = text * fv                                   # (..., d)
         h = torch.cat(
-            [self.down_v(fv), self.down_vt(fvt) + self.s_vt * self.down_t(ft_tokens)], dim=-1
+            [_linear(self.down_v, fv), _linear(self.down_vt, fvt) + self.s_vt * _linear(self.down_t, ft_tokens)], dim=-1
         )                                                 # (..., 2r)
         act = self.alpha * F.relu(h) + (1.0 - self.alpha) * h
-        return self.up(act)                               # (..., d)
+        return _linear(self.up, act)                      # (..., d)
 
     def forward_block(
         self, x: torch.Tensor, guidance: torch.Tensor, mlp_out: torch.Tensor, scale: torch.Tensor
@@ -125,11 +159,11 @@ class SGAdapter(nn.Module):
 
         x: (..., d) is f~, both the adapter's input and the residual; mlp_out: (..., d), the frozen
         MLP branch mlp(ln_2(f~)); scale: the block's learnable scalar s. Unfused here; the fused
-        module does it in one pass over the activations.
+        module does it in one pass over the activations. Returns x's dtype.
         """
         if mlp_out.shape != x.shape:
             raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {tuple(mlp_out.shape)}")
-        return x + mlp_out + scale * self(x, guidance)
+        return (x + mlp_out + scale * self(x, guidance)).to(x.dtype)
 
 
 class AdaptFormer(nn.Module):
@@ -152,7 +186,7 @@ class AdaptFormer(nn.Module):
             raise ValueError(f"dim and bottleneck must be positive, got dim={dim}, bottleneck={bottleneck}")
         self.dim = dim
         self.bottleneck = bottleneck
-        self.eps = float(eps)
+        self.eps = check_eps(eps)
         self.ln = nn.LayerNorm(dim, eps=eps)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
@@ -172,13 +206,14 @@ class AdaptFormer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_token_input(x, self.dim)
-        return self.up(F.relu(self.down(self.ln(x))))
+        return _linear(self.up, F.relu(_linear(self.down, _layer_norm(self.ln, x))))
 
     def forward_block(self, x: torch.Tensor, mlp_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The end of a block with AdaptFormer: ``x + mlp_out + scale * adapter(x)``; x, mlp_out: (..., d)."""
+        """The end of a block with AdaptFormer: ``x + mlp_out + scale * adapter(x)``; x, mlp_out: (..., d).
+        Returns x's dtype."""
         if mlp_out.shape != x.shape:
             raise ValueError(f"mlp_out must have the shape of x {tuple(x.shape)}, got {tuple(mlp_out.shape)}")
-        return x + mlp_out + scale * self(x)
+        return (x + mlp_out + scale * self(x)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,13 +225,15 @@ def compensated_log_prior(class_counts, mu: float = 0.5, gamma: float = 0.05) ->
 
     mu and S_N / (C n_min) add the same constant to every class and cancel in the softmax;
     they are kept so that the adjusted logits are the paper's, not only their softmax.
+    class_counts: C positive finite numbers; mu finite > 0; gamma in [0, 10] (`sage_fast.ops.checks.GAMMA_MAX`).
     """
     counts = check_class_counts(class_counts)
-    if not mu > 0:
-        raise ValueError(f"mu must be positive, got {mu}")
-    num_classes = counts.numel()
-    lam = mu * counts.pow(gamma) * counts.sum() / (num_classes * counts.min())
-    return (counts.log() + lam.log()).to(torch.float32)
+    mu, gamma = check_mu(mu), check_gamma(gamma)
+    log_n = counts.log()
+    # In log space, fp64: n_k^gamma and S_N overflow for large counts (1e308 + 1e308 = inf) where their logs
+    # do not. log Lambda_k = log mu + gamma log n_k + log S_N - log C - log n_min.
+    log_lam = math.log(mu) + gamma * log_n + torch.logsumexp(log_n, 0) - math.log(counts.numel()) - log_n.min()
+    return (log_n + log_lam).to(torch.float32)
 
 
 #: What the loss adds to the logits: "compensated" (Eq. 22), "la" (log n_k: logit adjustment with
@@ -217,6 +254,7 @@ def loss_log_prior(class_counts, loss: str = "compensated", mu: float = 0.5, gam
     choice goes through the same adjusted cross-entropy, so the fused loss kernel serves all three.
     """
     check_loss(loss)
+    check_mu(mu), check_gamma(gamma)  # unused by "la" and "ce", but a module keeps them: no NaN stored
     if loss == "compensated":
         return compensated_log_prior(class_counts, mu, gamma)
     counts = check_class_counts(class_counts)
@@ -236,6 +274,14 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def loss_dtype(*logits: torch.Tensor) -> torch.dtype:
+    """The loss's dtype for these logits: fp32, or fp64 when one of them is fp64 (every backend)."""
+    out = torch.float32
+    for t in logits:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
 def _adjusted_ce(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor, ignore_index: int) -> torch.Tensor:
     logits = _upcast(logits)
     adjusted = logits + log_prior.to(device=logits.device, dtype=logits.dtype)
@@ -247,6 +293,7 @@ def logit_adjusted_loss(logits: torch.Tensor, target: torch.Tensor, log_prior: t
 
     With `compensated_log_prior` this is Eq. 22; logits: (B, C) float; target: (B,) integer in [0, C).
     """
+    ignore_index = check_ignore_index(ignore_index)
     _check_logits("logits", logits, log_prior.numel())
     check_labels(target, log_prior.numel(), logits.shape[0], ignore_index)
     check_same_device(logits=logits, target=target)
@@ -273,6 +320,8 @@ def fit_loss(
 
     z, zv, zt: (B, C); s1, s2: 0-dim. Returns (loss, z^ in z's dtype); fp16 / bf16 logits are upcast.
     """
+    ignore_index = check_ignore_index(ignore_index)
+    l1, l2, l3 = check_lambdas(lambdas)
     num_classes = log_prior.numel()
     for name, t in (("z", z), ("zv", zv), ("zt", zt)):
         _check_logits(name, t, num_classes)
@@ -281,7 +330,6 @@ def fit_loss(
     check_labels(target, num_classes, z.shape[0], ignore_index)
     check_same_device(z=z, zv=zv, zt=zt, target=target)
     z_hat = fit_combine(_upcast(z), _upcast(zv), _upcast(zt), s1, s2)
-    l1, l2, l3 = lambdas
     ce = lambda t: _adjusted_ce(t, target, log_prior, ignore_index)  # noqa: E731
     loss = ce(z) + l1 * ce(zv) + l2 * ce(zt) + l3 * ce(z_hat)
     return loss, z_hat.to(z.dtype)
@@ -299,4 +347,5 @@ def compensated_la_loss(
 
     logits: (B, C) float; target: (B,) integer in [0, C); class_counts: C positive training counts.
     """
+    ignore_index = check_ignore_index(ignore_index)
     return logit_adjusted_loss(logits, target, compensated_log_prior(class_counts, mu, gamma), ignore_index)

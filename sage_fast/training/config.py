@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, check_model_config
+from ..ops.checks import check_interval, check_non_negative, check_positive
 
 
 class ConfigError(ValueError):
@@ -52,12 +53,16 @@ class DataConfig:
     dataset: str = field(default="folder", metadata={"choices": _dataset_names})
     #: image root; for cifar100_lt the directory holding (or being) ``cifar-100-python/``
     root: str = ""
-    #: split files (``relative/path label`` lines, or iNaturalist's official JSON); relative paths are
+    #: split files (``relative/path label`` lines in UTF-8, or iNaturalist's official JSON); relative paths are
     #: resolved against ``root``; empty: the data set's standard file name in ``root``
     train_split: str = ""
     test_split: str = ""
-    #: optional file with one class name per line, in label order (overrides the data set's metadata)
+    #: optional file with one class name per line (UTF-8), in label order (overrides the data set's metadata)
     class_names: str = ""
+    #: accept the same image listed twice in a split file, the same image in both splits, and two classes of
+    #: one name in ``class_names``. Off: each is refused before training, naming the file and both lines (a
+    #: repeated line counts its image twice; a test image in the training split inflates the test accuracy)
+    allow_duplicates: bool = False
     #: CIFAR-100-LT imbalance ratio (100, 50 or 10 in the paper) and the seed of its subsampling
     imbalance_ratio: float = 100.0
     subsample_seed: int = 0
@@ -263,27 +268,29 @@ def _merge(obj, updates: Mapping[str, Any], prefix: str = "") -> None:
         setattr(obj, key, _coerce(full, value, hints[key]))
 
 
-def _check_values(cfg: SageConfig) -> None:
-    def positive(key, v):
-        if not v > 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
+def _checked(check, *args) -> None:
+    """Run one of the ops' range checks (`sage_fast.ops.checks`: one definition of each range for the API and
+    the config); its ValueError / TypeError becomes a ConfigError (one line, exit status 2)."""
+    try:
+        check(*args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
 
-    def non_negative(key, v):
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}")
+
+def _check_values(cfg: SageConfig) -> None:
+    def positive(key, v):  # finite and > 0
+        _checked(check_positive, key, v)
+
+    def non_negative(key, v):  # finite and >= 0
+        _checked(check_non_negative, key, v)
 
     o, d, m, t = cfg.optim, cfg.data, cfg.model, cfg.train
     for k in ("epochs", "batch_size", "lr"):
         positive(f"optim.{k}", getattr(o, k))
-    for k in ("momentum", "weight_decay"):
-        non_negative(f"optim.{k}", getattr(o, k))
-    positive("model.mu", m.mu)
-    positive("model.logit_scale", m.logit_scale)
-    positive("model.text_batch_size", m.text_batch_size)
-    if len(m.lambdas) != 3:
-        raise ConfigError(f"model.lambdas must hold 3 numbers (lambda1, lambda2, lambda3), got {m.lambdas}")
-    if m.bottleneck is not None:
-        positive("model.bottleneck", m.bottleneck)
+    # SGD's momentum buffer is a geometric sum of past gradients: at 1 or above it grows without bound
+    _checked(check_interval, "optim.momentum", o.momentum, 0.0, 1.0, True)
+    non_negative("optim.weight_decay", o.weight_decay)
+    _checked(check_model_config, m, "model.")  # alpha, mu, gamma, lambdas, logit_scale, ...: the model's ranges
     positive("data.imbalance_ratio", d.imbalance_ratio)
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
@@ -453,6 +460,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.output_dir", "train.device", "train.progress", "train.tensorboard", "train.log_every_steps",
     "train.ckpt_every_steps", "train.eval_every_epochs", "train.eval_batch_size", "train.find_unused_parameters",
     "model.text_batch_size",  # batching of the classifier's initialisation; the trained classifier is restored
+    "model.grad_checkpoint",  # activation checkpointing recomputes the same forward: the same gradients
     "eval.tte",  # how the test set is evaluated, not what is trained
 })
 #: keys in which a finished run may differ from the requested config and still count as that run (sweep,

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import read_weights, stored_run_info
 from .config import ConfigError, build_config
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
-from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries
+from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries, write_runtime_record
 
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -110,6 +110,7 @@ def evaluate_weights(cfg, weights, out_dir=None) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(out)
             write_report(out, report, data)
+            write_runtime_record(out, model)
         ok = True
         return report
     finally:
@@ -149,13 +150,11 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
+        from .data.images import open_rgb
         from .data.unreadable import READ_ERRORS
 
         try:
-            with Image.open(self.paths[i]) as im:
-                return i, self.transform(im.convert("RGB"))  # convert(): the full decode, so truncation raises here
+            return i, self.transform(open_rgb(self.paths[i]))  # the full decode: truncation raises here
         except READ_ERRORS as e:
             return i, f"{type(e).__name__}: {e}"
 

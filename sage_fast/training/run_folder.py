@@ -5,6 +5,7 @@
     adapters.safetensors   the trained parameters, written at the end (the export)
     train_log.csv, eval_log.csv, tb/    the logs (`sage_fast.training.run_log`)
     metrics.json, per_class.csv, per_class_accuracy.png    the final report (`sage_fast.training.metrics`)
+    runtime.json           what ran: versions, device, each op's backend (and any fallback), the attention
     eval/                  reports of ``sage-fast eval`` (never written over the run's own)
 
 A fresh run refuses a folder that holds a run (`RUN_MARKERS`) unless told to overwrite it, and then deletes
@@ -26,12 +27,13 @@ from ..utils.files import remove_stale_temporaries as _remove_stale
 LAST, PREVIOUS = "last.pt", "previous.pt"
 EXPORT = "adapters.safetensors"
 CONFIG = "config.yaml"
+RUNTIME = "runtime.json"
 REPORT_FILES = ("metrics.json", "per_class.csv", "per_class_accuracy.png")
 LOG_FILES = ("train_log.csv", "eval_log.csv")
 #: files whose presence means a folder holds a run that a fresh start would destroy
 RUN_MARKERS = (LAST, PREVIOUS, EXPORT, "metrics.json")
 #: everything a run writes at the top of its folder (deleted by `clear_run_files` before a fresh start)
-RUN_FILES = tuple(dict.fromkeys(RUN_MARKERS + REPORT_FILES + LOG_FILES + (CONFIG,)))
+RUN_FILES = tuple(dict.fromkeys(RUN_MARKERS + REPORT_FILES + LOG_FILES + (CONFIG, RUNTIME)))
 
 
 class RunFolderError(ValueError):
@@ -89,10 +91,23 @@ def clear_run_files(folder) -> None:
         remove_quietly(folder / n)
     for p in (folder / "tb").glob("events.out.tfevents.*"):
         remove_quietly(p)
-    for n in REPORT_FILES:
+    for n in REPORT_FILES + (RUNTIME,):
         remove_quietly(folder / "eval" / n)
 
 
 def remove_stale_temporaries(folder, names: Sequence[str] = RUN_FILES) -> List[Path]:
     """Delete the temporary files that a kill during a write left beside the run's files (`RUN_FILES`)."""
     return _remove_stale(folder, names)
+
+
+def write_runtime_record(folder, model) -> str:
+    """``runtime.json`` in `folder`: what `model` ran (`sage_fast.model.runtime.run_record`); -> its one-line
+    summary, for the log."""
+    import json
+
+    from ..model.runtime import run_record, summary_line
+    from ..utils.files import atomic_write_text
+
+    record = run_record(model)
+    atomic_write_text(Path(folder) / RUNTIME, json.dumps(record, indent=2) + "\n")
+    return summary_line(record)

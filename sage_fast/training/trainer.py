@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..ops.backend import decide_backends
 from ..utils.files import atomic_write_text
 from .checkpoint import (
     checkpoint_state,
@@ -61,6 +63,7 @@ from .run_folder import (
     claim_for_fresh_run,
     refuse_if_in_use,
     remove_stale_temporaries,
+    write_runtime_record,
 )
 from .run_log import RunLog
 
@@ -137,6 +140,10 @@ class Trainer:
                                  progress=self.progress)
         if self.dist.distributed and first:
             barrier(self.dist)
+        # every op decided (and the kernels self-checked) now: 'triton' that cannot run stops here, and an
+        # 'auto' fallback warns here, not in the first step
+        amp_dtype = torch.bfloat16 if cfg.train.amp and self.device.type == "cuda" else torch.float32
+        decide_backends(cfg.model.backend, self.device, tuple(dict.fromkeys((amp_dtype, torch.float32))))
 
         pin = cfg.data.pin_memory and self.device.type == "cuda"
         self.train_loader = build_loader(self.data.train, self.local_batch, self.sampler, cfg.data, pin, train=True)
@@ -170,6 +177,7 @@ class Trainer:
         self._last_good = None
         # False while out_dir/last.pt is a corrupt file that a resume skipped: it must not become previous.pt
         self._keep_previous = True
+        self._recorded = False  # runtime.json written (after the first step)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -303,6 +311,8 @@ class Trainer:
         for batch in self.train_loader:
             skipped += batch.skipped
             loss, n = self.train_step(batch)
+            if not self._recorded:
+                self._record_runtime()
             loss_sum += loss
             loss_n += 1
             imgs += n
@@ -349,6 +359,13 @@ class Trainer:
             with self.stops.interruptible():
                 self.evaluate(write=False)
         self._emit("epoch", self.epoch)
+
+    def _record_runtime(self) -> None:
+        """After this process's first step: rank 0 writes what ran (runtime.json) and says it in one line."""
+        self._recorded = True
+        if self.dist.is_main:
+            line = write_runtime_record(self.out_dir, self.model)
+            print(f"sage-fast: ran {line}", file=sys.stderr, flush=True)
 
     def _emit(self, event: str, info) -> None:
         for cb in self.callbacks:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.images import make_image_folder, write_class_names, write_images, write_inat_json, write_split_file
+from helpers.images import (
+    fifo_watchdog,
+    make_image_folder,
+    write_class_names,
+    write_images,
+    write_inat_json,
+    write_split_file,
+)
 from safetensors import safe_open
 
 from sage_fast.cli import main
@@ -366,3 +373,122 @@ def test_inaturalist_label_errors_name_the_annotation(tmp_path):
     cfg.test_split = "lift_val.txt"
     with pytest.raises(UserError, match=r"lift_val\.txt:2: category_id -7 is negative"):
         build_data(cfg, 32)
+
+
+# ---------------------------------------------------------------- text files: UTF-8, a bad byte named
+
+
+def test_latin1_class_names_file_is_one_line_naming_file_line_and_byte(data, tmp_path, capsys):
+    """A Latin-1 classnames.txt ended in a UnicodeDecodeError traceback."""
+    (data / "classnames.txt").write_bytes("colour_0\ncaf\u00e9 au lait\ncolour_2\n".encode("latin-1"))
+    rc, err = run_cli(args(data, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, f"{data / 'classnames.txt'}:2: byte 0xe9 (file offset 12, byte 4 of the line) is "
+                                   "not valid UTF-8", "class-names file must be UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_file_and_inaturalist_json_with_a_bad_byte_are_named(data, tmp_path, capsys):
+    lines = (data / "train.txt").read_bytes().split(b"\n")
+    lines[4] = lines[4].replace(b"train/", b"tr\xe4in/")
+    (data / "train.txt").write_bytes(b"\n".join(lines))
+    rc, err = run_cli(args(data, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, f"{data / 'train.txt'}:5: byte 0xe4", "split file must be UTF-8")
+    write_inat_json(tmp_path / "train2018.json", [("a.jpg", 0)], [(0, "Aa bb")])
+    write_inat_json(tmp_path / "val2018.json", [("b.jpg", 0)], [(0, "Aa bb")])
+    raw = (tmp_path / "train2018.json").read_bytes().replace(b"Aa bb", b"A\xe0 bb")
+    (tmp_path / "train2018.json").write_bytes(raw)
+    cfg = build_config(overrides={"data.dataset": "inat2018", "data.root": str(tmp_path)}).data
+    with pytest.raises(UserError, match=r"train2018\.json:1: byte 0xe0 .* is not valid UTF-8"):
+        build_data(cfg, 32)
+
+
+def test_utf8_names_with_a_byte_order_mark_and_crlf_are_read(data):
+    names = ["caf\u00e9", "na\u00efve cr\u00e8me", "\u00e9t\u00e9"]
+    (data / "classnames.txt").write_bytes(("\ufeff" + "\r\n".join(names) + "\r\n").encode("utf-8"))
+    built = build_data(_folder_cfg(data, class_names="classnames.txt", check_images=False), 32)
+    assert built.class_names == names
+
+
+# ---------------------------------------------------------------- repeated files and names
+
+
+def test_a_doubled_split_file_is_refused_naming_both_lines(data, tmp_path, capsys):
+    """It trained on the doubled list silently (every class count doubled, the same images twice an epoch)."""
+    text = (data / "train.txt").read_text()
+    (data / "train.txt").write_text(text + text)  # 22 lines, twice
+    rc, err = run_cli(args(data, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, f"{data / 'train.txt'}:23: 'train/c0/0.png' is listed again, first at "
+                                   f"{data / 'train.txt'}:1; 22 lines of the training split repeat an earlier one",
+                          "data.allow_duplicates=true")
+    assert not (tmp_path / "run").exists()
+    allowed = build_data(_folder_cfg(data, allow_duplicates=True, check_images=False), 32)
+    assert allowed.class_counts == [2 * c for c in COUNTS]  # what the key asks for: the lists as they are
+
+
+def test_a_test_split_repeated_150_times_is_refused(data, tmp_path, capsys):
+    """It was evaluated as 150 x its images (30,000 for a 200-image test set)."""
+    (data / "test.txt").write_text((data / "test.txt").read_text() * 150)
+    rc, err = run_cli(args(data, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, f"{data / 'test.txt'}:7: 'test/c0/0.png' is listed again, first at "
+                                   f"{data / 'test.txt'}:1; 894 lines of the test split repeat", "test split")
+
+
+def test_a_path_repeated_with_another_label_says_so(data):
+    with open(data / "train.txt", "a") as f:
+        f.write("train/./c0/1.png 2\n")  # the same file as line 2, spelled otherwise, with label 2
+    with pytest.raises(UserError, match=r"train\.txt:23: 'train/\./c0/1\.png' is listed again with another label "
+                                        r"\(2, there 0\), first at .*train\.txt:2"):
+        build_data(_folder_cfg(data), 32)
+
+
+def test_test_images_in_the_training_split_are_refused(data, tmp_path, capsys):
+    with open(data / "test.txt", "a") as f:
+        f.write("train/c1/3.png 1\n")  # a training image (line 16 of train.txt), as test line 7
+    rc, err = run_cli(args(data, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, f"{data / 'test.txt'}:7: test image 'train/c1/3.png' is also a training image "
+                                   f"({data / 'train.txt'}:16); 1 of the 7 test images are",
+                          "data.allow_duplicates=true")
+    assert len(build_data(_folder_cfg(data, allow_duplicates=True, check_images=False), 32).test) == 7
+
+
+def test_two_classes_of_one_name_in_the_class_names_file_are_refused(data, tmp_path, capsys):
+    write_class_names(data / "classnames.txt", ["red", "green", "red"])
+    rc, err = run_cli(args(data, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, f"{data / 'classnames.txt'}:3: class 2 is named 'red', as class 0 (line 1)",
+                          "data.allow_duplicates=true")
+    names = build_data(_folder_cfg(data, class_names="classnames.txt", allow_duplicates=True,
+                                   check_images=False), 32).class_names
+    assert names == ["red", "green", "red"]
+
+
+def test_names_shared_in_the_data_sets_own_metadata_only_warn(tmp_path):
+    """ImageNet's first synset names hold "crane" twice (the bird, the machine): the user cannot fix that file, so
+    a warning suggests data.class_names; the run goes on."""
+    samples = [(f"train/n0{k}/{i}.JPEG", k) for k in range(3) for i in range(2)]
+    tests = [(f"val/n0{k}/t.JPEG", k) for k in range(3)]
+    write_images(tmp_path, samples + tests, fmt="JPEG")
+    write_split_file(tmp_path / "ImageNet_LT_train.txt", samples)
+    write_split_file(tmp_path / "ImageNet_LT_test.txt", tests)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n00 crane\nn01 tench, Tinca tinca\nn02 crane\n")
+    cfg = build_config(overrides={"data.dataset": "imagenet_lt", "data.root": str(tmp_path)}).data
+    with pytest.warns(UserWarning, match=r"1 class names are shared by two classes: 'crane' \(classes 0 and 2\)"):
+        built = build_data(cfg, 32)
+    assert built.class_names == ["crane", "tench", "crane"]
+
+
+# ---------------------------------------------------------------- FIFOs and other non-regular files
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("check_images", [True, False], ids=["header-check", "probe"])
+def test_a_fifo_in_a_split_file_is_named_not_waited_on(data, tmp_path, capsys, check_images):
+    """Opening a FIFO waits for a writer: training hung. Now it is an unreadable image (one stat, no open), named;
+    with data.max_unreadable=0 the run stops before training. Both the full header check and the probe of
+    data.check_images=false find it (the probe opens every image of a split this small)."""
+    fifo = data / "train" / "c0" / "0.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with fifo_watchdog(fifo):
+        rc, err = run_cli(args(data, tmp_path / "run", "data.max_unreadable=0",
+                               f"data.check_images={str(check_images).lower()}"), capsys)
+    assert_one_line_error(rc, err, f"{fifo} (not a regular file: a FIFO (named pipe))")

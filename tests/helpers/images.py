@@ -5,8 +5,13 @@ folders are created.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import signal
+import struct
+import zlib
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -21,6 +26,27 @@ def save_image(path, pixels: np.ndarray, fmt: Optional[str] = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def save_png16(path, values: np.ndarray) -> Path:
+    """A 16-bit PNG of `values` (ints in 0..65535): (H, W) greyscale, (H, W, 3) RGB or (H, W, 4) RGBA.
+
+    Written by hand (PIL writes no 16-bit RGB, and tests must not need pypng): one IDAT chunk, filter 0.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    v = np.asarray(values).astype(">u2")
+    colour_type = {2: 0, 3: {3: 2, 4: 6}.get(v.shape[-1])}[v.ndim]
+    h, w = v.shape[:2]
+    raw = b"".join(b"\x00" + v[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -111,3 +137,24 @@ def write_cifar100_archive(root, train_per_class: int = 500, test_per_class: int
     with open(d / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return root
+
+
+@contextlib.contextmanager
+def fifo_watchdog(fifo, seconds: int = 60):
+    """Fail (AssertionError) instead of hanging when something opens the FIFO `fifo` for reading and blocks.
+
+    After `seconds` a SIGALRM opens the FIFO's write end and closes it, which lets a blocked reader (in any
+    thread) go on to an empty file, then raises in the main thread. Unix only (os.mkfifo, SIGALRM).
+    """
+    def unblock_and_fail(*_):
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        raise AssertionError(f"opening the FIFO {fifo} blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, unblock_and_fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

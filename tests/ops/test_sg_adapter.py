@@ -403,17 +403,19 @@ def test_autocast_bf16_cpu():
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU only: bf16 parity at ViT-B/16 shapes (128 images x 197 tokens, d = 768).
+# GPU only: bf16 parity at ViT-B/16 shapes (128 images x 197 tokens, d = 768) and ViT-L/14 shapes
+# (64 images x 257 tokens, d = 1024, with the r LIFT's rule gives it: 2 to 128).
 # ----------------------------------------------------------------------------------------------
+
+VIT_SHAPES = [(768, (128, 197), r) for r in (4, 8, 32, 256)] + [(1024, (64, 257), r) for r in (2, 4, 16, 128)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["adapter", "block"])
-@pytest.mark.parametrize("r", [4, 8, 32, 256])
-def test_bf16_vit_shapes_cuda(r, mode):
+@pytest.mark.parametrize("d,lead,r", VIT_SHAPES, ids=[f"d{d}-r{r}" for d, _, r in VIT_SHAPES])
+def test_bf16_vit_shapes_cuda(d, lead, r, mode):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    d, lead = 768, (128, 197)
     ref, fused = random_adapter_pair(d, r)
     ref, fused = ref.cuda(), fused.cuda()
     x, g, mlp, up = (t.cuda() for t in _inputs(lead, d, torch.bfloat16))

@@ -119,6 +119,8 @@ def test_tte_none_leaves_the_evaluation_unchanged_and_fivecrop_evaluates_the_cro
     assert base.eval.tte == "none"
     plain = evaluate_weights(base, weights)
     assert plain["per_class"] == report["per_class"]  # what the run itself measured at its end
+    ran = json.loads((tmp_path / "none" / "eval" / "runtime.json").read_text())  # what the evaluation ran
+    assert ran["model"]["forward_seen"] and ran["model"]["adapter"]["requested"] == base.model.backend
 
     cfg = resolve_run_config(weights, overrides=[f"train.output_dir={tmp_path / 'five'}", "eval.tte=fivecrop"])
     five = evaluate_weights(cfg, weights)

@@ -88,7 +88,7 @@ def test_int_for_float_and_null_for_optional():
         (["train.amp=1"], "train.amp: expected bool"),
         (["model.backend=cuda"], "model.backend: expected one of"),
         (["model.lambdas=0.1"], "model.lambdas: expected list of float"),
-        (["model.lambdas=[0.1, 0.2]"], "model.lambdas must hold 3 numbers"),
+        (["model.lambdas=[0.1, 0.2]"], "model.lambdas must hold three numbers"),
         (["optim.lr=-0.1"], "optim.lr must be positive"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["optim=3"], "optim: expected a mapping"),
@@ -199,3 +199,58 @@ def test_floats_in_scientific_notation(tmp_path):
         build_config(overrides=["optim.lr=1e-2x"])
     with pytest.raises(ConfigError, match="optim.epochs: expected int"):
         build_config(overrides=["optim.epochs=1e1"])  # not an int, even though it is a whole number
+
+
+# Every model and optim value with a range is checked when the config is built, with the ranges the API uses
+# (sage_fast.ops.checks): before, model.alpha=2 ended in a traceback from the reference, optim.momentum=5 trained
+# into "z contains NaN or Inf", model.lambdas=[-1,0,0] trained to chance with exit 0, and NaN / Inf passed.
+OUT_OF_RANGE = [
+    ("model.alpha=2", "model.alpha must lie in [0, 1], got 2.0"),
+    ("model.alpha=.nan", "model.alpha must be a finite number, got nan"),
+    ("optim.momentum=5", "optim.momentum must lie in [0, 1), got 5.0"),
+    ("optim.momentum=1", "optim.momentum must lie in [0, 1), got 1.0"),
+    ("optim.momentum=-0.1", "optim.momentum must lie in [0, 1)"),
+    ("optim.momentum=.nan", "optim.momentum must be a finite number, got nan"),
+    ("optim.momentum=.inf", "optim.momentum must be a finite number, got inf"),
+    ("model.gamma=1000", "model.gamma must lie in [0, 10]"),
+    ("model.gamma=-0.05", "model.gamma must lie in [0, 10]"),
+    ("model.gamma=.nan", "model.gamma must be a finite number, got nan"),
+    ("model.gamma=.inf", "model.gamma must be a finite number, got inf"),
+    ("model.mu=.nan", "model.mu must be a finite number, got nan"),
+    ("model.mu=.inf", "model.mu must be a finite number, got inf"),
+    ("model.mu=0", "model.mu must be positive"),
+    ("model.lambdas=[-1,0,0]", "model.lambdas[0] must be >= 0, got -1.0"),
+    ("model.lambdas=[0,.nan,0]", "model.lambdas[1] must be a finite number, got nan"),
+    ("model.lambdas=[0,0,.inf]", "model.lambdas[2] must be a finite number, got inf"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number, got nan"),
+    ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number, got inf"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0"),
+    ("model.logit_scale=.inf", "model.logit_scale must be a finite number, got inf"),
+    ("model.logit_scale=0", "model.logit_scale must be positive"),
+    ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+    ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+    ("data.imbalance_ratio=.inf", "data.imbalance_ratio must be a finite number"),
+    ("data.max_unreadable=.nan", "data.max_unreadable is a fraction in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("override, message", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_cli_refuses_out_of_range_values_in_one_line(override, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    try:
+        rc = cli_main(["train", f"train.output_dir={out}", f"data.root={tmp_path}", override])
+    except SystemExit as e:  # the command's argument parser reports config errors itself
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("sage-fast: error: "), err
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_edges_of_the_ranges_are_accepted():
+    cfg = build_config(overrides=["model.alpha=0", "optim.momentum=0", "model.gamma=0", "model.lambdas=[0,0,0]",
+                                  "optim.weight_decay=0"])
+    assert (cfg.model.alpha, cfg.optim.momentum, cfg.model.gamma) == (0.0, 0.0, 0.0)
+    cfg = build_config(overrides=["model.alpha=1", "optim.momentum=0.999", "model.gamma=10"])
+    assert (cfg.model.alpha, cfg.optim.momentum, cfg.model.gamma) == (1.0, 0.999, 10.0)

@@ -150,9 +150,10 @@ def test_imagenet_lt_split_files_and_synset_names(tmp_path):
 def test_places_lt_category_names(tmp_path):
     categories = ["a/airfield", "a/apartment_building/outdoor"]
     samples = [(f"data_256/{cat}/00000001.jpg", k) for k, cat in enumerate(categories)]
-    write_images(tmp_path, samples, fmt="JPEG")
+    tests = [(f"data_256/{cat}/00000002.jpg", k) for k, cat in enumerate(categories)]
+    write_images(tmp_path, samples + tests, fmt="JPEG")
     write_split_file(tmp_path / "Places_LT_train.txt", samples)
-    write_split_file(tmp_path / "Places_LT_test.txt", samples)
+    write_split_file(tmp_path / "Places_LT_test.txt", tests)
     data = build_data(_data_cfg(dataset="places_lt", root=tmp_path), 32)
     assert data.class_names == ["airfield", "apartment_building outdoor"]  # from the paths (letter dropped)
     (tmp_path / "categories_places365.txt").write_text("/a/airfield 0\n/a/apartment_building/outdoor 1\n")
@@ -202,9 +203,9 @@ def test_inat2018_prefers_categories_json_over_obfuscated_names(tmp_path):
 
 def test_folder_with_class_names_file_and_missing_class(tmp_path):
     samples = [(f"img/{k}.png", k) for k in range(3)]
-    write_images(tmp_path, samples)
+    write_images(tmp_path, samples + [("img/test.png", 0)])
     write_split_file(tmp_path / "train.txt", samples)
-    write_split_file(tmp_path / "test.txt", samples[:1])
+    write_split_file(tmp_path / "test.txt", [("img/test.png", 0)])
     write_class_names(tmp_path / "names.txt", ["cat", "dog", "n01440764 tench, Tinca tinca"])
     assert read_class_names(tmp_path / "names.txt") == ["cat", "dog", "tench"]
     data = build_data(_data_cfg(dataset="folder", root=tmp_path, class_names="names.txt"), 32)

@@ -435,6 +435,21 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(data, tm
     assert not (out / "adapters.safetensors").exists()
 
 
+def test_sigterm_to_torchrun_itself_checkpoints_and_every_rank_exits_75(data, tmp_path):
+    """SIGTERM to the torchrun agent (what SLURM's srun forwards, examples/slurm/train_sage.sbatch): torchrun
+    passes it to its processes, which stop after the same step with a checkpoint and exit 75."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(tmp_path, ["train", *overrides(data, out, **{"train.ckpt_every_steps": 0})])
+    wait_for_log_rows(out / "train_log.csv", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = _communicate(proc, 120)
+    assert proc.returncode != 0, output[-3000:]
+    stops = {int(r): int(s) for r, s in re.findall(r"rank (\d): SIGTERM after step (\d+)", output)}
+    assert sorted(stops) == [0, 1] and len(set(stops.values())) == 1, output[-3000:]
+    assert [int((tmp_path / f"rc.{r}").read_text()) for r in (0, 1)] == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    assert read_checkpoint(out / "last.pt")["global_step"] == stops[0]
+
+
 _HANG_RANK_1 = """
     import time
     from sage_fast.training.trainer import Trainer

@@ -101,6 +101,27 @@ def test_shards_follow_the_webdataset_layout_and_the_manifest(_source, _prepared
     assert "already prepared" in capsys.readouterr().out
 
 
+def test_the_webdataset_package_reads_the_shards(_prepared):
+    """Every split through `webdataset.WebDataset` itself: keys, labels (decoded .cls) and JPEG bytes against the
+    manifest's index (the bytes at offset / size in the shard)."""
+    wds = pytest.importorskip("webdataset")
+    m = read_manifest(_prepared)
+    for split, info in m["splits"].items():
+        s = info["samples"]
+        urls = [str(_prepared / shard["name"]) for shard in info["shards"]]
+        got = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+        assert [g["__key__"] for g in got] == [f"{k:09d}" for k in s["key"]], split
+        assert [g["cls"] for g in got] == s["label"], split
+        for i, g in enumerate(got):
+            assert set(g) >= {"jpg", "cls"} and g["__url__"] == urls[s["shard"][i]]
+        raw = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+        for i, g in enumerate(raw):
+            with open(urls[s["shard"][i]], "rb") as fh:
+                fh.seek(s["offset"][i])
+                assert g["jpg"] == fh.read(s["size"][i]), (split, i)
+            assert Image.open(io.BytesIO(g["jpg"])).format == "JPEG"
+
+
 def test_interrupted_prepare_resumes(_source, _prepared, tmp_path, monkeypatch):
     """Killed after 3 shards: the next run keeps them (checksums verified), redoes a damaged one and the rest,
     and ends with the manifest and shards of an uninterrupted run."""

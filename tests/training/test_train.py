@@ -159,6 +159,10 @@ def test_train_writes_metrics_logs_plot_checkpoint(reference):
     assert len(evals) == 3  # header, after epoch 1, final
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["batch_size"] == 16
+    ran = json.loads((out / "runtime.json").read_text())  # what actually ran, beside the config
+    assert ran["versions"]["torch"] == torch.__version__ and ran["model"]["forward_seen"]
+    assert ran["model"]["adapter"]["resolved"] in ("torch", "triton") and ran["model"]["loss"]["op"] == "loss"
+    assert ran["model"]["attention"]["ran"] in ("sdpa", "open_clip", "xformers")
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == metrics["step"]
     assert {"optimizer", "scheduler", "rng", "config", "trainable"} <= set(ckpt)
@@ -251,6 +255,16 @@ def test_unreadable_training_images_do_not_stop_training(tmp_path):
     assert any("2 of the 22 training images cannot be read and are left out" in str(w.message) for w in caught)
     assert any("unreadable training images skipped" in str(w.message) for w in caught)
     assert report["test_images"] == 6 and (tmp_path / "run/adapters.safetensors").is_file()
+
+
+def test_grad_checkpoint_trains_to_the_same_weights(tiny, reference, tmp_path):
+    """model.grad_checkpoint=true through the trainer: the reference run's weights, bit for bit (fp32, CPU)."""
+    out = tmp_path / "ckpt"
+    train(cfg_for(tiny, out, **{"model.grad_checkpoint": True, "train.eval_every_epochs": 0}))
+    got, want = load_file(str(out / "adapters.safetensors")), load_file(str(reference[0] / "adapters.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_resume_refuses_other_classes(reference, tmp_path):

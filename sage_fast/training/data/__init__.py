@@ -14,11 +14,14 @@
 | `split_files`   | ``relative/path label`` split files (ImageNet-LT, Places-LT, LIFT lists, folder)      |
 | `inaturalist`   | iNaturalist 2018's JSON annotations and ``categories.json``                           |
 | `class_names`   | class names from a names file, synset / Places365 category files or directories       |
+| `images`        | opening image files (regular files only) and converting them to 8-bit RGB (`to_rgb`)  |
+| `text_files`    | the data set's text files read as UTF-8, a bad byte named by file, line and offset    |
 """
 from .cifar import cifar100_lt_indices, cifar_lt_counts, load_cifar100
 from .class_names import read_class_names
 from .datasets import ArrayDataset, ImageListDataset, LTData, LTDataset, Sample
 from .gpu_decode import GpuBatchTransform
+from .images import open_image_file, open_rgb, to_rgb
 from .inaturalist import read_inat_categories, read_inat_json
 from .loaders import (
     Batch,
@@ -61,6 +64,8 @@ __all__ = [
     "dataset_names",
     "load_cifar100",
     "measure_input_pipeline",
+    "open_image_file",
+    "open_rgb",
     "read_class_names",
     "read_inat_categories",
     "read_inat_json",
@@ -69,4 +74,5 @@ __all__ = [
     "register_dataset",
     "sample_seed",
     "test_resize_size",
+    "to_rgb",
 ]

@@ -10,15 +10,34 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
+from .text_files import read_lines
 
 
-def read_class_names(path) -> List[str]:
-    """One class name per line, in label order. A line ``n01440764 tench, Tinca tinca`` gives ``tench``."""
+def read_class_names(path, allow_duplicates: bool = False) -> List[str]:
+    """One class name per line (UTF-8), in label order. A line ``n01440764 tench, Tinca tinca`` gives ``tench``.
+
+    Two lines giving the same name are a UserError naming both (two classes with one name get the same text
+    classifier row), unless `allow_duplicates` (``data.allow_duplicates``).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"class-names file not found: {path}")
-    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    return [_strip_synset(n) for n in names]
+    names, line_of = [], []
+    for n, ln in enumerate(read_lines(path, "class-names file"), 1):
+        if ln.strip():
+            names.append(_strip_synset(ln.strip()))
+            line_of.append(n)
+    if not allow_duplicates:
+        first = {}
+        for k, name in enumerate(names):
+            if name in first:
+                j = first[name]
+                raise UserError(f"{path}:{line_of[k]}: class {k} is named {name!r}, as class {j} (line {line_of[j]}): "
+                                "two classes with one name start from the same text classifier row and are told "
+                                "apart only by training; give each a distinct name (e.g. 'crane (bird)'), or set "
+                                "data.allow_duplicates=true")
+            first[name] = k
+    return names
 
 
 def _strip_synset(line: str) -> str:
@@ -59,7 +78,7 @@ def synset_names(root: Path) -> Optional[Dict[str, str]]:
         f = root / fname
         if f.is_file():
             out = {}
-            for ln in f.read_text().splitlines():
+            for ln in read_lines(f, "synset file"):
                 wnid, _, rest = ln.strip().partition(" ")
                 if rest:
                     out[wnid] = rest.split(",")[0].strip()
@@ -76,7 +95,7 @@ def places_names(root: Path) -> Optional[Dict[int, str]]:
     if not f.is_file():
         return None
     out = {}
-    for n, ln in enumerate(f.read_text().splitlines(), 1):
+    for n, ln in enumerate(read_lines(f, "Places365 category file"), 1):
         if ln.strip():
             try:
                 cat, label = ln.rsplit(None, 1)

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .images import open_image_file, read_image_bytes, to_rgb
 from .unreadable import READ_ERRORS, Unreadable, UnreadableLimit, read_error_reason
 
 
@@ -101,16 +102,14 @@ class ImageListDataset(LTDataset):
         return str(self.root / self.paths[index])
 
     def open_image(self, index: int) -> Image.Image:
-        with Image.open(self.root / self.paths[index]) as im:
-            return im.convert("RGB")  # convert() forces the full decode, so truncation raises here
+        with open_image_file(self.root / self.paths[index]) as im:
+            return to_rgb(im)  # the full decode, so truncation raises here
 
     def open_lazy(self, index: int) -> Image.Image:
-        return Image.open(self.root / self.paths[index])  # PIL closes the file once it has decoded it
+        return open_image_file(self.root / self.paths[index])  # PIL closes the file once it has decoded it
 
     def read_raw(self, index: int) -> torch.Tensor:
-        data = (self.root / self.paths[index]).read_bytes()
-        if not data:
-            raise OSError("empty file")
+        data = read_image_bytes(self.root / self.paths[index])
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .images import tensor_to_8bit
 from .unreadable import UnreadableLimit
 from .transforms import CLIP_MEAN, CLIP_STD, test_resize_size
 
@@ -59,7 +60,8 @@ class GpuBatchTransform:
                 if r.ndim == 3:
                     out[i] = r.permute(2, 0, 1).to(self.device)
                 else:
-                    out[i] = _quiet(decode_image, r, mode=ImageReadMode.RGB).to(self.device)
+                    # 16-bit PNGs decode to uint16: scaled to 0..255 like the CPU path (data.images)
+                    out[i] = tensor_to_8bit(_quiet(decode_image, r, mode=ImageReadMode.RGB)).to(self.device)
             except RuntimeError as e:
                 if self.unreadable is not None:
                     self.unreadable.record_position(i, seeds, f"cannot decode: {e}")

@@ -9,13 +9,14 @@ import numpy as np
 
 from ..errors import UserError
 from .split_files import SampleList
+from .text_files import read_text
 
 
 def _load_json(path: Path, what: str):
+    text = read_text(path, f"{what} file")  # JSON is UTF-8 (RFC 8259), whatever the locale
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise UserError(f"{path}: not a valid {what} JSON file ({e})") from None
 
 

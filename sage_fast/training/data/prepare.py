@@ -34,6 +34,7 @@ from ...utils.files import atomic_path, atomic_write_bytes, remove_stale_tempora
 from ..errors import UserError
 from .unreadable import READ_ERRORS, UnreadableImagesError, UnreadableLimit, read_error_reason
 from .datasets import ImageListDataset, LTDataset
+from .images import open_image_file, to_rgb
 from .shards import FORMAT, MANIFEST, VERSION, read_manifest, sample_key, shard_name
 
 #: Short side of the prepared images. RandomResizedCrop (area 8%..100%, aspect 3/4..4/3) to 224 px upsamples
@@ -65,12 +66,12 @@ def _encode(ds: LTDataset, index: int, short_side: int, quality: int) -> bytes:
     original: Optional[Path] = None
     if isinstance(ds, ImageListDataset):
         original = ds.root / ds.paths[index]
-        im = Image.open(original)
+        im = open_image_file(original)
     else:
         im = ds.open_image(index)
     with im:
         fmt = im.format
-        rgb = im.convert("RGB")  # the full decode: a truncated or corrupt file raises here
+        rgb = to_rgb(im)  # the full decode: a truncated or corrupt file raises here
     w, h = rgb.size
     if not (w > 0 and h > 0):
         raise ValueError(f"image of size {w}x{h}")

@@ -16,8 +16,10 @@ root, else the JSON's ``categories``, a Places365 category file, an ImageNet syn
 are counted on the training split, over the images that can be read.
 
 Before anything is trained the builders check what the user gave: every label is a class index (an error
-names the split file and line, or the iNaturalist annotation), every class has a training image, and the
-images can be read (`sage_fast.training.data.unreadable.screen_images`: ``data.check_images``,
+names the split file and line, or the iNaturalist annotation), no image is listed twice in a split or in both
+splits and no two classes of a ``class_names`` file share a name (unless ``data.allow_duplicates``; repeated
+names from the data set's own metadata only warn), every class has a training image, and the images can be
+read (`sage_fast.training.data.unreadable.screen_images`: ``data.check_images``,
 ``data.max_unreadable``). A mistake raises `sage_fast.training.errors.UserError` (or FileNotFoundError for
 a missing root or split file), which the command prints as one line.
 
@@ -40,7 +42,7 @@ from .cifar import cifar100_lt_indices, cifar_lt_counts, load_cifar100
 from .class_names import names_from_paths, places_names, read_class_names, synset_names
 from .datasets import ArrayDataset, ImageListDataset, LTData
 from .inaturalist import read_inat_categories, read_inat_json
-from .split_files import SampleList, read_split_file, where
+from .split_files import SampleList, first_repeat, first_shared, read_split_file, where
 from .transforms import build_transform
 
 Samples = List[Tuple[str, int]]
@@ -74,7 +76,7 @@ class BuildContext:
         """The split file ``data.<key>`` (train_split / test_split) names, or `default`; it must exist."""
         given = getattr(self.cfg, key)
         path = self.path(given, default)
-        if not path.is_file():
+        if not path.exists():
             how = f"data.{key}={given}" if given else f"data.{key} is empty: {self.name}'s default {default}"
             raise FileNotFoundError(f"split file not found: {path} ({how}; relative paths are resolved against "
                                     "data.root)")
@@ -134,10 +136,10 @@ def build_data(cfg, image_size: int, raw: bool = False, progress: bool = False) 
     user_names = None
     if cfg.class_names:
         names_file = _resolve(root, cfg.class_names, "")
-        if not names_file.is_file():
+        if not names_file.exists():
             raise FileNotFoundError(f"data.class_names: file not found: {names_file} (relative paths are resolved "
                                     "against data.root)")
-        user_names = read_class_names(names_file)
+        user_names = read_class_names(names_file, allow_duplicates=bool(getattr(cfg, "allow_duplicates", False)))
     train_tf = None if raw else build_transform(image_size, train=True, crop_scale=cfg.crop_scale,
                                                 augment=cfg.train_augment, fast_decode=fast)
     test_tf = None if raw else build_transform(image_size, train=False, fast_decode=fast)
@@ -209,14 +211,62 @@ def _checked_counts(ctx: BuildContext, train: Samples, test: Samples, names: Lis
                     f"{source}: {'; '.join(parts)}{more}. The loss needs at least one image per class{num_from}")
 
 
+_ALLOW = "set data.allow_duplicates=true to use the lists as they are"
+
+
+def check_repeats(train: Samples, test: Samples, allow: bool = False) -> None:
+    """Refuse (UserError) a file listed twice in a split, or in both splits, naming the first case's places.
+
+    A repeated line trains (or evaluates) on its image twice, silently reweighting the classes the loss's counts
+    describe; a test image that is also a training image makes the test accuracy a training accuracy. `allow`
+    (``data.allow_duplicates``): accept both.
+    """
+    if allow:
+        return
+    for split, samples in (("training", train), ("test", test)):
+        found = first_repeat(samples)
+        if found is not None:
+            i, j, n = found
+            labels = samples[i][1], samples[j][1]
+            differ = f" with another label ({labels[1]}, there {labels[0]})" if labels[0] != labels[1] else ""
+            more = f"; {n} lines of the {split} split repeat an earlier one" if n > 1 else ""
+            raise UserError(f"{where(samples, j)}: {samples[j][0]!r} is listed again{differ}, first at "
+                            f"{where(samples, i)}{more}: each would count twice in the {split} split. Remove the "
+                            f"repeated lines, or {_ALLOW}")
+    found = first_shared(train, test)
+    if found is not None:
+        i, j, n = found
+        raise UserError(f"{where(test, j)}: test image {test[j][0]!r} is also a training image ({where(train, i)}); "
+                        f"{n} of the {len(test)} test images are: the test accuracy would be measured on training "
+                        f"images. Use disjoint splits, or {_ALLOW}")
+
+
+def _warn_repeated_names(names: Sequence[str], source: str) -> None:
+    """Names found in the data set's metadata (not the user's file) that two classes share: a warning, since the
+    user cannot fix the metadata (ImageNet's first synset names hold "crane" twice) but can set data.class_names."""
+    first: Dict[str, int] = {}
+    shared = []
+    for k, name in enumerate(names):
+        j = first.setdefault(name, k)
+        if j != k:
+            shared.append(f"{name!r} (classes {j} and {k})")
+    if shared:
+        warnings.warn(f"{source}: {len(shared)} class names are shared by two classes: {', '.join(shared[:5])}"
+                      f"{' ...' if len(shared) > 5 else ''}; such classes start from the same text classifier row. "
+                      "Give each a distinct name in a data.class_names file", stacklevel=4)
+
+
 def _image_lists(ctx: BuildContext, train: Samples, test: Samples, names: List[str], num_from: str = "") -> LTData:
-    """Check labels, classes and images (`screen_images`), then build the two `ImageListDataset`s.
+    """Check labels, repeated files, classes and images (`screen_images`), then build the two `ImageListDataset`s.
 
     num_from: how the number of classes was found, when it is the largest label + 1 (for messages).
     """
     for samples in (train, test):
         check_labels(samples, len(names), ctx.names_from)
     _checked_counts(ctx, train, test, names, num_from=num_from)  # before spending time on the images
+    check_repeats(train, test, bool(getattr(ctx.cfg, "allow_duplicates", False)))
+    if ctx.user_names is None:
+        _warn_repeated_names(names, ctx.name)
     datasets, train_kept, lost = [], train, None
     for split, samples, tf in (("training", train, ctx.train_transform), ("test", test, ctx.test_transform)):
         keep, limit = screen_images(ctx.root, samples, split, ctx.cfg, str(getattr(samples, "source", "") or ""),

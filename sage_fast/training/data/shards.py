@@ -5,7 +5,9 @@ Layout of DIR::
     manifest.json          written last: DIR is a finished preparation when it exists
     train-000000.tar ...   uncompressed POSIX tar; per sample two members, KEY.jpg (JPEG bytes) and KEY.cls
     test-000000.tar ...    (the label as ASCII digits); KEY is the sample's position in its split's listing,
-                           nine digits ("000001234"). open_clip / webdataset readers can stream them as they are.
+                           nine digits ("000001234"). The webdataset package reads them as they are
+                           (tests/training/test_prepare.py); open_clip's training filter, which keeps
+                           samples with a caption (txt), would drop them all.
 
 ``manifest.json`` (format "sage-fast-prepared", version 1)::
 
@@ -39,6 +41,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .images import to_rgb
 from .unreadable import UnreadableLimit
 from .datasets import LTData, LTDataset
 
@@ -136,7 +139,7 @@ class PreparedDataset(LTDataset):
 
     def open_image(self, index: int) -> Image.Image:
         with self.open_lazy(index) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
     def read_raw(self, index: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(self.read_bytes(index)), dtype=torch.uint8)

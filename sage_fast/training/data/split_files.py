@@ -5,12 +5,14 @@ iNaturalist lists (``iNaturalist18_{train,val}.txt``) and the generic ``folder``
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import UserError
+from .text_files import read_lines
 
 
 class SampleList(list):
@@ -50,24 +52,59 @@ def where(samples, i: int) -> str:
     return samples.where(i) if isinstance(samples, SampleList) else f"sample {i}"
 
 
+def same_file_key(path: str) -> str:
+    """What two listed paths share when they name one file: ``a/./b.png`` and ``a//b.png`` are ``a/b.png``."""
+    return os.path.normpath(path)
+
+
+def first_repeat(samples: Sequence[Tuple[str, int]]) -> Optional[Tuple[int, int, int]]:
+    """(first position, repeated position, number of repeats) of the first file listed twice in `samples`, or
+    None when every file is listed once."""
+    seen: Dict[str, int] = {}
+    found, repeats = None, 0
+    for j, (p, _) in enumerate(samples):
+        key = same_file_key(p)
+        i = seen.setdefault(key, j)
+        if i != j:
+            repeats += 1
+            if found is None:
+                found = (i, j)
+    return None if found is None else (*found, repeats)
+
+
+def first_shared(train: Sequence[Tuple[str, int]], test: Sequence[Tuple[str, int]]) -> Optional[Tuple[int, int, int]]:
+    """(train position, test position, number of test samples in the training split) of the first test file that
+    the training split lists too, or None."""
+    in_train: Dict[str, int] = {}
+    for i, (p, _) in enumerate(train):
+        in_train.setdefault(same_file_key(p), i)
+    found, shared = None, 0
+    for j, (p, _) in enumerate(test):
+        i = in_train.get(same_file_key(p))
+        if i is not None:
+            shared += 1
+            if found is None:
+                found = (i, j)
+    return None if found is None else (*found, shared)
+
+
 def read_split_file(path) -> SampleList:
-    """``relative/path label`` lines (OLTR / LIFT format) -> [(path, label)], a `SampleList` that knows each
-    sample's line. Blank lines are ignored."""
+    """``relative/path label`` lines (OLTR / LIFT format, UTF-8) -> [(path, label)], a `SampleList` that knows
+    each sample's line. Blank lines are ignored."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"split file not found: {path}")
     out, lines = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(None, 1)
-            try:
-                out.append((parts[0], int(parts[1])))
-            except (IndexError, ValueError):
-                raise UserError(f"{path}:{n}: expected 'relative/path label' (an integer label), got {line!r}") from None
-            lines.append(n)
+    for n, line in enumerate(read_lines(path, "split file"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        try:
+            out.append((parts[0], int(parts[1])))
+        except (IndexError, ValueError):
+            raise UserError(f"{path}:{n}: expected 'relative/path label' (an integer label), got {line!r}") from None
+        lines.append(n)
     if not out:
         raise UserError(f"split file {path} holds no samples")
     line_of = np.asarray(lines, dtype=np.int64)  # 8 bytes a sample: iNaturalist's lists hold 437k

@@ -102,12 +102,14 @@ class ReducedDecode:
         from torchvision.transforms import functional as F
         from torchvision.transforms import RandomResizedCrop
 
+        from .images import to_rgb
+
         bicubic = InterpolationMode.BICUBIC
         w, h = im.size
         if self.crop:
             top, left, ch, cw = RandomResizedCrop.get_params(im, list(self.scale), list(self.ratio))
             r = _draft(im, dct_scale(cw, ch, self.size))
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if r == 1:
                 out = F.resized_crop(im, top, left, ch, cw, [self.size, self.size], bicubic, antialias=True)
             else:
@@ -115,7 +117,7 @@ class ReducedDecode:
                 out = im.resize((self.size, self.size), Image.BICUBIC, box=box)
         else:
             r = _draft(im, dct_scale(w, h, self.resize))
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if r == 1:
                 out = F.resize(im, self.resize, bicubic, antialias=True)
             else:

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from PIL import Image
 
 from ..errors import UserError
+from .images import open_image_file
 
 #: what PIL raises for a missing, truncated or corrupt file, or one that is not an image
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -60,9 +61,10 @@ def read_error_reason(e: BaseException) -> str:
 
 
 def image_problem(path) -> Optional[str]:
-    """Why `path` cannot be used as an image (None: it can): open it and parse its header, no decode."""
+    """Why `path` cannot be used as an image (None: it can): open it and parse its header, no decode.
+    A FIFO, socket or device is not opened (a FIFO would block): "not a regular file: a FIFO (named pipe)"."""
     try:
-        with Image.open(path) as im:
+        with open_image_file(path) as im:
             w, h = im.size
         if not (w > 0 and h > 0):
             return f"image of size {w}x{h}"
