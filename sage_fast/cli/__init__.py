@@ -10,7 +10,7 @@ status; anything else is a bug and keeps its traceback (status 1).
 | ----------- | --------------------------------------------------------------------------- |
 | `demo`      | ``sage-fast demo``: a tiny generated data set, trained on CPU               |
 | `train`     | ``sage-fast train``: a run from a config / preset (torchrun for many GPUs)  |
-| `evaluate`  | ``sage-fast eval``: trained weights on the test split                       |
+| `evaluate`  | ``sage-fast eval``: trained weights (or zero-shot CLIP) on the test split   |
 | `prepare`   | ``sage-fast prepare``: a data set into tar shards                           |
 | `predict`   | ``sage-fast predict``: top-k classes of images                              |
 | `attention` | ``sage-fast attention``: class-token attention maps as a PNG                |
@@ -31,13 +31,14 @@ from .common import CommandError, CommandParser, print_error
 COMMANDS = {
     "demo": ("demo", "train Sage on a tiny generated long-tailed data set, on CPU, in about a minute"),
     "train": ("train", "train Sage from a config / preset (torchrun for several GPUs or nodes)"),
-    "eval": ("evaluate", "evaluate trained weights: overall, many, medium, few and per-class top-1"),
+    "eval": ("evaluate", "evaluate trained weights (or zero-shot CLIP): overall, many, medium, few and per-class "
+                         "top-1"),
     "prepare": ("prepare", "decode, check and resize a data set once into tar shards + manifest (data.prepared)"),
     "predict": ("predict", "top-k classes and probabilities of images (files or folders), as a table or JSON"),
     "attention": ("attention", "class-token attention maps of zero-shot CLIP and the fine-tuned model, as a PNG"),
     "sweep": ("sweep", "one training run per value of one or two config keys; sweep.csv and sweep.png"),
-    "ablate": ("ablate", "the component ladder of Tables 5 and 6 (baseline, +SG, +Init, +CF, +FIT), one run per "
-                         "row; ablation.md and ablation.csv"),
+    "ablate": ("ablate", "zero-shot CLIP and the component ladder of Tables 5 and 6 (baseline, +SG, +Init, +CF, "
+                         "+FIT), one run per row; ablation.md and ablation.csv"),
     "info": ("info", "versions, device, and what each op and the attention run here and why (paste it into a bug "
                      "report)"),
 }

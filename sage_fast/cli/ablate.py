@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .common import OVERRIDE_HELP, CommandError, CommandParser, add_config_arguments, split_arguments
+from .train import training_outcomes
 
 
 def main(argv) -> int:
@@ -19,7 +20,7 @@ def main(argv) -> int:
     add_config_arguments(p, "YAML run config (sections data, model, optim, train, eval)")
     p.add_argument("--rows", nargs="+", metavar="ROW",
                    help="rows to run, by name or number: " + ", ".join(f"{i} {r.name}" for i, r in
-                                                                     enumerate(ablate.LADDER, 1)) + " (default: all)")
+                                                                     enumerate(ablate.LADDER)) + " (default: all)")
     p.add_argument("--dry-run", action="store_true", help="list the rows, their folders and which are finished; "
                                                           "train nothing")
     args, rest = p.parse_known_args(argv)
@@ -39,19 +40,24 @@ def main(argv) -> int:
     base, planned = ablate.plan_ablation(args.config, overrides, args.preset)
     out_dir = Path(base.train.output_dir)
     if args.dry_run:
+        identities: dict = {}
+        finished = {i for i in selected
+                    if ablate.row_report(planned[i], identities) is not None}
         lines = [[str(planned[i].index), planned[i].row.name, " ".join(ablate.row_overrides(planned[i].row)),
-                  str(planned[i].folder),
-                  "finished" if ablate.finished_report(planned[i].cfg, planned[i].folder) is not None else "to run"]
+                  str(planned[i].folder), "finished" if i in finished else "to run"]
                  for i in selected]
         widths = [max(len(line[c]) for line in lines) for c in range(4)]
         for line in lines:
             print("  ".join(v.ljust(w) for v, w in zip(line, widths + [0])).rstrip())
         return 0
-    done = ablate.run_ablation(base, planned, selected)
+    with training_outcomes(p.prog):
+        done = ablate.run_ablation(base, planned, selected)
     if is_main_process():
         print()
         print(ablate.markdown_table(ablate.table_rows([(d[0], d[1]) for d in done])), end="")
-        trained = sum(s != "reused" for _, _, s in done)
-        print(f"{len(done)} rows ({trained} trained, {len(done) - trained} finished earlier); "
+        evaluated = sum(s == "evaluated" for _, _, s in done)
+        trained = sum(s not in ("reused", "evaluated") for _, _, s in done)
+        zero_shot = f", {evaluated} evaluated (zero-shot)" if evaluated else ""
+        print(f"{len(done)} rows ({trained} trained{zero_shot}, {len(done) - trained - evaluated} finished earlier); "
               f"{out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}")
     return 0

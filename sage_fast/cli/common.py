@@ -54,10 +54,10 @@ def add_config_arguments(p: argparse.ArgumentParser, config_help: str = "YAML ru
 
 
 def add_weights_arguments(p: argparse.ArgumentParser, weights_help: str = "adapters.safetensors or a checkpoint "
-                                                                           "(last.pt)"):
+                                                                           "(last.pt)", required: bool = True):
     from ..training.config import PRESETS
 
-    p.add_argument("--weights", required=True, help=weights_help)
+    p.add_argument("--weights", required=required, help=weights_help)
     p.add_argument("--config", help="YAML run config; default: the config stored with the weights")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a row of Table 8 instead of the stored config")
 

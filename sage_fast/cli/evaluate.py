@@ -1,4 +1,4 @@
-"""`sage-fast eval`: evaluate trained weights on the test split of their data set."""
+"""`sage-fast eval`: evaluate trained weights on the test split of their data set, or zero-shot CLIP."""
 from __future__ import annotations
 
 import json
@@ -13,20 +13,37 @@ def main(argv) -> int:
                       description="Evaluate trained Sage weights: overall / many / medium / few top-1, "
                                   "per-class accuracy (CSV) and plot, written to their own folder "
                                   "(--out; never over the training run's reports); the last line "
-                                  "printed is JSON (null for a group without classes).")
+                                  "printed is JSON (null for a group without classes). With --zero-shot: "
+                                  "CLIP before any training (the frozen encoder and the template "
+                                  "classifier), for the data set and model of --config / --preset and "
+                                  "overrides; no weights.")
     add_weights_arguments(p, "adapters.safetensors or a checkpoint (last.pt); verified against the checksum "
-                             "stored in it")
+                             "stored in it", required=False)
+    p.add_argument("--zero-shot", action="store_true",
+                   help="evaluate zero-shot CLIP instead of trained weights: cosine of the frozen image "
+                        "features with the template classifier (model.classifier_init), no adapters")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json, per_class.csv and "
-                                                "per_class_accuracy.png (default: OUTPUT_DIR/eval)")
+                                                "per_class_accuracy.png (default: OUTPUT_DIR/eval, with "
+                                                "--zero-shot OUTPUT_DIR/zero-shot, which also gets config.yaml)")
     args, rest = p.parse_known_args(argv)
+    if args.zero_shot and args.weights:
+        p.error("--zero-shot evaluates CLIP without trained weights: leave out --weights (the config comes "
+                "from --config / --preset and overrides)")
+    if not args.zero_shot and not args.weights:
+        p.error("the following arguments are required: --weights (or --zero-shot)")
     from ..training.distributed import is_main_process
+    from ..training.config import build_config
     from ..training.inference import evaluate_weights, resolve_run_config
     from ..training.metrics import ACCURACIES, format_report, json_safe
     from ..training.run_folder import RunFolderError
 
     # a bad config, a missing file: user errors, printed as one line by `main`
     try:
-        cfg = resolve_run_config(args.weights, args.config, split_arguments(rest)[0], args.preset)
+        overrides = split_arguments(rest)[0]
+        if args.zero_shot:
+            cfg = build_config(args.config, overrides, preset=args.preset)
+        else:
+            cfg = resolve_run_config(args.weights, args.config, overrides, args.preset)
         report = evaluate_weights(cfg, args.weights, out_dir=args.out)
     except RunFolderError as e:
         raise CommandError(p.prog, e) from None

@@ -34,8 +34,14 @@ def main(argv) -> int:
         p.error(str(e))
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    summary = prepare(cfg.data, args.out, short_side=args.short_side, quality=args.quality,
-                      shard_mb=args.shard_size, workers=args.workers, progress=not args.no_progress)
+    from ..training.run_folder import RunFolderError, hold_run_folder, holds_training_run
+
+    if os.path.isdir(args.out) and holds_training_run(args.out):
+        raise RunFolderError(f"--out={args.out} holds a training run: prepare the data set into a folder of its own")
+    # one writer: a second preparation into the same folder is refused (it would delete this one's temporaries)
+    with hold_run_folder(args.out, what="--out"):
+        summary = prepare(cfg.data, args.out, short_side=args.short_side, quality=args.quality,
+                          shard_mb=args.shard_size, workers=args.workers, progress=not args.no_progress)
     if not summary["done_before"]:
         print(format_summary(summary))
     return 0

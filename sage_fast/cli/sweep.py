@@ -11,8 +11,10 @@ ordinary override for every run. One or two axes; with two, every pair of values
 Each run trains in its own folder under ``train.output_dir``, named after its values
 (``model.alpha=0.4``, ``model.mu=0.5,model.gamma=0.03``). A run whose folder holds the metrics of a
 finished run of the same config is not rerun; one interrupted with a checkpoint is resumed; one whose
-stored config differs (the base config changed) is trained again from scratch. So an interrupted sweep
-continues where it stopped when the same command is given again.
+stored config or data differs (the base config changed, data.root names another data set: its class names,
+training images per class or test images differ) is trained again from scratch. So an interrupted sweep
+continues where it stopped when the same command is given again. A second sweep into the same folder while
+one runs is refused (exit status 2); a diverged run stops the sweep with status 3, SIGTERM / SIGUSR1 with 75.
 
 After every run, ``train.output_dir`` gets ``sweep.csv`` (one row per run: the axis values, overall / many /
 medium / few top-1 and the run folder) and ``sweep.png``: the four accuracies against the value (one key),
@@ -26,6 +28,7 @@ import argparse
 from pathlib import Path
 
 from .common import OVERRIDE_HELP, CommandParser, add_config_arguments, split_arguments
+from .train import training_outcomes
 
 
 def main(argv) -> int:
@@ -49,11 +52,13 @@ def main(argv) -> int:
     keys = [a.key for a in axes]
     out_dir = Path(base.train.output_dir)
     if args.dry_run:
+        identities: dict = {}
         for run in runs:
-            state = "finished" if finished_report(run.cfg, run.folder) is not None else "to run"
+            state = "finished" if finished_report(run.cfg, run.folder, identities) is not None else "to run"
             print(f"{run.folder}  {state}")
         return 0
-    done = run_sweep(runs, out_dir, keys)
+    with training_outcomes(p.prog):
+        done = run_sweep(runs, out_dir, keys)
     if is_main_process():
         print()
         head = keys + list(ACCURACIES)

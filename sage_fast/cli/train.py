@@ -1,6 +1,7 @@
 """`sage-fast train`: train Sage from a config / preset, one process or under torchrun."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .common import OVERRIDE_HELP, PRINT_CONFIG_HELP, CommandError, CommandParser, add_config_arguments, split_arguments
@@ -11,9 +12,11 @@ EXIT_PREEMPTED = 75
 EXIT_DIVERGED = 3
 
 EXIT_HELP = (
-    "Exit status: 0 finished; 1 crashed; 2 refused before training: bad arguments or config, an OUTPUT_DIR "
-    "that already holds a run (without --resume / --overwrite), resume settings that differ from the "
-    "checkpoint's (without --force-resume), no checkpoint that verifies; 3 diverged: the weights went NaN/Inf, "
+    "Exit status: 0 finished (or, with --resume, already finished before: nothing is done); 1 crashed; 2 refused "
+    "before training: bad arguments or config, an OUTPUT_DIR that another process is writing into (its lock "
+    "names it), that holds files not of a sage-fast run, or that already holds a run (without --resume / "
+    "--overwrite), resume settings that differ from the checkpoint's (without --force-resume, or ones it cannot "
+    "force), other classes than the checkpoint's, no checkpoint that verifies; 3 diverged: the loss, logits or weights went NaN/Inf, "
     "nothing non-finite was saved, the message names the step and the last good checkpoint; "
     f"{EXIT_PREEMPTED} preempted: SIGTERM or SIGUSR1 stopped the run after a whole step with a checkpoint written "
     "(every rank under torchrun, which itself then exits 1 and reports 'exitcode: 75'): resubmit with --resume "
@@ -32,10 +35,13 @@ def main(argv) -> int:
                         "corrupt); 'auto': resume if there is a checkpoint, else start fresh")
     p.add_argument("--overwrite", action="store_true",
                    help="start from scratch in an OUTPUT_DIR that holds a run, deleting that run's checkpoints, "
-                        "logs, reports and export first (without it such a folder is refused)")
+                        "logs, reports and export first (without it such a folder is refused); files that are not "
+                        "a sage-fast run's are never deleted: such a folder is always refused")
     p.add_argument("--force-resume", action="store_true",
-                   help="resume even though settings that change the result (seed, data, model, optim, ...) differ "
-                        "from the checkpoint's; the result then differs from an uninterrupted run")
+                   help="resume even though settings that change the result (optim.lr, momentum, weight decay, "
+                        "loss and adapter hyperparameters, data, ...) differ from the checkpoint's: they apply from "
+                        "its step on, so the result differs from an uninterrupted run; optim.epochs, batch_size, "
+                        "schedule, train.seed and the model's structure cannot differ")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--bench-data", type=int, metavar="N", help="only measure the input pipeline over N batches")
     args, rest = p.parse_known_args(argv)
@@ -57,9 +63,8 @@ def main(argv) -> int:
     from ..training.checkpoint import resume_candidates
     from ..training.distributed import is_main_process
     from ..training.metrics import format_report
-    from ..training.preemption import Preempted
-    from ..training.run_folder import LAST, RunFolderError
-    from ..training.trainer import Diverged, train
+    from ..training.run_folder import LAST
+    from ..training.trainer import train
 
     resume = args.resume
     if resume == "last":
@@ -67,18 +72,35 @@ def main(argv) -> int:
     if resume and resume != "auto" and not any(c.is_file() for c in resume_candidates(resume)):
         p.error(f"checkpoint to resume from not found: {resume} (--resume auto starts from scratch when "
                 "there is none)")
-    try:
+    with training_outcomes(p.prog):
         report = train(cfg, resume=resume, overwrite=args.overwrite, force_resume=args.force_resume)
-    except RunFolderError as e:
-        raise CommandError(p.prog, e) from None
-    except Diverged as e:
-        raise CommandError(p.prog, e, EXIT_DIVERGED) from None
-    except Preempted as e:
-        raise CommandError(p.prog, e, EXIT_PREEMPTED, kind="stopped", every_rank=True) from None
     if report is not None and is_main_process():
+        if report.get("done_before"):
+            print(f"{p.prog}: {cfg.train.output_dir} already finished ({report.get('epoch')} epochs, step "
+                  f"{report.get('step')}): nothing to do; its metrics are in "
+                  f"{Path(cfg.train.output_dir) / 'metrics.json'}")
+            return 0
         print(format_report(report))
         print(f"outputs in {cfg.train.output_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def training_outcomes(prog: str):
+    """How a command that trains ends when training does not finish: a refused run folder or checkpoint
+    (one line, status 2), a diverged run (3), a preempted one (75, on every rank)."""
+    from ..training.preemption import Preempted
+    from ..training.run_folder import RunFolderError
+    from ..training.trainer import Diverged
+
+    try:
+        yield
+    except RunFolderError as e:
+        raise CommandError(prog, e) from None
+    except Diverged as e:
+        raise CommandError(prog, e, EXIT_DIVERGED) from None
+    except Preempted as e:
+        raise CommandError(prog, e, EXIT_PREEMPTED, kind="stopped", every_rank=True) from None
 
 
 def _bench_data(cfg, batches: int) -> int:

@@ -11,6 +11,7 @@
 | `prompt_tokens` | the prompts' token ids, each class name tokenised once                  |
 | `templates`     | the 60 prompt templates, LIFT's single prompt                           |
 | `memory`        | what a training step keeps for backward: a bytes model, its measurement |
+| `zero_shot`     | `ZeroShotCLIP`: frozen CLIP and the template classifier, no training    |
 """
 from .classifier import (
     cached_text_classifier,
@@ -33,6 +34,7 @@ from .clip import image_size, load_clip, tokenizer
 from .config import ModelConfig, check_model_config
 from .sage import SageModel, SageOutput, build_sage, model_config
 from .templates import CLASSIFIER_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, prompts_for
+from .zero_shot import ZeroShotCLIP
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -43,6 +45,7 @@ __all__ = [
     "SageOutput",
     "SINGLE_TEMPLATE",
     "TEMPLATES",
+    "ZeroShotCLIP",
     "build_sage",
     "cached_text_classifier",
     "check_model_config",

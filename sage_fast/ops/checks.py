@@ -156,9 +156,13 @@ def check_labels(target: torch.Tensor, num_classes: int, batch: int, ignore_inde
         )
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must be finite holds NaN or Inf: for a trainer, a sign that training diverged."""
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
 def check_class_counts(class_counts) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from . import launch
 from .backend import device_ctx, resolve_backend
-from .checks import check_finite, check_float, check_ignore_index, check_labels, check_lambdas, check_same_device
+from .checks import NonFiniteError, check_finite, check_float, check_ignore_index, check_labels, check_lambdas, check_same_device
 from .reference import loss_dtype
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -58,8 +58,8 @@ def _raise_input_error(status: int, z, zv, zt, target, log_prior, s, ignore_inde
         check_labels(target, num_classes, z.shape[0], ignore_index)
     if status & k.STATUS_NONFINITE_ZHAT.value:
         s1, s2 = s.tolist()
-        raise ValueError(f"z^ = z + s1 * zv + s2 * zt is not finite (s1={s1}, s2={s2})")
-    raise ValueError(
+        raise NonFiniteError(f"z^ = z + s1 * zv + s2 * zt is not finite (s1={s1}, s2={s2})")
+    raise NonFiniteError(
         f"the adjusted logits (logits + log_prior) are not finite (kernel status {status}): they overflow fp32"
     )
 

@@ -1,31 +1,35 @@
-"""`sage-fast ablate`: the component ladder of the paper's Tables 5 and 6, one training run per row.
+"""`sage-fast ablate`: the component ladder of the paper's Tables 5 and 6 after zero-shot CLIP, one run per row.
 
     sage-fast ablate --preset imagenet_lt data.root=/data/ImageNet_LT train.output_dir=runs/ablation
     sage-fast ablate --config run.yaml train.output_dir=runs/ablation --rows baseline +FIT
     sage-fast ablate --preset places_lt data.root=/data/Places_LT train.output_dir=runs/ablation --dry-run
 
-Each row adds one component to the row before it (docs/method.md, "Ablation switches"); the rows set the
-four switches below on top of the given config (preset, YAML file, overrides), everything else is the
-given config's:
+The first row is zero-shot CLIP, which trains nothing: the frozen encoder and the template classifier
+(``sage-fast eval --zero-shot``). Each row after it adds one component to the row before it (docs/method.md,
+"Ablation switches"); the rows set the four switches below on top of the given config (preset, YAML file,
+overrides), everything else is the given config's:
 
     row        model.adapter  model.classifier_init  model.loss   model.fit
+    zero-shot  -              templates              -            -          CLIP, no training
     baseline   adaptformer    single                 la           false      LIFT: AdaptFormer, one prompt, LA loss
     +SG        sg             single                 la           false      the SG-Adapter replaces AdaptFormer
     +Init      sg             templates              la           false      classifier from the 60 templates
     +CF        sg             templates              compensated  false      the compensation factor in the loss
     +FIT       sg             templates              compensated  true       FIT: the full Sage
 
-Each row trains in its own folder under ``train.output_dir`` (``1-baseline``, ``2-sg``, ``3-init``,
-``4-cf``, ``5-fit``). A row whose folder holds a finished run of the same config is not rerun; one
-interrupted with a checkpoint is resumed; one of another config (the base config changed) is trained again
-from scratch (see ``sage-fast sweep``). So the same command again continues where it stopped.
+Each row trains (zero-shot: is evaluated) in its own folder under ``train.output_dir`` (``0-zero-shot``,
+``1-baseline``, ``2-sg``, ``3-init``, ``4-cf``, ``5-fit``). A row whose folder holds a finished run of the
+same config is not rerun; one interrupted with a checkpoint is resumed; one of another config (the base
+config changed) is trained again from scratch (see ``sage-fast sweep``). So the same command again
+continues where it stopped.
 
 After every row, ``train.output_dir`` gets ``ablation.md`` (a Markdown table) and ``ablation.csv``: per row
 overall / many / medium / few test top-1 (%), the trainable parameters (adapters, block scales, classifier,
 FIT's s1 and s2) and the adapters' own (adapters and block scales: the paper's Table 12 count), read from
-the row's ``adapters.safetensors``. The table holds the rows run now and every other row already finished
-in the folder. ``--rows`` picks rows by name (``+`` optional, any case) or number; ``--dry-run`` lists the
-rows and whether each is finished, without training.
+the row's ``adapters.safetensors`` (zero-shot: 0; its switch cells are empty). The table holds the rows
+run now and every other row already finished in the folder. ``--rows`` picks rows by name (``+``
+optional, any case) or number (0 to 5); ``--dry-run`` lists the rows and whether each is finished, without
+training.
 
 The four switches come from the rows: giving one of them as an override is an error (a config file's
 values of them are replaced). Other model keys
@@ -47,6 +51,7 @@ from .config import ConfigError, SageConfig, build_config, parse_overrides
 from .distributed import is_main_process
 from .metrics import ACCURACIES, metric_value
 from .reuse import finished_report, run_or_reuse
+from .run_folder import hold_run_folder
 
 #: the switches the rows set, in the table's column order
 SWITCHES = ("adapter", "classifier_init", "loss", "fit")
@@ -54,14 +59,18 @@ SWITCHES = ("adapter", "classifier_init", "loss", "fit")
 
 @dataclass(frozen=True)
 class Row:
-    name: str          # as the paper's tables write it: "baseline", "+SG", ...
-    slug: str          # its folder, after its number: "baseline", "sg", ...
-    model: Dict[str, Any]  # the model.* values it sets (all four SWITCHES)
+    name: str          # as the paper's tables write it: "zero-shot", "baseline", "+SG", ...
+    slug: str          # its folder, after its number: "zero-shot", "baseline", "sg", ...
+    model: Dict[str, Any]  # the model.* values it sets (all four SWITCHES; zero-shot: the classifier only)
     what: str          # the component it adds, in words
+    zero_shot: bool = False  # evaluated, not trained (`inference.evaluate_weights` without weights)
 
 
-#: Tables 5 and 6 of the paper: each row adds one component to the one before it
+#: Tables 5 and 6 of the paper, after zero-shot CLIP: each row adds one component to the one before it; a row's
+#: number (its folder's prefix, a name for --rows) is its index here
 LADDER: Tuple[Row, ...] = (
+    Row("zero-shot", "zero-shot", {"classifier_init": "templates"},
+        "zero-shot CLIP: the frozen encoder and the template classifier, no training", zero_shot=True),
     Row("baseline", "baseline", {"adapter": "adaptformer", "classifier_init": "single", "loss": "la", "fit": False},
         "LIFT: AdaptFormer, classifier from one prompt, logit-adjusted loss, no FIT"),
     Row("+SG", "sg", {"adapter": "sg", "classifier_init": "single", "loss": "la", "fit": False},
@@ -85,20 +94,20 @@ def row_overrides(row: Row) -> List[str]:
 
 
 def select_rows(names: Optional[Sequence[str]]) -> List[int]:
-    """Ladder indices (0-based, in ladder order) of the rows named: "baseline", "+SG" / "sg" / "SG", or "1".."5".
-    None or empty: every row. ConfigError for a name that is no row."""
+    """Ladder indices (in ladder order; the row numbers) of the rows named: "zero-shot", "baseline", "+SG" /
+    "sg" / "SG", or "0".."5". None or empty: every row. ConfigError for a name that is no row."""
     if not names:
         return list(range(len(LADDER)))
     lookup = {}
     for i, row in enumerate(LADDER):
-        for alias in (row.name, row.slug, row.name.lstrip("+"), str(i + 1), row_folder(i + 1, row)):
+        for alias in (row.name, row.slug, row.name.lstrip("+"), str(i), row_folder(i, row)):
             lookup[alias.lower()] = i
     picked = set()
     for name in names:
         key = name.strip().lower()
         if key not in lookup:
             raise ConfigError(f"no ablation row {name!r}; rows: {', '.join(r.name for r in LADDER)} "
-                              f"(or their numbers 1 to {len(LADDER)})")
+                              f"(or their numbers 0 to {len(LADDER) - 1})")
         picked.add(lookup[key])
     return sorted(picked)
 
@@ -109,7 +118,7 @@ def select_rows(names: Optional[Sequence[str]]) -> List[int]:
 
 @dataclass
 class Planned:
-    index: int   # 1-based, the row's place in the ladder
+    index: int   # the row's number: its place in the ladder (0: zero-shot)
     row: Row
     cfg: SageConfig
     folder: Path
@@ -117,7 +126,7 @@ class Planned:
 
 def plan_ablation(config=None, overrides: Sequence[str] = (), preset: Optional[str] = None
          ) -> Tuple[SageConfig, List[Planned]]:
-    """The base config and every row of the ladder (all five, in order), each with its config and folder.
+    """The base config and every row of the ladder (all six, in order), each with its config and folder.
 
     ConfigError for a bad key or value, or an override of one of the rows' switches.
     """
@@ -129,7 +138,7 @@ def plan_ablation(config=None, overrides: Sequence[str] = (), preset: Optional[s
     base = build_config(config, layer, preset=preset)
     out_dir = Path(base.train.output_dir)
     planned = []
-    for i, row in enumerate(LADDER, 1):
+    for i, row in enumerate(LADDER):
         layer_i = copy.deepcopy(layer)
         model = layer_i.setdefault("model", {})
         if not isinstance(model, dict):
@@ -178,11 +187,12 @@ def _count(counts: Optional[dict], key: str) -> str:
 
 
 def table_rows(done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
-    """One dict per finished row: the switches, the four accuracies, the parameter counts, the folder."""
+    """One dict per finished row: the switches (None for zero-shot), the four accuracies, the parameter counts
+    (0 for zero-shot, which trains nothing), the folder."""
     out = []
     for p, report in done:
-        counts = parameter_counts(p.folder)
-        out.append({"row": p.row.name, **{k: getattr(p.cfg.model, k) for k in SWITCHES},
+        counts = {"trainable": 0, "adapters": 0} if p.row.zero_shot else parameter_counts(p.folder)
+        out.append({"row": p.row.name, **{k: None if p.row.zero_shot else getattr(p.cfg.model, k) for k in SWITCHES},
                     **{m: metric_value(report.get(m)) for m in ACCURACIES},
                     "trainable_parameters": None if counts is None else counts["trainable"],
                     "adapter_parameters": None if counts is None else counts["adapters"],
@@ -191,8 +201,8 @@ def table_rows(done: Sequence[Tuple[Planned, dict]]) -> List[Dict[str, Any]]:
 
 
 def csv_text(rows: Sequence[Dict[str, Any]]) -> str:
-    """``ablation.csv``: row, the four switches, overall / many / medium / few (%, 4 decimals; empty: no class
-    in the group), trainable_parameters, adapter_parameters, run (the row's folder)."""
+    """``ablation.csv``: row, the four switches (empty for zero-shot), overall / many / medium / few (%, 4
+    decimals; empty: no class in the group), trainable_parameters, adapter_parameters, run (the row's folder)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["row", *SWITCHES, *ACCURACIES, "trainable_parameters", "adapter_parameters", "run"]
@@ -213,13 +223,13 @@ def csv_text(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """The table of ``ablation.md``: a check mark per component the row has, then the accuracies (n/a: no class
-    in the group) and the parameter counts."""
+    """The table of ``ablation.md``: a check mark per component the row has (none for zero-shot), then the
+    accuracies (n/a: no class in the group) and the parameter counts."""
     head = ["row", "SG-Adapter", "template init", "compensated loss", "FIT", "overall", "many", "medium", "few",
             "trainable params", "adapter params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 5 + [" ---: "] * 6) + "|"]
     for r in rows:
-        marks = [r["adapter"] == "sg", r["classifier_init"] == "templates", r["loss"] == "compensated", r["fit"]]
+        marks = [r["adapter"] == "sg", r["classifier_init"] == "templates", r["loss"] == "compensated", bool(r["fit"])]
         cells = [r["row"], *("✓" if m else "" for m in marks), *(_acc(r[m], "n/a") for m in ACCURACIES),
                  "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}",
                  "" if r["adapter_parameters"] is None else f"{r['adapter_parameters']:,}"]
@@ -235,7 +245,8 @@ def markdown(base: SageConfig, rows: Sequence[Dict[str, Any]]) -> str:
     what = (f"model {base.model.name}{weights}, {epochs}, batch {base.optim.batch_size}, lr {base.optim.lr:g}"
             + (f", preset {base.preset}" if base.preset else ""))
     return (f"# Ablation: Tables 5 and 6\n\nData set {data}; {what}. Test top-1 accuracy (%; n/a: no class in "
-            "the group); each row adds one component to the row above it (`sage-fast ablate --help`).\n\n"
+            "the group); zero-shot is CLIP before any training, and each row after it adds one component to the "
+            "row above it (`sage-fast ablate --help`).\n\n"
             + markdown_table(rows))
 
 
@@ -248,34 +259,56 @@ def write_results(out_dir, base: SageConfig, done: Sequence[Tuple[Planned, dict]
     return rows
 
 
+def row_report(p: Planned, identities: Optional[dict] = None) -> Optional[dict]:
+    """The report of row `p` when its folder holds it finished (`reuse.finished_report`), else None.
+    identities: the data listings read so far in this command (`reuse.DataIdentities`)."""
+    return finished_report(p.cfg, p.folder, identities, epoch=0 if p.row.zero_shot else None)
+
+
+def evaluate_or_reuse(p: Planned, identities: Optional[dict] = None) -> Tuple[dict, str]:
+    """The zero-shot row: its finished report ("reused"), or zero-shot CLIP evaluated into its folder ("evaluated")."""
+    from .inference import evaluate_weights
+
+    report = row_report(p, identities)
+    if report is not None:
+        return report, "reused"
+    return evaluate_weights(p.cfg, None, out_dir=p.folder), "evaluated"
+
+
 def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequence[int], log=print
                  ) -> List[Tuple[Planned, dict, str]]:
-    """Run or reuse the `selected` rows (0-based indices into `planned`) in ladder order; after each, rewrite
+    """Run or reuse the `selected` rows (indices into `planned`) in ladder order; after each, rewrite
     ``ablation.md`` and ``ablation.csv`` with them and every other row finished earlier.
 
-    -> [(planned row, report, status)] for the selected rows (status: see `reuse.run_or_reuse`). `log` gets the
-    progress lines (on the main process only).
+    -> [(planned row, report, status)] for the selected rows (status: see `reuse.run_or_reuse`; "evaluated"
+    for zero-shot). `log` gets the progress lines (on the main process only). The main process holds the output
+    folder's lock throughout (a second ablation into it is refused, `RunFolderBusy`), and each row its own
+    folder's.
     """
     if not is_main_process():  # under torchrun: one process reports
         def log(*args, **kwargs):
             pass
     out_dir = Path(base.train.output_dir)
-    others = {i: finished_report(planned[i].cfg, planned[i].folder) for i in range(len(planned)) if i not in selected}
-    others = {i: r for i, r in others.items() if r is not None}
+    identities: dict = {}  # the data's listing, read once per data config
     done: List[Tuple[Planned, dict, str]] = []
-    for n, i in enumerate(selected, 1):
-        p = planned[i]
-        finished = finished_report(p.cfg, p.folder) is not None
-        log(f"[{n}/{len(selected)}] {p.row.name} ({' '.join(row_overrides(p.row))}): "
-            + ("finished earlier" if finished else f"training in {p.folder}"))
-        start = time.time()
-        report, status = run_or_reuse(p.cfg, p.folder)
-        done.append((p, report, status))
-        if status != "reused":
-            log(f"    {p.row.name}: overall {_acc(report.get('overall'))}  many {_acc(report.get('many'))}  "
-                f"medium {_acc(report.get('medium'))}  few {_acc(report.get('few'))}  "
-                f"({status}, {time.time() - start:.0f} s)")
-        if is_main_process():
-            results = [(planned[j], r) for j, r in others.items()] + [(d[0], d[1]) for d in done]
-            write_results(out_dir, base, results)
+    with hold_run_folder(out_dir, is_main_process()):
+        others = {i: row_report(planned[i], identities) for i in range(len(planned)) if i not in selected}
+        others = {i: r for i, r in others.items() if r is not None}
+        for n, i in enumerate(selected, 1):
+            p = planned[i]
+            finished = row_report(p, identities) is not None
+            doing = "evaluating" if p.row.zero_shot else "training"
+            log(f"[{n}/{len(selected)}] {p.row.name} ({' '.join(row_overrides(p.row))}): "
+                + ("finished earlier" if finished else f"{doing} in {p.folder}"))
+            start = time.time()
+            report, status = (evaluate_or_reuse(p, identities) if p.row.zero_shot
+                              else run_or_reuse(p.cfg, p.folder, identities))
+            done.append((p, report, status))
+            if status != "reused":
+                log(f"    {p.row.name}: overall {_acc(report.get('overall'))}  many {_acc(report.get('many'))}  "
+                    f"medium {_acc(report.get('medium'))}  few {_acc(report.get('few'))}  "
+                    f"({status}, {time.time() - start:.0f} s)")
+            if is_main_process():
+                results = [(planned[j], r) for j, r in others.items()] + [(d[0], d[1]) for d in done]
+                write_results(out_dir, base, results)
     return done

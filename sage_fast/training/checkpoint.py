@@ -25,9 +25,15 @@ Export (``adapters.safetensors``): the trainable parameters as float32 CPU tenso
 Every write goes through `sage_fast.utils.files.atomic_path`: readers never see a half-written file, and a
 crash or Ctrl-C keeps the previous file (the run folder's layout and its clean-up: `run_folder`).
 
+Resume (`restore_checkpoint`): the data's class names and images per class must be the checkpoint's; settings
+that change the result must be the checkpoint's unless forced, and then apply exactly from its step on
+(`_apply_optim_settings` gives the optimizer the new lr, momentum and weight decay), except `NOT_FORCEABLE`
+ones, which describe what the run already did. A run that has finished (`final_report`) is not resumed at
+all: `finished_run` says so before anything is built.
+
 Errors a user can act on derive from `RunFolderError` (the command line prints them as one line, exit
-status 2): a resume whose settings differ from the checkpoint's (`ConfigMismatchError`), a checkpoint that is
-corrupt or unreadable (`CheckpointError`).
+status 2): a resume whose settings differ from the checkpoint's (`ConfigMismatchError`), a checkpoint of
+other classes, a checkpoint that is corrupt or unreadable (`CheckpointError`).
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ import torch
 from ..utils.files import atomic_path
 from .config import config_differences, format_differences
 from .errors import load_failure_reason
-from .run_folder import LAST, PREVIOUS, RunFolderError
+from .run_folder import EXPORT, LAST, METRICS, PREVIOUS, RunFolderError
 
 CHECKPOINT_VERSION = 2
 #: versions `read_checkpoint` accepts; 1 has no digest and so cannot be verified
@@ -255,32 +261,135 @@ def find_resumable(path) -> Tuple[dict, Path, List[str]]:
     raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(skipped))
 
 
-def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_counts: Sequence[int],
-                       device, force: bool = False) -> Dict[str, Any]:
+#: keys a resume cannot take from the config even with --force-resume: they describe the part of the run
+#: that already happened (key -> why). Every other key that changes the result is applied exactly from the
+#: checkpoint's step on when forced: the continuation is what a run with the new value computes from the
+#: checkpoint's state (`_apply_optim_settings` for the optimizer's; the model's and data's are read from the
+#: config when the model and data are built).
+NOT_FORCEABLE = {
+    "optim.epochs": "the cosine schedule spans all epochs, and the steps taken so far followed the checkpoint's",
+    "optim.schedule": "the steps taken so far followed the checkpoint's schedule",
+    "optim.batch_size": "the steps per epoch, the schedule's length and the checkpoint's place in the epoch "
+                        "depend on it",
+    "train.seed": "it orders the samples of the epoch under way (and with model.pretrained=null makes the frozen "
+                  "network)",
+    "model.name": "the frozen network the adapters were trained in",
+    "model.bottleneck": "the trained parameters' shapes",
+    "model.adapter": "the trained parameters",
+    "model.fit": "the trained parameters (FIT's s1, s2)",
+    "model.text_proj": "the trained parameters (W_proj)",
+    "model.classifier_init": "it only chose the classifier the run started from, which the checkpoint replaces",
+}
+
+
+def check_resume_config(ckpt: Mapping, used, config: dict, force: bool) -> list:
+    """The differences (`config_differences`) between a checkpoint's config and `config`; raises
+    `ConfigMismatchError` when there are any and not `force`, or when one of them is `NOT_FORCEABLE`."""
+    diffs = config_differences(ckpt["config"], config)
+    fixed = [d for d in diffs if d[0] in NOT_FORCEABLE]
+    if fixed:
+        why = "; ".join(f"{k}: {NOT_FORCEABLE[k]}" for k, _, _ in fixed)
+        raise ConfigMismatchError(f"cannot resume from {used}: these settings differ from the checkpoint's: "
+                                  f"{format_differences(diffs)}; of them, these cannot differ even with "
+                                  f"--force-resume: {why}; use the checkpoint's values, or start a new run (another "
+                                  "train.output_dir, or --overwrite)")
+    if diffs and not force:
+        raise ConfigMismatchError(f"cannot resume from {used}: these settings differ from the checkpoint's and "
+                                  f"change the result: {format_differences(diffs)}; use the checkpoint's values, "
+                                  "or force it (--force-resume)")
+    return diffs
+
+
+def class_difference(stored_names: Sequence[str], stored_counts: Sequence[int], names: Sequence[str],
+                     counts: Sequence[int], there: str = "in the checkpoint",
+                     here: str = "in the data") -> Optional[str]:
+    """The first difference between two class lists (names, training images per class), in words; None when
+    they agree."""
+    if len(stored_names) != len(names) or len(stored_counts) != len(counts):
+        return f"{len(stored_names)} classes {there}, {len(names)} {here}"
+    for k, (a, m, b, n) in enumerate(zip(stored_names, stored_counts, names, counts)):
+        if a != b or int(m) != int(n):
+            return f"class {k} is {a!r} with {int(m)} training images {there}, {b!r} with {int(n)} {here}"
+    return None
+
+
+def _apply_optim_settings(optimizer, scheduler, optim: Mapping) -> None:
+    """Give a restored optimizer and LambdaLR schedule the config's lr, momentum and weight decay (their
+    state dicts bring the checkpoint's back): from the next step on, the lr is the new base lr times the
+    schedule's factor at the checkpoint's step, as a run started with it would compute. No-op for the
+    checkpoint's own values (bit for bit)."""
+    for g in optimizer.param_groups:
+        for key in ("momentum", "weight_decay"):
+            if key in optim and key in g and g[key] != optim[key]:
+                g[key] = optim[key]
+    lr = float(optim["lr"])
+    if all(b == lr for b in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for g, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        g["initial_lr"] = lr
+        g["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def restore_checkpoint(path, model, optimizer, scheduler, config: dict, class_names: Sequence[str],
+                       class_counts: Sequence[int], device, force: bool = False) -> Dict[str, Any]:
     """Load the newest verifying checkpoint of `find_resumable(path)` into the model, optimizer, scheduler
     and the global RNGs. Returns the `PROGRESS` counters plus ``path`` (the file used) and ``skipped``
     (why newer candidates were not used).
 
-    Refuses (ConfigMismatchError) a checkpoint whose config differs from `config` in a key that changes
-    the result, unless `force` (then it warns), and (RunFolderError) one of other classes / counts.
+    Refuses (RunFolderError) a checkpoint of other classes (names or counts, the first difference named),
+    and (ConfigMismatchError, `check_resume_config`) one whose config differs from `config` in a key that
+    changes the result, unless `force` (then it warns, and the optimizer takes the new lr, momentum and
+    weight decay).
     """
     ckpt, used, skipped = find_resumable(path)
-    if len(ckpt["class_counts"]) != model.num_classes or ckpt["class_counts"] != list(class_counts):
-        raise RunFolderError(f"{used}: checkpoint was trained on other classes / counts than this data set")
-    diffs = config_differences(ckpt["config"], config)
+    differ = class_difference(ckpt["class_names"], ckpt["class_counts"], list(class_names), list(class_counts))
+    if differ is not None or len(ckpt["class_counts"]) != model.num_classes:
+        raise RunFolderError(f"{used}: the checkpoint was trained on other classes than this data set "
+                             f"({differ or 'another number of classes'}); resume with the data it was trained on")
+    diffs = check_resume_config(ckpt, used, config, force)
     if diffs:
-        listed = format_differences(diffs)
-        if not force:
-            raise ConfigMismatchError(f"cannot resume from {used}: these settings differ from the checkpoint's and "
-                                      f"change the result: {listed}; use the checkpoint's values, or force it "
-                                      "(--force-resume)")
-        warnings.warn(f"resuming from {used} with other settings than the checkpoint's: {listed}; the result "
-                      "will not match an uninterrupted run")
+        warnings.warn(f"resuming from {used} with other settings than the checkpoint's: {format_differences(diffs)}; "
+                      "they apply from its step on, so the result will not match an uninterrupted run")
     model.load_trainable_state_dict({k: v.to(device) for k, v in ckpt["trainable"].items()})
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    _apply_optim_settings(optimizer, scheduler, config["optim"])
     set_rng_state(ckpt["rng"])
     return {**{k: int(ckpt[k]) for k in PROGRESS}, "path": used, "skipped": skipped}
+
+
+def final_report(folder, progress: Mapping[str, int], epochs: int) -> Optional[dict]:
+    """The ``metrics.json`` of `folder` when the run whose checkpoint is at `progress` has nothing left to do:
+    all `epochs` trained, and both the report and the export written at that step. Else None."""
+    folder = Path(folder)
+    if int(progress["epoch"]) < epochs or int(progress["step_in_epoch"]) != 0:
+        return None
+    metrics_path, export = folder / METRICS, folder / EXPORT
+    if not (metrics_path.is_file() and export.is_file()):
+        return None
+    try:
+        report = json.loads(metrics_path.read_text())
+        exported = _export_metadata(export).get("global_step")
+    except (OSError, ValueError, CheckpointError):
+        return None
+    step = int(progress["global_step"])
+    if not isinstance(report, dict) or report.get("step") != step or _int_or_none(exported) != step:
+        return None
+    return report
+
+
+def finished_run(folder, resume, config: dict, force: bool = False) -> Optional[dict]:
+    """Before anything is built for ``--resume``: the final report of `folder` (`final_report`) when the run
+    has nothing left to do, else None. Reads the checkpoint only when the folder has a report and an export;
+    its settings are checked first (`check_resume_config`), so other settings are refused as on any resume."""
+    folder = Path(folder)
+    if not ((folder / METRICS).is_file() and (folder / EXPORT).is_file()):
+        return None
+    ckpt, used, _ = find_resumable(resume)
+    check_resume_config(ckpt, used, config, force)
+    return final_report(folder, ckpt, int(config["optim"]["epochs"]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,6 +111,13 @@ class OptimConfig:
     epochs: int = 10
     #: global batch size, split evenly over the processes of a distributed run
     batch_size: int = 128
+    #: gradient accumulation: each process splits its share of the batch into this many micro-batches, one
+    #: forward and backward each, and the optimizer steps once per batch; the micro-batches' losses are
+    #: weighted by their share of the batch's images, so the update is the full batch's (up to float
+    #: rounding): the paper's batch 128 on a smaller GPU is ``optim.batch_size=128 optim.accumulate_steps=4``
+    #: (4 x 32). Activation memory follows the micro-batch; the schedule, logs and checkpoints count batches.
+    #: batch_size must be divisible by accumulate_steps x processes.
+    accumulate_steps: int = 1
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -291,6 +298,10 @@ def _check_values(cfg: SageConfig) -> None:
     _checked(check_interval, "optim.momentum", o.momentum, 0.0, 1.0, True)
     non_negative("optim.weight_decay", o.weight_decay)
     _checked(check_model_config, m, "model.")  # alpha, mu, gamma, lambdas, logit_scale, ...: the model's ranges
+    positive("optim.accumulate_steps", o.accumulate_steps)
+    if o.batch_size % o.accumulate_steps:
+        raise ConfigError(f"optim.batch_size={o.batch_size} is not divisible by optim.accumulate_steps="
+                          f"{o.accumulate_steps}: the batch is split into that many equal micro-batches")
     positive("data.imbalance_ratio", d.imbalance_ratio)
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}")
@@ -304,6 +315,9 @@ def _check_values(cfg: SageConfig) -> None:
         non_negative(f"train.{k}", getattr(t, k))
     for k in ("log_every_steps", "eval_batch_size"):
         positive(f"train.{k}", getattr(t, k))
+    if not t.output_dir.strip():
+        # an empty path is the current folder: a run would write its files among the user's
+        raise ConfigError("train.output_dir is empty: set it to the run's own folder (e.g. runs/sage)")
     if cfg.eval.tte != "none" and d.gpu_decode:
         # checked here rather than at the end of training: the crops are cut on the CPU (sage_fast.training.tte)
         raise ConfigError(f"eval.tte={cfg.eval.tte!r} needs data.gpu_decode=false (the crops are cut on the CPU)")
@@ -453,7 +467,8 @@ def config_from_dict(d: Mapping[str, Any]) -> SageConfig:
 # Comparing configs
 
 #: config keys that may differ between a checkpoint and the run resuming it: they decide where and how
-#: fast the run goes, or what it logs, never the weights it ends with
+#: fast the run goes, or what it logs, never the weights it ends with. Not optim.accumulate_steps: the
+#: accumulated update is the full batch's summed in another order, equal up to float rounding, not in bits
 RESUME_FREE_KEYS = frozenset({
     "preset",  # the values a preset set are compared themselves
     "data.root", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",

@@ -4,11 +4,13 @@ Builds a small open_clip architecture with random weights, writes a small long-t
 set to disk (an image folder with split files, the generic format of `sage_fast.training.data`), trains
 Sage with the project's trainer (`sage_fast.training.trainer`, the same code path as `sage-fast train`) and
 reports overall, many-, medium- and few-shot accuracy. The run's outputs (metrics, per-class CSV and
-plot, logs, checkpoint, exported adapters) are written under ``--out``/run.
+plot, logs, checkpoint, exported adapters) are written under ``--out``/run. A folder that already holds a
+demo is refused unless ``--overwrite`` (then its data set and run are replaced; nothing else in it is touched).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -79,18 +81,51 @@ def demo_overrides(data: dict, out_dir: str, epochs: int = 30, batch_size: int =
     }
 
 
+def check_demo_folder(out, overwrite: bool = False) -> None:
+    """Raise `RunFolderError` unless the demo may write into `out`: nothing there yet in ``data/`` and ``run/``,
+    or, with `overwrite`, an earlier demo's (``run/`` a sage-fast run, ``data/`` the demo's data set)."""
+    from .run_folder import RunFolderError, check_claim, folder_entries
+
+    out = Path(out)
+    data_dir, run_dir = out / "data", out / "run"
+    if data_dir.exists() and not data_dir.is_dir():
+        raise RunFolderError(f"{data_dir} is a file: the demo writes its data set there; choose another --out")
+    taken = [f"{d.name}/" for d in (data_dir, run_dir) if folder_entries(d)]
+    if not taken:
+        return
+    if not overwrite:
+        raise RunFolderError(f"{out} already holds a demo ({', '.join(taken)}): sage-fast demo --overwrite replaces "
+                             "it (its data set and run), or choose another --out")
+    check_claim(run_dir, fresh=True, overwrite=True, what="--out")
+    names_file = data_dir / "classnames.txt"
+    if folder_entries(data_dir):
+        names = names_file.read_text().split() if names_file.is_file() else None
+        if names != demo_class_names():
+            raise RunFolderError(f"{data_dir} holds files that are not the demo's data set (no classnames.txt with "
+                                 "the demo's classes): --overwrite replaces only an earlier demo; choose another --out")
+
+
 def run_demo(out: str = "sage_runs/demo", epochs: int = 30, batch_size: int = 32, lr: float = 0.05, seed: int = 0,
-             workers: int = 0, log=print) -> dict:
-    """Write the demo data set to ``out/data``, train on it into ``out/run`` (replacing an earlier demo run:
-    the data set it was trained on has just been regenerated), and return the final report."""
+             workers: int = 0, log=print, overwrite: bool = False) -> dict:
+    """Write the demo data set to ``out/data``, train on it into ``out/run``, and return the final report.
+
+    A folder that holds an earlier demo is refused (`RunFolderError`, `check_demo_folder`) unless `overwrite`,
+    which replaces both (the data set first: the run is trained on it). The main process holds ``out``'s lock
+    throughout (a second demo into it is refused, `run_folder.RunFolderBusy`). Raises what `train` raises
+    (`Preempted`, `trainer.Diverged`)."""
     from .config import build_config
+    from .distributed import is_main_process
+    from .run_folder import hold_run_folder
     from .trainer import train
 
-    # 36 px images for the 32 px model: the test transform's Resize(32 * 256 / 224 = 36) is then the identity
-    # (resampling blurs the few-pixel stripes, which costs the random-weight model about 20 points)
-    data = make_demo_dataset(os.path.join(out, "data"), seed=seed, size=36)
-    cfg = build_config(overrides=demo_overrides(data, os.path.join(out, "run"), epochs, batch_size, lr, seed,
-                                                workers))
-    log(f"Sage on the tiny open_clip config (random weights): {sum(data['class_counts'])} training images, "
-        f"{len(data['class_names'])} classes, {epochs} epochs; outputs in {cfg.train.output_dir}")
-    return train(cfg, overwrite=True)
+    with hold_run_folder(out, is_main_process(), what="--out"):
+        check_demo_folder(out, overwrite)
+        # 36 px images for the 32 px model: the test transform's Resize(32 * 256 / 224 = 36) is then the identity
+        # (resampling blurs the few-pixel stripes, which costs the random-weight model about 20 points)
+        data = make_demo_dataset(os.path.join(out, "data"), seed=seed, size=36)
+        cfg = build_config(overrides=demo_overrides(data, os.path.join(out, "run"), epochs, batch_size, lr, seed,
+                                                    workers))
+        log(f"Sage on the tiny open_clip config (random weights): {sum(data['class_counts'])} training images, "
+            f"{len(data['class_names'])} classes, {epochs} epochs; outputs in {cfg.train.output_dir}")
+        # the data set the run in out/run was trained on has just been written again: that run is replaced
+        return train(cfg, overwrite=True)

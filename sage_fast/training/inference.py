@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import read_weights, stored_run_info
 from .config import ConfigError, build_config
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
-from .run_folder import RunFolderError, holds_training_run, remove_stale_temporaries, write_runtime_record
+from .run_folder import (
+    RunFolderError,
+    hold_run_folder,
+    holds_training_run,
+    refuse_if_held,
+    remove_stale_temporaries,
+    write_runtime_record,
+)
 
 #: the files of a folder that count as images (case-insensitive)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -80,17 +87,25 @@ def evaluate_weights(cfg, weights, out_dir=None) -> dict:
     loader.
 
     The report's ``epoch`` / ``step`` are those of the weights (None where the file does not say), and
-    ``weights`` names the file."""
+    ``weights`` names the file.
+
+    weights None: zero-shot CLIP (`sage_fast.model.ZeroShotCLIP`: the frozen encoder and the template
+    classifier of `cfg`, nothing trained); default folder ``train.output_dir/zero-shot``, which also gets
+    the ``config.yaml`` evaluated; the report has ``epoch`` = ``step`` = 0 and ``zero_shot`` true."""
+    from ..model import ZeroShotCLIP
+    from ..utils.files import atomic_write_text
     from .data import GpuBatchTransform, build_data
     from .evaluation import evaluate_model
     from .metrics import write_report
     from .preflight import preflight
+    from .run_folder import CONFIG
     from .trainer import build_model
 
-    out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / "eval"
+    out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / ("eval" if weights else "zero-shot")
     if holds_training_run(out):
         raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere (--out)")
-    tensors, info = read_weights(weights)
+    refuse_if_held(out)  # another process writes there now; the reports are written under the lock below
+    tensors, info = read_weights(weights) if weights else ({}, {"epoch": 0, "step": 0})
     dist_info, size = preflight(cfg)
     ok = False
     try:
@@ -98,19 +113,32 @@ def evaluate_weights(cfg, weights, out_dir=None) -> dict:
         seed_everything(cfg.train.seed)
         data = build_data(cfg.data, size, raw=bool(cfg.data.gpu_decode), progress=progress)
         model = build_model(cfg, data.class_names, data.class_counts, dist_info.device, progress=progress)
-        model.load_trainable_state_dict({k: v.to(dist_info.device) for k, v in tensors.items()})
+        if weights:
+            model.load_trainable_state_dict({k: v.to(dist_info.device) for k, v in tensors.items()})
+        else:
+            model = ZeroShotCLIP(model)
         gpu_tf = (GpuBatchTransform(size, False, dist_info.device, unreadable=data.test.unreadable)
                   if cfg.data.gpu_decode else None)
         report = evaluate_model(model, data, cfg, dist_info, size, progress, gpu_tf)
         report["epoch"], report["step"] = info["epoch"], info["step"]
-        report["weights"] = str(weights)
+        if weights:
+            report["weights"] = str(weights)
+        else:
+            report["zero_shot"] = True
         if dist_info.is_main:
             if report["skipped"]:
                 warnings.warn(f"evaluation: {report['skipped']} unreadable test images skipped")
-            out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(out)
-            write_report(out, report, data)
-            write_runtime_record(out, model)
+            # the lock for the writes only (a second writer into `out` is refused above, or waits here for the
+            # second it takes, and never mixes its files with these); a run that claimed `out` meanwhile is refused
+            with hold_run_folder(out, what="--out", wait=30.0):
+                if holds_training_run(out):
+                    raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere "
+                                         "(--out)")
+                remove_stale_temporaries(out)
+                if not weights:  # what was evaluated, before the metrics (`reuse.finished_report` reads both)
+                    atomic_write_text(out / CONFIG, cfg.to_yaml())
+                write_report(out, report, data)
+                write_runtime_record(out, model)
         ok = True
         return report
     finally:

@@ -5,7 +5,7 @@
 * ``metrics.json``: the report without ``per_class``, plus ``dataset``; NaN (a group without classes) as null
   (`json_safe`: strict JSON, which NaN is not);
 * ``per_class.csv``: ``class,name,train_count,group_count,group,accuracy`` (accuracy empty without test images);
-* ``per_class_accuracy.png``: `plot_per_class`.
+* ``per_class_accuracy.png``: `plot_per_class` (the classes, their binned means and the group means).
 """
 from __future__ import annotations
 
@@ -86,9 +86,41 @@ def format_report(r: dict) -> str:
             f"few {r['few']:.2f}%  ({r['test_images']} test images, {r['skipped']} skipped)")
 
 
+def binned_accuracy(train_counts: Sequence[int], accuracy: Sequence[float], num_bins: Optional[int] = None):
+    """The mean per-class accuracy over log-spaced bins of the training-set size.
+
+    train_counts (C,) positive; accuracy (C,) in %, NaN for a class without test images (left out).
+    num_bins: geometric bins from the smallest to the largest count, both included (default: one per
+    doubling, 1 to 12). -> (x, mean, classes), each (B,) for the B bins that hold a class with test images:
+    x the geometric mean of those classes' counts, mean their mean accuracy, classes how many there are.
+    """
+    x = np.asarray(train_counts, dtype=float)
+    y = np.asarray(accuracy, dtype=float)
+    keep = np.isfinite(y) & (x > 0)
+    x, y = x[keep], y[keep]
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)
+    lo, hi = x.min(), x.max()
+    if num_bins is None:
+        num_bins = int(np.clip(np.ceil(np.log2(hi / lo)), 1, 12))
+    edges = np.geomspace(lo, hi, num_bins + 1) if hi > lo else np.array([lo, hi])
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
+    centres, means, sizes = [], [], []
+    for b in np.unique(which):
+        sel = which == b
+        centres.append(float(np.exp(np.log(x[sel]).mean())))
+        means.append(float(y[sel].mean()))
+        sizes.append(int(sel.sum()))
+    return np.array(centres), np.array(means), np.array(sizes)
+
+
 def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int], title: str = "",
-                   group_counts: Optional[Sequence[int]] = None) -> None:
-    """PNG: per-class test accuracy against the class's training count (log x), coloured by group.
+                   group_counts: Optional[Sequence[int]] = None):
+    """PNG: per-class test accuracy against the class's training count (log x), coloured by group, with what
+    stays readable at thousands of classes: the mean accuracy over log-spaced bins of the count
+    (`binned_accuracy`, a line with markers) and each group's mean (the report's many / medium / few; a
+    horizontal segment over the group's counts). The dots get lighter and smaller as classes grow (iNaturalist:
+    8,142 classes with 3 test images each lie on four bands, 0, 33, 67 and 100%). -> the `Figure`.
 
     group_counts: the counts that define many / medium / few (default `train_counts`). The group borders
     (20 and 100) are drawn only when the groups follow the plotted counts; CIFAR-100-LT ratios 50 and 10 use
@@ -98,12 +130,28 @@ def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int],
     y = np.asarray(accuracy, dtype=float)
     same = group_counts is None or list(group_counts) == list(train_counts)
     masks = group_masks(train_counts if group_counts is None else group_counts)
-    fig = new_figure(figsize=(7, 4.5), dpi=120)
+    fig = new_figure(figsize=(7, 5), dpi=120)
     ax = fig.subplots()
-    for (name, mask), colour in zip(masks.items(), ("tab:blue", "tab:orange", "tab:green")):
+    # 0.7 up to 100 classes, then 7 / sqrt(C): 0.22 at 1,000, the floor 0.08 at 8,142
+    alpha = float(np.clip(7.0 / np.sqrt(max(len(y), 1)), 0.08, 0.7))
+    size = 10 if len(y) <= 1000 else 4
+    colours = dict(zip(masks, ("tab:blue", "tab:orange", "tab:green")))
+    for name, mask in masks.items():
         sel = mask.numpy()
         if sel.any():
-            ax.scatter(x[sel], y[sel], s=10, alpha=0.7, color=colour, label=name)
+            ax.scatter(x[sel], y[sel], s=size, alpha=alpha, color=colours[name], linewidths=0,
+                       label=f"{name} ({int(sel.sum()):,} class{'es' if sel.sum() != 1 else ''})")
+    for name, mask in masks.items():
+        sel = mask.numpy() & np.isfinite(y)
+        if sel.any():
+            mean = float(y[sel].mean())
+            # a tenth beyond the group's counts on either side (log x): a one-class group still shows
+            ax.hlines(mean, x[sel].min() / 1.1, x[sel].max() * 1.1, colors=colours[name], linewidth=2.5,
+                      label=f"{name} mean {mean:.1f}%", zorder=3)
+    bx, by, _ = binned_accuracy(x, y)
+    if len(bx):
+        ax.plot(bx, by, "o-", color="black", linewidth=1.2, markersize=4, zorder=4,
+                label="mean over log-spaced bins")
     if same:
         for border in (20, 100):
             ax.axvline(border, color="grey", linestyle="--", linewidth=0.8)
@@ -113,10 +161,14 @@ def plot_per_class(path, accuracy: Sequence[float], train_counts: Sequence[int],
     ax.set_xscale("log")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_ylim(-2, 102)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes: inside, it would hide the 0% band of the many-shot classes
+    legend = ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, ncol=3, frameon=False)
+    for handle in getattr(legend, "legend_handles", None) or legend.legendHandles:
+        handle.set_alpha(1.0)  # the dots' own alpha would make their legend entries invisible
     ax.set_title(title or "per-class accuracy")
     fig.tight_layout()
     save_png(fig, path)
+    return fig
 
 
 def write_report(out_dir, report: dict, data) -> None:

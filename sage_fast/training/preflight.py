@@ -72,7 +72,7 @@ def check_model_source(model_cfg) -> None:
 def preflight(cfg, dist_info=None):
     """The checks of a training run, in the order that costs least: the device, then the process group
     (`setup_distributed`, unless `dist_info` is given), the output folder (rank 0), the model and its weights,
-    the batch against the number of processes, the image size. -> (`DistInfo`, image size in px)."""
+    the batch against the number of processes and micro-batches, the image size. -> (`DistInfo`, image size in px)."""
     from .distributed import setup_distributed
 
     if dist_info is None:
@@ -81,10 +81,12 @@ def preflight(cfg, dist_info=None):
     if dist_info.is_main:
         check_output_dir(cfg.train.output_dir)
     check_model_source(cfg.model)
-    world = dist_info.world_size
-    if cfg.optim.batch_size % world:
+    world, accumulate = dist_info.world_size, cfg.optim.accumulate_steps
+    if cfg.optim.batch_size % (world * accumulate):
+        parts = f"{world} processes" if accumulate == 1 else (
+            f"optim.accumulate_steps={accumulate} x {world} process{'es' if world > 1 else ''}")
         raise UserError(f"optim.batch_size={cfg.optim.batch_size} (the global batch) is not divisible by the "
-                        f"{world} processes: use a multiple of {world}")
+                        f"{parts}: use a multiple of {world * accumulate}")
     return dist_info, check_image_size(cfg)
 
 

@@ -29,6 +29,7 @@ from .config import ConfigError, SageConfig, build_config, parse_overrides
 from .distributed import is_main_process
 from .metrics import ACCURACIES, metric_value, new_figure, save_png
 from .reuse import finished_report, run_or_reuse
+from .run_folder import hold_run_folder
 
 # --------------------------------------------------------------------------------------------------
 # The plan
@@ -203,20 +204,23 @@ def plot(path, keys: Sequence[str], rows: Sequence[Tuple[Run, dict]], title: str
 
 def run_sweep(runs: Sequence[Run], out_dir, keys: Sequence[str], log=print) -> List[Tuple[Run, dict, str]]:
     """Run or reuse every run in order; after each, rewrite ``sweep.csv`` and ``sweep.png`` in `out_dir`.
+    The main process holds `out_dir`'s lock throughout (a second sweep into it is refused, `RunFolderBusy`),
+    and each run its own folder's.
 
     -> [(run, report, status)] (status: see `run_or_reuse`).
     """
     out_dir = Path(out_dir)
     done: List[Tuple[Run, dict, str]] = []
-    for i, run in enumerate(runs, 1):
-        finished = finished_report(run.cfg, run.folder) is not None
-        log(f"[{i}/{len(runs)}] {folder_name(run.assignment)}: "
-            + ("finished earlier" if finished else f"training in {run.folder}"))
-        report, status = run_or_reuse(run.cfg, run.folder)
-        done.append((run, report, status))
-        if is_main_process():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            rows = [(r, rep) for r, rep, _ in done]
-            write_csv(out_dir / "sweep.csv", keys, rows)
-            plot(out_dir / "sweep.png", keys, rows)
+    identities: dict = {}  # the data's listing, read once per data config
+    with hold_run_folder(out_dir, is_main_process()):
+        for i, run in enumerate(runs, 1):
+            finished = finished_report(run.cfg, run.folder, identities) is not None
+            log(f"[{i}/{len(runs)}] {folder_name(run.assignment)}: "
+                + ("finished earlier" if finished else f"training in {run.folder}"))
+            report, status = run_or_reuse(run.cfg, run.folder, identities)
+            done.append((run, report, status))
+            if is_main_process():
+                rows = [(r, rep) for r, rep, _ in done]
+                write_csv(out_dir / "sweep.csv", keys, rows)
+                plot(out_dir / "sweep.png", keys, rows)
     return done

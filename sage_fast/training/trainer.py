@@ -12,6 +12,13 @@ CPU) and reads its shard of every global batch (`optim.batch_size` is the global
 files. A process that fails exits at once (no final barrier), so torchrun sees the failure and stops the
 others instead of the job hanging.
 
+Gradient accumulation (`optim.accumulate_steps` = k, for a batch whose activations do not fit): each process
+splits its share of the batch into k micro-batches and runs forward and backward on each; their losses are
+weighted by their share of the batch's readable images, so the one SGD step per batch is the full batch's
+(up to float rounding), and the schedule, logs and checkpoints count batches as before. A checkpoint is only
+ever at a batch boundary: a run stopped mid-accumulation repeats that batch on resume. Under DDP only the
+last micro-batch all-reduces its gradients (``no_sync`` before it).
+
 Determinism and resume: augmentations are drawn from per-sample seeds (`sage_fast.training.data`), so a run's
 batches do not depend on the number of processes or on interruptions. A checkpoint (`checkpoint`) is written
 atomically every `train.ckpt_every_steps` steps and at each epoch end; ``--resume`` continues from it to the
@@ -39,9 +46,12 @@ import torch
 import torch.distributed as dist
 
 from ..ops.backend import decide_backends
+from ..ops.checks import NonFiniteError
 from ..utils.files import atomic_write_text
 from .checkpoint import (
     checkpoint_state,
+    final_report,
+    finished_run,
     nonfinite_entries,
     restore_checkpoint,
     resume_candidates,
@@ -50,19 +60,19 @@ from .checkpoint import (
 )
 from .config import SageConfig
 from .data import GpuBatchTransform, LTData, TrainSampler, batch_on_device, build_data, build_loader
-from .distributed import DistInfo, autocast, barrier, cleanup_distributed, reduce_sum, seed_everything
+from .distributed import DistInfo, autocast, barrier, cleanup_distributed, is_main_process, reduce_sum, seed_everything
 from .evaluation import evaluate_model
 from .metrics import write_report
 from .preemption import Preempted, StopSignals, signal_name
-from .preflight import preflight
+from .preflight import check_output_dir, preflight
 from .run_folder import (
     CONFIG,
     EXPORT,
     LAST,
     PREVIOUS,
-    claim_for_fresh_run,
-    refuse_if_in_use,
-    remove_stale_temporaries,
+    check_claim,
+    claim_run_folder,
+    hold_run_folder,
     write_runtime_record,
 )
 from .run_log import RunLog
@@ -178,6 +188,7 @@ class Trainer:
         # False while out_dir/last.pt is a corrupt file that a resume skipped: it must not become previous.pt
         self._keep_previous = True
         self._recorded = False  # runtime.json written (after the first step)
+        self._nonfinite_loss = False  # the loss of this step found NaN / Inf logits (`_step_flags` reads it)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -206,7 +217,7 @@ class Trainer:
         warning): weights, optimizer, scheduler, sampler position and RNG states. `force`: resume even when
         settings that change the result differ from the checkpoint's (`restore_checkpoint`)."""
         progress = restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.cfg.to_dict(),
-                                      self.data.class_counts, self.device, force=force)
+                                      self.data.class_names, self.data.class_counts, self.device, force=force)
         self.epoch, self.step_in_epoch = progress["epoch"], progress["step_in_epoch"]
         self.global_step, self.skipped_total = progress["global_step"], progress["skipped_total"]
         used = progress["path"]
@@ -230,54 +241,103 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self, batch) -> tuple:
-        """Forward, loss, backward, SGD step, scheduler step. -> (loss, images in this process's batch)."""
+        """Forward and backward of each of the `optim.accumulate_steps` micro-batches of this process's batch,
+        then one SGD step and one scheduler step. -> (the batch's loss, images in this process's batch).
+
+        Each micro-batch's loss (a mean over its images) is weighted by its share of the readable images of
+        the global batch (`_loss_weights`), so the summed gradients are the gradient of the batch's mean loss.
+        Under DDP only the last micro-batch's backward all-reduces (``no_sync`` before it)."""
         images, labels = batch_on_device(batch, self.device, self.gpu_train_tf)
-        empty = images is None
-        if empty:
+        n = 0 if images is None else len(labels)
+        if n == 0:
             # every image of the local batch was unreadable: a zero-weight dummy keeps DDP's collectives in step
-            images = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-            labels = torch.zeros(1, dtype=torch.long, device=self.device)
-        with autocast(self.device, self.cfg.train.amp):
-            out = self.net(images)
-        loss, _ = self.model.loss(out, labels)
-        if empty:
-            loss = loss * 0.0
+            micro = [(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device),
+                      torch.zeros(1, dtype=torch.long, device=self.device))]
+        else:
+            k = min(self.cfg.optim.accumulate_steps, n)  # fewer readable images than micro-batches: one each
+            micro = list(zip(images.tensor_split(k), labels.tensor_split(k)))
+        weights = self._loss_weights([0 if n == 0 else len(y) for _, y in micro])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for i, ((x, y), w) in enumerate(zip(micro, weights)):
+            last = i == len(micro) - 1
+            with (self.net.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()):
+                with autocast(self.device, self.cfg.train.amp):
+                    out = self.net(x)
+                try:
+                    loss, _ = self.model.loss(out, y)
+                except NonFiniteError:
+                    # the logits overflowed: the run diverged. A zero loss over the weights keeps this
+                    # process's backward (DDP's all-reduce) in step with the others; the step flags then stop
+                    # every rank before anything of this step is saved
+                    self._nonfinite_loss = True
+                    loss = sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
+                loss = loss * w
+                loss.backward()
+            total += loss.detach()
         self.optimizer.step()
         self.last_lr = self.scheduler.get_last_lr()[0]  # the lr this step used
         self.scheduler.step()
-        return loss.detach(), (0 if empty else len(labels))
+        return total, n
 
-    def _step_flags(self, check_weights: bool = True):
-        """(signal number that asked some rank to stop, or 0; whether the weights hold NaN / Inf), the same on
-        every rank: one all-reduce of two numbers, one host sync."""
-        flags = torch.zeros(2, device=self.device)
+    def _loss_weights(self, sizes: Sequence[int]) -> list:
+        """The weight of each micro-batch's mean loss: n_i R / N, for n_i readable images in it, R processes
+        and N readable images in the global batch (summed over the processes: one all-reduce of one number).
+
+        DDP averages the R processes' gradients, so the update is the gradient of the mean loss over the N
+        images, however they are spread over processes and micro-batches. With every image readable and one
+        micro-batch the weight is exactly 1 (n R / N in one division), which leaves such runs bit for bit
+        as they were. A process without readable images weighs 0."""
+        world = self.dist.world_size
+        if not self.dist.distributed:
+            total = max(sum(sizes), 1)
+            return [n * world / total for n in sizes]
+        count = torch.tensor(float(sum(sizes)), device=self.device)
+        dist.all_reduce(count)
+        count = count.clamp(min=1.0)
+        # count.new_tensor(n R) / count, not n R / count: a number over a tensor is n R * (1 / count), two roundings
+        return [count.new_tensor(float(n * world)) / count for n in sizes]
+
+    def _step_flags(self, loss: Optional[torch.Tensor] = None):
+        """After a step (its `loss`) or an epoch: (signal number that asked some rank to stop, or 0; what went
+        NaN / Inf on some rank: "" when nothing, else "the loss (the logits overflowed)" or "the weights"),
+        the same on every rank: one all-reduce of three numbers, one host sync."""
+        flags = torch.zeros(3, device=self.device)
         flags[0] = float(self.stops.signum or 0)
-        if check_weights:
+        if loss is not None:
             flags[1] = (~self.model.finite_parameters()[1].all()).float()
+            flags[2] = 1.0 if self._nonfinite_loss else (~torch.isfinite(loss)).float()
+            self._nonfinite_loss = False
         if self.dist.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, bad = flags.tolist()
-        return int(stop), bool(bad)
+        stop, bad_weights, bad_loss = flags.tolist()
+        bad = "the loss (the logits overflowed)" if bad_loss else "the weights" if bad_weights else ""
+        return int(stop), bad
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, resume=None, overwrite: bool = False, force_resume: bool = False) -> dict:
         """Train for `optim.epochs` epochs (from a checkpoint when `resume` is a path), evaluate, write outputs.
 
-        Without `resume`, a folder that already holds a run is refused (`RunFolderError`) unless `overwrite`,
-        which deletes that run's files first. `force_resume`: see `load_checkpoint`.
+        Rank 0 holds the output folder's lock throughout (`run_folder.hold_run_folder`), and the run claims the
+        folder (`run_folder.claim_run_folder`): without `resume`, a folder that already holds a run is refused
+        (`RunFolderError`) unless `overwrite`, which deletes that run's files first; a folder of foreign files is
+        always refused. `force_resume`: see `load_checkpoint`.
         Raises `Preempted` after SIGTERM / SIGUSR1 (checkpoint written) and `Diverged` on NaN / Inf weights.
-        Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts.
+        Returns the final evaluation (see `accuracy_report`) plus ``skipped`` counts; a resumed run that had
+        already finished is left as it is and returns its ``metrics.json`` with ``done_before`` True.
         """
-        if self.dist.is_main:
-            remove_stale_temporaries(self.out_dir)
+        with hold_run_folder(self.out_dir, self.dist.is_main):
+            return self._fit(resume, overwrite, force_resume)
+
+    def _fit(self, resume, overwrite: bool, force_resume: bool) -> dict:
         if resume:
             self.load_checkpoint(resume, force=force_resume)
-        else:
-            claim_for_fresh_run(self.out_dir, overwrite, self.dist)
+            at = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+            done = final_report(self.out_dir, at, self.cfg.optim.epochs)
+            if done is not None:
+                return {**done, "done_before": True}
+        claim_run_folder(self.out_dir, self.dist, fresh=not resume, overwrite=overwrite)
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / CONFIG, self.cfg.to_yaml())
         self.log = RunLog(self.out_dir, self.dist.is_main, self.cfg.train.tensorboard,
                           self.global_step if resume else None)
@@ -318,14 +378,14 @@ class Trainer:
             imgs += n
             self.step_in_epoch += 1
             self.global_step += 1
-            stop, bad = self._step_flags()
+            stop, bad = self._step_flags(loss)
             if stop:
                 self.stops.acknowledge()  # every rank got here: none is stuck
             now = time.perf_counter()
             self.stops.step_took(now - t_step)
             t_step = now
             if bad:
-                raise self._diverged(self._nonfinite_names())
+                raise self._diverged(self._nonfinite_names() if bad == "the weights" else bad)
             if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                 mean_loss = reduce_sum(self.dist, float(loss_sum / max(loss_n, 1))) / self.dist.world_size
                 dt = time.perf_counter() - t0
@@ -351,7 +411,7 @@ class Trainer:
                           f"({self.skipped_total} so far)")
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.save_checkpoint()
-        stop, _ = self._step_flags(check_weights=False)
+        stop, _ = self._step_flags()
         if stop:
             self._stop_now(stop)
         ev = cfg.train.eval_every_epochs
@@ -382,9 +442,9 @@ class Trainer:
             good = "no checkpoint was written yet"
         else:
             good = f"the last good checkpoint is {self._last_good[0]} (step {self._last_good[1]})"
-        return Diverged(f"training diverged at step {self.global_step}: {what} hold NaN or "
-                        f"Inf after the update, so nothing of it was saved; {good}. Check the data, or resume with a "
-                        "lower optim.lr (and --force-resume)", self.global_step)
+        return Diverged(f"training diverged at step {self.global_step}: {what} hold NaN or Inf, so nothing of "
+                        f"this step was saved; {good}. Check the data, or resume with a lower optim.lr (and "
+                        "--force-resume)", self.global_step)
 
     def _where(self) -> str:
         return f"rank {self.dist.rank}: " if self.dist.distributed else ""
@@ -434,24 +494,36 @@ def train(cfg: SageConfig, resume=None, callbacks: Sequence[Callable] = (), over
     """Build a `Trainer`, fit, clean up the process group.
 
     resume: a checkpoint path, or "auto" for ``output_dir/last.pt`` (or ``previous.pt``) when there is one
-    and a fresh start otherwise. Without it, an output folder that holds a run is refused
-    (`RunFolderError`, before anything is built) unless `overwrite`. `force_resume`: `Trainer.load_checkpoint`.
+    and a fresh start otherwise. `force_resume`: `Trainer.load_checkpoint`.
+
+    Before anything is built, rank 0 takes the output folder's lock (a folder another process holds is refused,
+    `RunFolderBusy`) and checks the claim (`RunFolderError`: a folder of foreign files, or without `resume` one
+    that holds a run, unless `overwrite`); a resume of a run that has already finished returns its
+    ``metrics.json`` with ``done_before`` True and changes nothing.
     """
     out = Path(cfg.train.output_dir)
     if resume == "auto":
         resume = next((p for p in resume_candidates(out / LAST) if p.is_file()), None)
     elif resume and not any(p.is_file() for p in resume_candidates(resume)):
         raise FileNotFoundError(f"checkpoint to resume from not found: {resume}")
-    if not resume and not overwrite:
-        refuse_if_in_use(out)
-    trainer = Trainer(cfg, callbacks=callbacks)
-    ok = False
-    try:
-        result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
-        ok = True
-        return result
-    except Preempted as e:
-        ok = e.agreed  # then every rank stopped at the same step and passed the same barrier
-        raise
-    finally:
-        trainer.close(ok)
+    main = is_main_process()
+    if main:
+        check_output_dir(out)  # its message names the key, before the lock makes the folder
+    with hold_run_folder(out, main):
+        if main:
+            check_claim(out, fresh=not resume, overwrite=overwrite)
+        if resume:
+            done = finished_run(out, resume, cfg.to_dict(), force_resume)
+            if done is not None:
+                return {**done, "done_before": True}
+        trainer = Trainer(cfg, callbacks=callbacks)
+        ok = False
+        try:
+            result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
+            ok = True
+            return result
+        except Preempted as e:
+            ok = e.agreed  # then every rank stopped at the same step and passed the same barrier
+            raise
+        finally:
+            trainer.close(ok)

@@ -1,1 +1,2 @@
-"""Helpers every layer uses and that know nothing of Sage: atomic files. Imports nothing of `sage_fast`."""
+"""Helpers every layer uses and that know nothing of Sage: atomic files (`files`), one writer per folder
+(`folder_lock`). Imports nothing of `sage_fast`."""

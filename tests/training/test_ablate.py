@@ -1,7 +1,8 @@
-"""`sage-fast ablate`: the ladder of Tables 5 and 6 as configs, and one tiny run per row, never run twice.
+"""`sage-fast ablate`: zero-shot CLIP and the ladder of Tables 5 and 6 as configs, and one tiny run per row, never
+run twice.
 
-The training test runs three rows (baseline, +SG, +FIT) for one epoch on `sage-tiny` with random weights and
-3 classes (40 / 12 / 6 training images, 2 test images each).
+The training test evaluates the zero-shot row and runs three rows (baseline, +SG, +FIT) for one epoch on
+`sage-tiny` with random weights and 3 classes (40 / 12 / 6 training images, 2 test images each).
 """
 import csv
 import dataclasses
@@ -46,7 +47,13 @@ def switches(model) -> dict:
 def test_each_row_adds_one_component_on_top_of_the_given_config(tmp_path):
     base, rows = plan(None, ["model.gamma=0.07", "model.text_proj=false", f"train.output_dir={tmp_path}"],
                       preset="imagenet_lt")
-    assert [r.row.name for r in rows] == list(EXPECTED)
+    assert [r.row.name for r in rows] == ["zero-shot", *EXPECTED]
+    zero_shot, rows = rows[0], rows[1:]
+    # zero-shot CLIP: the given config with the template classifier, in folder 0-zero-shot
+    assert zero_shot.row.zero_shot and zero_shot.cfg.model.classifier_init == "templates"
+    assert {k: v for k, v in dataclasses.asdict(zero_shot.cfg.model).items() if k != "classifier_init"} == \
+        {k: v for k, v in dataclasses.asdict(base.model).items() if k != "classifier_init"}
+    assert zero_shot.index == 0 and zero_shot.folder == tmp_path / "0-zero-shot"
     for r in rows:
         assert switches(r.cfg.model) == EXPECTED[r.row.name], r.row.name
         # everything but the four switches is the given config's: the preset, the overrides
@@ -64,9 +71,10 @@ def test_each_row_adds_one_component_on_top_of_the_given_config(tmp_path):
 
 
 def test_row_names_and_user_errors(tmp_path, capsys):
-    assert select_rows(None) == [0, 1, 2, 3, 4]
-    assert select_rows(["+FIT", "sg", "1", "INIT", "4-cf"]) == [0, 1, 2, 3, 4]
-    assert select_rows(["+fit", "baseline"]) == [0, 4]
+    assert select_rows(None) == [0, 1, 2, 3, 4, 5]
+    assert select_rows(["+FIT", "sg", "1", "INIT", "4-cf"]) == [1, 2, 3, 4, 5]
+    assert select_rows(["+fit", "baseline"]) == [1, 5]
+    assert select_rows(["zero-shot"]) == select_rows(["0"]) == select_rows(["0-Zero-Shot"]) == [0]
     with pytest.raises(ConfigError, match="no ablation row 'SG-Adapter'"):
         select_rows(["SG-Adapter"])
     with pytest.raises(ConfigError, match="model.fit, model.loss are set by the ablation rows"):
@@ -95,8 +103,10 @@ def test_ablate_trains_each_row_once(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablation"
     argv = ["ablate", *overrides(data_root, out)]
 
-    assert cli_main([*argv, "--rows", "baseline"]) == 0
-    assert "1 rows (1 trained, 0 finished earlier)" in capsys.readouterr().out
+    assert cli_main([*argv, "--rows", "baseline", "zero-shot"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] zero-shot (model.classifier_init=templates): evaluating in" in printed
+    assert "2 rows (1 trained, 1 evaluated (zero-shot), 0 finished earlier)" in printed
     # the other two rows; the table then holds the baseline too, finished before
     assert cli_main([*argv, "--rows", "+FIT", "+SG"]) == 0
     printed = capsys.readouterr().out
@@ -106,7 +116,15 @@ def test_ablate_trains_each_row_once(tmp_path, capsys, monkeypatch):
     names = {"baseline": "1-baseline", "+SG": "2-sg", "+FIT": "5-fit"}
     with open(out / "ablation.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert [r["row"] for r in table] == list(names)
+    assert [r["row"] for r in table] == ["zero-shot", *names]
+    zero_shot, table = table[0], table[1:]
+    metrics = json.loads((out / "0-zero-shot/metrics.json").read_text())
+    assert metrics["zero_shot"] is True and metrics["epoch"] == 0
+    assert [zero_shot[k] for k in SWITCHES] == ["", "", "", ""]
+    assert zero_shot["trainable_parameters"] == zero_shot["adapter_parameters"] == "0"
+    assert zero_shot["run"] == "0-zero-shot" and not (out / "0-zero-shot/adapters.safetensors").exists()
+    for m in ("overall", "many", "medium", "few"):
+        assert zero_shot[m] == ("" if metrics[m] is None else f"{metrics[m]:.4f}")
     trainable = {}
     for r in table:
         folder = out / names[r["row"]]
@@ -129,6 +147,7 @@ def test_ablate_trains_each_row_once(tmp_path, capsys, monkeypatch):
     md = (out / "ablation.md").read_text()
     assert "| row | SG-Adapter | template init | compensated loss | FIT | overall |" in md
     assert "| baseline |  |  |  |  |" in md and "| n/a |" in md and "| +FIT | ✓ | ✓ | ✓ | ✓ |" in md
+    assert md.index("| zero-shot |  |  |  |  |") < md.index("| baseline |")
     assert f"| {trainable['+SG']:,} |" in md
 
     # the same command again: every row is found finished, nothing trains
@@ -136,11 +155,13 @@ def test_ablate_trains_each_row_once(tmp_path, capsys, monkeypatch):
         raise AssertionError("a finished row was trained again")
 
     monkeypatch.setattr("sage_fast.training.trainer.train", no_training)
-    assert cli_main([*argv, "--rows", "baseline", "+SG", "+FIT"]) == 0
-    assert "3 rows (0 trained, 3 finished earlier)" in capsys.readouterr().out
+    monkeypatch.setattr("sage_fast.training.inference.evaluate_weights", no_training)
+    assert cli_main([*argv, "--rows", "zero-shot", "baseline", "+SG", "+FIT"]) == 0
+    assert "4 rows (0 trained, 4 finished earlier)" in capsys.readouterr().out
     assert cli_main([*argv, "--dry-run"]) == 0
     state = {line.split()[1]: line.split()[-1] for line in capsys.readouterr().out.splitlines()}
-    assert state == {"baseline": "finished", "+SG": "finished", "+Init": "run", "+CF": "run", "+FIT": "finished"}
+    assert state == {"zero-shot": "finished", "baseline": "finished", "+SG": "finished", "+Init": "run",
+                     "+CF": "run", "+FIT": "finished"}
     # a changed base config is another run: it is trained again (here: the patched trainer fails)
     with pytest.warns(UserWarning, match="another config"), pytest.raises(AssertionError, match="trained again"):
         cli_main([*argv, "optim.lr=0.02", "--rows", "baseline"])

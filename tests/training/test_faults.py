@@ -9,7 +9,6 @@ a wrapper script in the test's folder that patches torch / os and then calls `sa
 2 test images each; batch 8: 7 steps per epoch, 2 epochs, a checkpoint every 3 steps and at epoch ends
 (steps 3, 6, 7, 9, 12, 14). Every comparison with the reference run is bitwise (one thread everywhere).
 """
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,6 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.images import make_image_folder
+from helpers.runs import TIMEOUT, error_line, finish, overrides, sage, start, tree_digest, wait_for_log_rows, why
+from helpers.runs import command as _cmd
+from helpers.runs import env as _env
 from safetensors.torch import load_file
 
 from sage_fast.training.checkpoint import CheckpointError, find_resumable, read_checkpoint
@@ -34,58 +36,6 @@ COUNTS = (40, 12, 6, 3)
 STEPS_PER_EPOCH = sum(COUNTS) // 8
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 EXIT_PREEMPTED = 75
-TIMEOUT = 240
-
-
-def overrides(data, out, **extra):
-    o = {
-        "data.dataset": "folder", "data.root": str(data), "data.class_names": "classnames.txt",
-        "data.num_workers": 0, "model.name": "sage-tiny", "model.pretrained": "null", "model.backend": "torch",
-        "model.text_batch_size": 64, "optim.epochs": 2, "optim.batch_size": 8, "optim.lr": 0.05,
-        "train.output_dir": str(out), "train.device": "cpu", "train.ckpt_every_steps": 3,
-        "train.log_every_steps": 1, "train.eval_every_epochs": 0, "train.eval_batch_size": 16,
-        "train.progress": "false", "train.tensorboard": "false",
-    }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def _env():
-    # one thread: bitwise-equal results across processes, and no oversubscription of a small machine
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _cmd(args, wrapper=None):
-    return [sys.executable, str(wrapper)] + list(args) if wrapper else [sys.executable, "-m", "sage_fast"] + list(args)
-
-
-def sage(*args, wrapper=None) -> subprocess.CompletedProcess:
-    """`python -m sage_fast ARGS` (or `python WRAPPER ARGS`) to completion."""
-    return subprocess.run(_cmd(args, wrapper), env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def start(*args, wrapper=None) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(args, wrapper), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(proc) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=TIMEOUT)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def why(proc) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-
-
-def error_line(proc, prefix="sage-fast: error: sage-fast train: ") -> str:
-    """The one line the CLI printed for a refusal: no traceback, the message on a single line."""
-    assert "Traceback" not in proc.stderr, why(proc)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(prefix)]
-    assert len(lines) == 1, why(proc)
-    return lines[0]
 
 
 def wrapper_script(folder, patch: str) -> Path:
@@ -103,23 +53,6 @@ def assert_same_weights(run, ref):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
-
-
-def wait_for_log_rows(path, rows, proc, timeout=TIMEOUT):
-    """Wait until the train log holds `rows` rows (training is under way); fail if `proc` ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and len(path.read_text().splitlines()) > rows:
-            return
-        if proc.poll() is not None:
-            pytest.fail("the run ended before the fault could be injected:\n" + why(finish(proc)))
-        time.sleep(0.02)
-    pytest.fail("the run did not start training in time")
-
-
-def tree_digest(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def temporaries(folder):
@@ -255,6 +188,20 @@ def test_nan_gradient_on_a_checkpoint_step_keeps_the_last_good_checkpoint(data, 
     assert_same_weights(out, reference)
 
 
+def test_overflowing_logits_are_a_divergence_stop_too(data, tmp_path):
+    """An lr so large that the logits overflow while the weights stay finite: the loss refuses its NaN / Inf
+    input, and the run ends in the divergence stop (exit 3, the step, the last good checkpoint), not a
+    traceback; what is on disk is finite."""
+    out = tmp_path / "run"
+    proc = sage("train", *overrides(data, out, **{"optim.lr": 1e30, "train.ckpt_every_steps": 1}))
+    assert proc.returncode == 3, why(proc)
+    line = error_line(proc)
+    assert "diverged at step" in line and "the loss (the logits overflowed) hold NaN or Inf" in line, line
+    assert "Traceback" not in proc.stderr
+    if (out / "last.pt").exists():
+        read_checkpoint(out / "last.pt")  # verifies digest and finiteness
+
+
 # ---------------------------------------------------------------- corrupt checkpoints
 
 
@@ -368,10 +315,19 @@ def test_resume_with_settings_that_change_the_result_is_refused_unless_forced(da
     line = error_line(proc)
     assert "optim.batch_size (8 -> 4)" in line and "train.seed (0 -> 1)" in line and "--force-resume" in line
     assert tree_digest(out) == before
-    # forced: the finished run is only evaluated and exported again, under a warning naming the key
-    proc = sage("train", *overrides(data, out, **{"train.seed": 1}), "--resume", "--force-resume")
+    # the seed and the batch size describe what the run already did: refused even when forced, saying why
+    proc = sage("train", *overrides(data, out, **{"train.seed": 1, "optim.batch_size": 4}), "--resume",
+                "--force-resume")
+    assert proc.returncode == 2, why(proc)
+    line = error_line(proc)
+    assert "cannot differ even with --force-resume" in line and "optim.batch_size: the steps per epoch" in line
+    assert "train.seed: it orders the samples" in line
+    assert tree_digest(out) == before
+    # a key that applies from the checkpoint on, forced, on a finished run: nothing left to do, nothing touched
+    proc = sage("train", *overrides(data, out, **{"optim.lr": 0.01}), "--resume", "--force-resume")
     assert proc.returncode == 0, why(proc)
-    assert "train.seed (0 -> 1)" in proc.stderr
+    assert f"{out} already finished (2 epochs, step {TOTAL_STEPS}): nothing to do" in proc.stdout, why(proc)
+    assert tree_digest(out) == before
 
 
 # ---------------------------------------------------------------- torchrun

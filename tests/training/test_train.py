@@ -353,3 +353,44 @@ def test_gpu_decode_option_runs_on_cpu(tmp_path):
                                                        "data.num_workers": 1}))
     assert report["test_images"] == 6 and report["skipped"] == 0
     assert (tmp_path / "run/adapters.safetensors").is_file()
+
+
+def test_binned_accuracy_by_hand():
+    from sage_fast.training.metrics import binned_accuracy
+
+    counts = [1, 2, 4, 8, 100, 200, 50]
+    acc = [0.0, 100.0, 50.0, 50.0, 100.0, 0.0, float("nan")]  # the last class has no test image: left out
+    # 3 bins from 1 to 200, edges 1, 5.85, 34.2 and 200: {1, 2, 4}, {8}, {100, 200}
+    x, mean, n = binned_accuracy(counts, acc, num_bins=3)
+    assert n.tolist() == [3, 1, 2]
+    assert mean.tolist() == pytest.approx([50.0, 50.0, 50.0])
+    assert x.tolist() == pytest.approx([2.0, 8.0, (100 * 200) ** 0.5])
+    x, mean, n = binned_accuracy([10, 10, 10], [0.0, 100.0, 100.0])  # one count: one bin
+    assert n.tolist() == [3] and mean.tolist() == pytest.approx([200 / 3]) and x.tolist() == pytest.approx([10.0])
+    # default: one bin per doubling; the largest count lies in the last bin, not past it
+    x, mean, n = binned_accuracy([1, 2, 3, 4, 1024], [0.0, 0.0, 100.0, 100.0, 30.0])
+    assert n.sum() == 5 and mean[-1] == pytest.approx(30.0) and x[-1] == pytest.approx(1024.0)
+    assert len(binned_accuracy([5], [float("nan")])[0]) == 0
+
+
+def test_per_class_plot_at_inaturalist_scale(tmp_path):
+    """8,142 classes with 3 test images each (accuracy 0, 33, 67 or 100%), 2 to 1,000 training images: the
+    plot draws three scatters (one per group, not one per class), the binned means and the group means."""
+    from sage_fast.training.metrics import binned_accuracy, group_masks
+
+    rng = np.random.default_rng(0)
+    counts = np.maximum(2, np.round(1000 * np.exp(-np.linspace(0, 6.2, 8142)))).astype(int)
+    acc = 100 * rng.binomial(3, np.clip(0.2 + 0.1 * np.log(counts), 0, 1)) / 3
+    png = tmp_path / "inat.png"
+    fig = plot_per_class(png, acc.tolist(), counts.tolist(), "inat2018")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = fig.axes[0]
+    assert len(ax.collections) == 3 + 3  # a scatter and a mean segment per group
+    (line,) = [ln for ln in ax.lines if ln.get_label() == "mean over log-spaced bins"]
+    bx, by, _ = binned_accuracy(counts, acc)
+    assert np.allclose(line.get_xdata(), bx) and np.allclose(line.get_ydata(), by) and len(bx) == 9
+    for name, mask in group_masks(counts).items():
+        (seg,) = [c for c in ax.collections if c.get_label().startswith(f"{name} mean")]
+        assert seg.get_segments()[0][0][1] == pytest.approx(acc[mask.numpy()].mean())
+    scatter_alpha = {c.get_alpha() for c in ax.collections if " mean " not in c.get_label()}
+    assert scatter_alpha == {0.08}
