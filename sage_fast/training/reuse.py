@@ -110,7 +110,9 @@ def _per_class_csv(path) -> Dict[str, Any]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        return {"class_names": [json.loads(r["name"]) for r in rows],
+        # the name column is JSON text in CSV quoting (metrics.write_report); a name with quotes or backslashes
+        # may not read back exactly, which only makes the run count as another data set's (evaluated again)
+        return {"class_names": [r["name"] for r in rows],
                 "class_counts": [int(r["train_count"]) for r in rows]}
     except (OSError, ValueError, KeyError, TypeError):
         return {"class_names": None, "class_counts": None}

@@ -421,11 +421,13 @@ class Trainer:
         self._emit("epoch", self.epoch)
 
     def _record_runtime(self) -> None:
-        """After this process's first step: rank 0 writes what ran (runtime.json) and says it in one line."""
+        """After this process's first step: rank 0 writes what ran (runtime.json) and, with the progress bars
+        on, says it in one line of the console log."""
         self._recorded = True
         if self.dist.is_main:
             line = write_runtime_record(self.out_dir, self.model)
-            print(f"sage-fast: ran {line}", file=sys.stderr, flush=True)
+            if self.progress:
+                print(f"runtime: {line}", file=sys.stderr, flush=True)
 
     def _emit(self, event: str, info) -> None:
         for cb in self.callbacks:
