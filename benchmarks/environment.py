@@ -161,6 +161,21 @@ def gpu_fields() -> dict:
     return out
 
 
+def runtime_choices() -> dict:
+    """What the library's "auto" runs here for each op (adapter, loss) in the benchmarks' dtypes, and why
+    (`sage_fast.ops.backend.explain_backend`), with the kernels' self-check results and cost: on a GPU this
+    runs the self-check, so its seconds are the cost a training run pays once per process."""
+    import torch
+
+    from sage_fast.ops import selfcheck
+    from sage_fast.ops.backend import OPS, explain_backend
+
+    device = DEVICE if ON_GPU else torch.device("cpu")
+    dtypes = (torch.bfloat16, torch.float32) if ON_GPU else (torch.float32,)
+    return {"auto_backends": [explain_backend(op, "auto", device, dt) for op in OPS for dt in dtypes],
+            "self_check": selfcheck.results(), "self_check_enabled": selfcheck.enabled()}
+
+
 def collect_env(command: Optional[str] = None) -> dict:
     """Device, driver, library versions, attention kernels, date, git commit and the command line of this
     run. The versions and the device's name, capability and memory are the library's own report
@@ -191,6 +206,7 @@ def collect_env(command: Optional[str] = None) -> dict:
     }
     if ON_GPU:
         env.update(gpu_capability=dev["capability"], gpu_memory_GiB=dev.get("memory_gib"), **gpu_fields())
+    env.update(runtime_choices())
     env["git_commit"] = git_commit() or "unknown"
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_ROOT)
     env["git_dirty"] = None if status is None else bool(status)

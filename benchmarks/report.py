@@ -121,6 +121,11 @@ def _env_lines(env: dict, ceilings: Optional[dict], records: list[dict]) -> list
             "torch", "triton", "open_clip", "xformers", "xformers_status", "sdpa_kernel", "date_utc", "git_commit",
             "git_dirty", "command"]
     lines += [f"- **{k}**: `{env.get(k)}`" for k in keys if k in env]
+    for b in env.get("auto_backends", []):
+        lines.append(f"- **auto, {b['op']} {b['dtype']}**: {b['resolved']} ({b['reason']})")
+    for c in env.get("self_check", []):
+        tail = f": {c['reason']}" if c.get("reason") else ""
+        lines.append(f"- **kernel self-check, {c['family']} {c['dtype']}**: {c['status']} in {c['seconds']:.2f} s{tail}")
     methods = sorted({r["timing_method"] for r in records if r.get("timing_method")})
     if methods:
         lines.append("- **timing**: " + "; ".join(f"`{m}`" for m in methods))
