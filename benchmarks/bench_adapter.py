@@ -20,7 +20,7 @@ outside it, for r in {4, 32, 256} (all CPU ranks) and eager / fused_torch / fuse
 
 Error: before it is timed, every case compares its output (and, with backward, the gradients of
 x, g, mlp_out, s and every parameter) with the eager reference run in fp32 on the same rounded
-inputs and weights (harness.check_error); the record keeps the error and the case fails when it
+inputs and weights (error_check.check_error); the record keeps the error and the case fails when it
 is over the limit. Weights and the upstream gradient (mean 1) are chosen so that the gradients of
 s, s_vt and the biases, sums over every token, do not cancel out to rounding noise (_randomise).
 
@@ -44,8 +44,10 @@ import torch
 
 from sage_fast import SGAdapter, SGAdapterFused, fold_adapter_weights, sg_adapter_torch
 
-from . import harness
-from .harness import CPU_NO_COMPILE, CPU_NO_TRITON, DEVICE, DTYPES, ON_GPU
+from . import harness, timing
+from .error_check import DTYPES, ErrorCheck, assert_error_ok, check_error
+from .harness import CPU_NO_COMPILE, CPU_NO_TRITON
+from .timing import DEVICE, ON_GPU
 
 IMPLS = ("eager", "compile", "fused_torch", "fused")
 AUTOCAST_MODE = "fwdbwd-autocast"
@@ -223,7 +225,7 @@ def eager_outputs(case: AdapterCase, module: torch.nn.Module, inputs, grad_out, 
     return block_outputs(ref_case, ref.forward_block, ref, inputs, grad_out)
 
 
-def error_check(case: AdapterCase, call: Callable, module: torch.nn.Module, inputs, grad_out) -> harness.ErrorCheck:
+def error_check(case: AdapterCase, call: Callable, module: torch.nn.Module, inputs, grad_out) -> ErrorCheck:
     """The case's error against the eager reference (see the module doc); the first call of `call`."""
     try:
         got = block_outputs(case, call, module, inputs, grad_out)
@@ -235,7 +237,7 @@ def error_check(case: AdapterCase, call: Callable, module: torch.nn.Module, inpu
     if precision != "fp32":
         eager = got if case.impl == "eager" else eager_outputs(case, module, inputs, grad_out, fp32=False)
     want = eager_outputs(case, module, inputs, grad_out, fp32=True)
-    return harness.check_error(got, want, precision, eager)
+    return check_error(got, want, precision, eager)
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -243,7 +245,7 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
     if case.impl == "fused" and not ON_GPU:
         pytest.skip(CPU_NO_TRITON)
     benchmark.group = f"sg_adapter_block {case.dtype} {case.mode}"
-    harness.free_memory()
+    timing.free_memory()
     module = build_module(case)
     call = make_call(case, module, compile_enabled)
     inputs, grad_out = make_inputs(case, requires_grad=case.training)
@@ -261,11 +263,11 @@ def test_sg_adapter_block(case: AdapterCase, benchmark, recorder, ceilings, comp
                 out = call(*inputs)
             return torch.autograd.grad(out, leaves, grad_out)  # backward outside autocast, as in training
 
-    timing = harness.time_kernel_case(benchmark, fn, case.impl)
-    if timing is not None:
+    measured = harness.time_kernel_case(benchmark, fn, case.impl)
+    if measured is not None:
         num_params = sum(p.numel() for p in module.parameters())
         nbytes, flops = work_model(case, num_params)
         backend = {"fused": "triton", "fused_torch": "folded torch", "compile": "inductor"}.get(case.impl, "eager")
-        recorder.add(harness.kernel_record("adapter", case, backend, timing, case.rows, nbytes, flops, check, ceilings),
+        recorder.add(harness.kernel_record("adapter", case, backend, measured, case.rows, nbytes, flops, check, ceilings),
                      benchmark.extra_info)
-    harness.assert_error_ok(check, f"adapter {case.key} {case.impl}")
+    assert_error_ok(check, f"adapter {case.key} {case.impl}")

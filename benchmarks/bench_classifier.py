@@ -39,8 +39,8 @@ import random
 import pytest
 import torch
 
-from . import harness
-from .harness import DEVICE, ON_GPU
+from . import timing
+from .timing import DEVICE, ON_GPU
 
 TEMPLATE_COUNT = 60
 SAMPLE_CLASSES = 64
@@ -70,23 +70,23 @@ def text_tower():
     clip = mm.load_clip(name, pretrained=None, device=DEVICE)
     yield {"module": mm, "name": name, "clip": clip, "tokenizer": mm.tokenizer(name)}
     del clip
-    harness.free_memory()
+    timing.free_memory()
 
 
 def _time(benchmark, fn, warm):
     """CPU: the harness's step plan. CUDA: one timed call after `warm` (calls last up to a minute)."""
     if not ON_GPU:
-        return harness.run_benchmark(benchmark, fn, harness.CPU_STEP_PLAN)
+        return timing.run_benchmark(benchmark, fn, timing.CPU_STEP_PLAN)
     if getattr(benchmark, "disabled", False):
         benchmark.pedantic(fn)
-        harness.sync()
+        timing.sync()
         return None
-    benchmark._timer = harness.synced_perf_counter  # noqa: SLF001 - as harness.run_benchmark does
+    benchmark._timer = timing.synced_perf_counter  # noqa: SLF001 - as timing.run_benchmark does
     warm()
-    harness.sync()
+    timing.sync()
     benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
     st = benchmark.stats.stats
-    return harness.Timing(st.median, st.mean, st.stddev, st.min, 1, 1, "synchronised host clock, one call")
+    return timing.Timing(st.median, st.mean, st.stddev, st.min, 1, 1, "synchronised host clock, one call")
 
 
 @pytest.mark.parametrize("classes,impl", GPU_CASES if ON_GPU else CPU_CASES,
@@ -97,7 +97,7 @@ def test_classifier_init(classes, impl, text_tower, benchmark, recorder):
     names = class_names(classes)
     trim = impl == "trimmed"
     benchmark.group = "classifier_init"
-    harness.free_memory()
+    timing.free_memory()
     out = {}
 
     def fn():
@@ -106,8 +106,8 @@ def test_classifier_init(classes, impl, text_tower, benchmark, recorder):
     def warm():
         mm.text_classifier(clip, tok, names[:8], templates, progress=False, trim=trim)
 
-    harness.reset_peak_memory()
-    timing = _time(benchmark, fn, warm)
+    timing.reset_peak_memory()
+    measured = _time(benchmark, fn, warm)
     if "w" not in out:
         fn()
     got = out["w"]
@@ -120,7 +120,7 @@ def test_classifier_init(classes, impl, text_tower, benchmark, recorder):
         want = mm.text_classifier(clip, tok, [names[k] for k in rows], templates, progress=False, trim=False)
         error = (got[rows] - want).abs().max().item()
         torch.testing.assert_close(got[rows], want, rtol=0, atol=1e-4 if ON_GPU else 1e-5)
-    if timing is None:
+    if measured is None:
         return
 
     case = f"{text_tower['name']} C={classes} T={len(templates)}"
@@ -131,23 +131,19 @@ def test_classifier_init(classes, impl, text_tower, benchmark, recorder):
         "impl": impl,
         "params": {"model": text_tower["name"], "classes": classes, "templates": len(templates), "batch": 256,
                    "precision": "fp32", "weights": "random"},
-        "time_s": timing.median_s,
-        "mean_s": timing.mean_s,
-        "stddev_s": timing.stddev_s,
-        "rounds": timing.rounds,
-        "iterations": timing.iterations,
-        "prompts_per_s": prompts / timing.median_s,
-        "peak_mem_MiB": harness.peak_memory_mib(),
+        **measured.record_fields(),
+        "prompts_per_s": prompts / measured.median_s,
+        **timing.peak_memory_fields(),
         "max_abs_err_vs_untrimmed": error,
     }
     if classes in TARGET_S:
         record["target_s"] = TARGET_S[classes]
-        record["meets_target"] = timing.median_s < TARGET_S[classes]
-    # harness.add_ratios knows no "classifier" group: the speedup is taken here, same session.
+        record["meets_target"] = measured.median_s < TARGET_S[classes]
+    # records.add_ratios knows no "classifier" group: the speedup is taken here, same session.
     base = next((r for r in recorder.records if (r.get("group"), r.get("case"), r.get("impl"))
                  == ("classifier", case, "untrimmed")), None)
     if trim and base and base.get("time_s"):
-        record["speedup_vs_untrimmed"] = base["time_s"] / timing.median_s
+        record["speedup_vs_untrimmed"] = base["time_s"] / measured.median_s
     recorder.add(record, benchmark.extra_info)
 
 

@@ -34,8 +34,8 @@ from sage_fast.training.config import DataConfig
 from sage_fast.training.data import ImageListDataset, build_data, build_transform, collate_skip, sample_seed
 from sage_fast.training.data.prepare import prepare
 
-from . import harness
-from .harness import ON_GPU
+from . import timing
+from .timing import ON_GPU
 
 SIZES = {"500x375": (500, 375), "1600x1200": (1600, 1200)}
 PER_SIZE = 64 if ON_GPU else 6
@@ -43,7 +43,7 @@ IMPLS = ("raw", "raw_fast", "prepared")
 IMAGE_SIZE = 224
 STEP_RATE = 1500.0  # images/s one H100 Sage step consumes, roughly
 LOADER_WORKERS = min(16, os.cpu_count() or 1)
-PLAN = harness.TimingPlan(warmup_rounds=1, rounds=5 if ON_GPU else 2, target_round_s=0.0, max_iterations=1)
+PLAN = timing.TimingPlan(warmup_rounds=1, rounds=5 if ON_GPU else 2, target_round_s=0.0, max_iterations=1)
 
 
 def _photo(w: int, h: int, seed: int) -> bytes:
@@ -108,8 +108,8 @@ def test_input_pipeline_per_worker(impl, case, image_sets, benchmark, recorder):
             sample = ds[(i, sample_seed(0, epoch[0], i))]
             assert sample.image.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
 
-    timing = harness.run_benchmark(benchmark, one_pass, PLAN)
-    if timing is None:
+    measured = timing.run_benchmark(benchmark, one_pass, PLAN)
+    if measured is None:
         return
     record = {
         "group": "input_decode",
@@ -117,15 +117,15 @@ def test_input_pipeline_per_worker(impl, case, image_sets, benchmark, recorder):
         "impl": impl,
         "params": {"images": n, "image_size": IMAGE_SIZE, "transform": "RandomResizedCrop+flip",
                    "prepared_short_side": 320 if impl == "prepared" else None, "jpeg_quality": 90},
-        "time_s": timing.median_s,
-        "rounds": timing.rounds,
-        "images_per_s_per_worker": n / timing.median_s,
+        "time_s": measured.median_s,
+        "rounds": measured.rounds,
+        "images_per_s_per_worker": n / measured.median_s,
     }
-    # harness.add_ratios knows no "input" group: ratios to raw are taken here, same session
+    # records.add_ratios knows no "input" group: ratios to raw are taken here, same session
     base = next((r for r in recorder.records if (r.get("group"), r.get("case"), r.get("impl"))
                  == ("input_decode", case, "raw")), None)
     if impl != "raw" and base and base.get("time_s"):
-        record["speedup_vs_raw"] = base["time_s"] / timing.median_s
+        record["speedup_vs_raw"] = base["time_s"] / measured.median_s
         if impl == "prepared" and case == "1600x1200":
             record["target_speedup_vs_raw"] = 2.0
             record["meets_target"] = record["speedup_vs_raw"] >= 2.0
@@ -148,12 +148,12 @@ def test_prepared_loader_keeps_ahead_of_a_step(image_sets, benchmark, recorder):
         for b in loader:
             assert len(b.labels) == batch
 
-    timing = harness.run_benchmark(benchmark, one_pass, harness.TimingPlan(1, 3, 0.0, 1))
-    if timing is None:
+    measured = timing.run_benchmark(benchmark, one_pass, timing.TimingPlan(1, 3, 0.0, 1))
+    if measured is None:
         return
-    rate = batch * batches / timing.median_s
+    rate = batch * batches / measured.median_s
     recorder.add({"group": "input_decode", "case": "1600x1200 loader", "impl": f"prepared x{LOADER_WORKERS}",
                   "params": {"workers": LOADER_WORKERS, "batch": batch, "batches": batches,
                              "torch_threads": torch.get_num_threads()},
-                  "time_s": timing.median_s, "images_per_s": rate, "step_rate": STEP_RATE,
+                  "time_s": measured.median_s, "images_per_s": rate, "step_rate": STEP_RATE,
                   "keeps_ahead": rate >= STEP_RATE}, benchmark.extra_info)

@@ -34,10 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from . import harness
-from .harness import DEVICE, ON_GPU
+from . import timing
+from .timing import DEVICE, ON_GPU
 
 WIDTH, HEIGHT = 500, 375
 IMAGE_SIZE = 224
@@ -113,11 +112,11 @@ def measure(loader, warmup: int, batches: int, transform=None) -> dict:
 
     for _ in range(warmup):
         take()
-    harness.sync()
+    timing.sync()
     t0 = time.perf_counter()
     for _ in range(batches):
         n_img += take()
-    harness.sync()
+    timing.sync()
     dt = time.perf_counter() - t0
     return {"images": n_img, "seconds": dt, "images_per_s": n_img / dt}
 

@@ -20,7 +20,7 @@ FLOPs are counted elementwise operations (exp counted as one); the loss is memor
 
 Error: before it is timed, every case compares the loss (and FIT's z_hat; with backward, the
 gradients of the logits and of s1, s2) with the eager module run in fp32 on fp32 copies of the same
-logits (harness.check_error); the record keeps the error and the case fails when it is over the limit.
+logits (error_check.check_error); the record keeps the error and the case fails when it is over the limit.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ import torch
 
 from sage_fast import CompensatedLALoss, FITLoss
 
-from . import harness
-from .harness import CPU_NO_COMPILE, CPU_NO_TRITON, DEVICE, DTYPES, ON_GPU
+from . import harness, timing
+from .error_check import DTYPES, ErrorCheck, assert_error_ok, check_error
+from .harness import CPU_NO_COMPILE, CPU_NO_TRITON
+from .timing import DEVICE, ON_GPU
 
 IMPLS = ("eager", "compile", "fused")
 LAMBDAS = (0.015, 0.015, 0.4)
@@ -147,7 +149,7 @@ def eager_outputs(case: LossCase, logits, target, fp32: bool) -> dict:
     return loss_outputs(case, eager, eager, logits, target)
 
 
-def error_check(case: LossCase, call, module: torch.nn.Module, logits, target) -> harness.ErrorCheck:
+def error_check(case: LossCase, call, module: torch.nn.Module, logits, target) -> ErrorCheck:
     """The case's error against the eager reference (see the module doc); the first call of `call`."""
     try:
         got = loss_outputs(case, call, module, logits, target)
@@ -157,7 +159,7 @@ def error_check(case: LossCase, call, module: torch.nn.Module, logits, target) -
     eager = None
     if case.dtype != "fp32":
         eager = got if case.impl == "eager" else eager_outputs(case, logits, target, fp32=False)
-    return harness.check_error(got, eager_outputs(case, logits, target, fp32=True), case.dtype, eager)
+    return check_error(got, eager_outputs(case, logits, target, fp32=True), case.dtype, eager)
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -167,7 +169,7 @@ def test_loss(case: LossCase, benchmark, recorder, ceilings, compile_enabled):
     if case.impl == "compile" and not compile_enabled:
         pytest.skip(CPU_NO_COMPILE if not ON_GPU else "torch.compile baselines disabled (--sage-no-compile)")
     benchmark.group = f"loss_{case.kind} {case.dtype} {case.mode}"
-    harness.free_memory()
+    timing.free_memory()
     module = build_module(case)
     if case.impl == "compile":
         torch._dynamo.reset()  # fresh cache per case, see bench_adapter.make_call
@@ -187,10 +189,10 @@ def test_loss(case: LossCase, benchmark, recorder, ceilings, compile_enabled):
         def fn():
             return torch.autograd.grad(_loss_of(case, call, logits, target), leaves)
 
-    timing = harness.time_kernel_case(benchmark, fn, case.impl)
-    if timing is not None:
+    measured = harness.time_kernel_case(benchmark, fn, case.impl)
+    if measured is not None:
         nbytes, flops = work_model(case)
         backend = {"fused": "triton", "compile": "inductor"}.get(case.impl, "eager")
-        recorder.add(harness.kernel_record("loss", case, backend, timing, case.batch, nbytes, flops, check, ceilings),
+        recorder.add(harness.kernel_record("loss", case, backend, measured, case.batch, nbytes, flops, check, ceilings),
                      benchmark.extra_info)
-    harness.assert_error_ok(check, f"loss {case.key} {case.impl}")
+    assert_error_ok(check, f"loss {case.key} {case.impl}")

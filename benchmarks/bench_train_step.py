@@ -2,7 +2,7 @@
 
 CUDA: open_clip `ViT-B-16-quickgelu` at 224 px, batch 128, 1000 classes (ImageNet-LT, r = 32 by
 LIFT's rule), bf16 autocast, synthetic images and labels already on the GPU. The backbone has
-random weights (speed does not depend on them, and GPU machines may be offline); the classifier
+random weights, seeded (speed does not depend on them, and GPU machines may be offline); the classifier
 starts from random unit rows instead of the text-template init (which only costs build time).
 CPU: the tiny open_clip config of `sage-tiny` (sage_fast/model/configs: 32 px, 2 blocks),
 batch 4, 10 classes, fp32; a smoke test of the harness, not a measurement.
@@ -35,7 +35,7 @@ Error: before it is timed, each Sage configuration (reference and fused) compare
 the reference model (backend "torch", same trainable weights, all of them perturbed first so that
 every gradient is non-zero; a fresh model has up = 0) run in fp32: the loss, z, z_hat and the
 gradient of all trainable parameters taken as one vector; inference compares predict's z_hat.
-On CUDA the step runs under bf16 autocast, so the limits are bf16's (harness.TOLERANCES, and twice
+On CUDA the step runs under bf16 autocast, so the limits are bf16's (error_check.TOLERANCES, and twice
 the reference's own bf16-autocast error); on CPU fp32's. The record keeps the error and the case
 fails when it is over the limit. The floor configurations are not Sage and are not compared.
 """
@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from sage_fast import CompensatedLALoss, lift_bottleneck
 from sage_fast.model import SageModel, load_clip
 
-from . import harness
-from .harness import DEVICE, ON_GPU
+from . import environment, harness, timing
+from .error_check import ErrorCheck, assert_error_ok, check_error
+from .timing import DEVICE, ON_GPU
 
 TRAIN_CASES = [("floor", "floor"), ("fit_off", "floor_bwd"), ("fit_on", "floor_bwd"),
                ("fit_on", "reference"), ("fit_on", "fused"), ("fit_off", "reference"), ("fit_off", "fused"),
@@ -59,14 +60,16 @@ TRAIN_CASES = [("floor", "floor"), ("fit_off", "floor_bwd"), ("fit_on", "floor_b
 INFER_CASES = [("floor", "floor"), ("fit_on", "reference"), ("fit_on", "fused"), ("fit_off", "reference"),
                ("fit_off", "fused")]
 LOGIT_SCALE = 25.0
-#: precision of the step (bf16 autocast on CUDA), the key of its limits in harness.TOLERANCES
+#: precision of the step (bf16 autocast on CUDA), the key of its limits in error_check.TOLERANCES
 PRECISION = "bf16" if ON_GPU else "fp32"
 
 
 def make_e2e(classes: int, batch: int) -> dict:
     """The frozen CLIP shared by every configuration, plus synthetic data on the device."""
     model_name = "ViT-B-16-quickgelu" if ON_GPU else "sage-tiny"
-    clip = load_clip(model_name, pretrained=None, device=DEVICE)
+    with torch.random.fork_rng(devices=[]):  # seeded: every run builds (and checks) the same random weights
+        torch.manual_seed(0)
+        clip = load_clip(model_name, pretrained=None, device=DEVICE)
     visual = clip.visual
     size = visual.image_size
     image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -78,7 +81,7 @@ def make_e2e(classes: int, batch: int) -> dict:
     return {
         "clip": clip, "images": images, "target": target, "init": init,
         "counts": harness.long_tailed_counts(classes), "names": [f"class_{k}" for k in range(classes)],
-        "attention": harness.attention_backend(),
+        "attention": environment.attention_backend(),
         "params": {
             "model": model_name, "image_size": image_size, "batch": batch, "classes": classes,
             "bottleneck": lift_bottleneck(classes, len(visual.transformer.resblocks)),
@@ -92,10 +95,11 @@ def e2e(e2e_settings):
     data = make_e2e(e2e_settings["classes"], e2e_settings["batch"])
     yield data
     del data
-    harness.free_memory()
+    timing.free_memory()
 
 
-def _autocast(enabled: bool = ON_GPU):
+def bf16_autocast(enabled: bool = ON_GPU):
+    """bf16 autocast on the device when enabled (the default on CUDA, as training runs), else nothing."""
     if enabled:
         return torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -142,7 +146,7 @@ def perturb(model: SageModel, seed: int = 5) -> None:
 def step_outputs(model: SageModel, images, target, autocast: bool) -> dict:
     """Loss, z, z_hat and the gradient of all trainable parameters (one vector) of one step."""
     params = model.trainable_parameters()
-    with _autocast(autocast):
+    with bf16_autocast(autocast):
         out = model(images)
         loss, z_hat = model.loss(out, target)
     grads = torch.autograd.grad(loss, params)
@@ -151,14 +155,14 @@ def step_outputs(model: SageModel, images, target, autocast: bool) -> dict:
 
 
 def predict_outputs(model: SageModel, images, target, autocast: bool) -> dict:
-    with _autocast(autocast):
+    with bf16_autocast(autocast):
         return {"z_hat": model.predict(images)}
 
 
-def error_check(e2e, sage: SageModel, outputs) -> harness.ErrorCheck:
+def error_check(e2e, sage: SageModel, outputs) -> ErrorCheck:
     """`outputs` (step_outputs or predict_outputs) of `sage` at the step's precision against the reference
     model with the same (perturbed) weights in fp32; on CUDA also the reference under bf16 autocast,
-    which sets the limits (harness.check_error)."""
+    which sets the limits (check_error)."""
     perturb(sage)
     twin = build_sage(e2e, sage.fit, "reference")
     twin.load_trainable_state_dict(sage.trainable_state_dict())
@@ -169,9 +173,9 @@ def error_check(e2e, sage: SageModel, outputs) -> harness.ErrorCheck:
     if ON_GPU:
         eager = got if sage.backend == "torch" else outputs(twin, images, target, autocast=True)
     want = outputs(twin, images, target, autocast=False)
-    check = harness.check_error(got, want, PRECISION, eager)
+    check = check_error(got, want, PRECISION, eager)
     del twin, got, eager, want
-    harness.free_memory()
+    timing.free_memory()
     return check
 
 
@@ -196,7 +200,7 @@ class FloorHead(torch.nn.Module):
             return LOGIT_SCALE * F.normalize(feats.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()
 
 
-def _record(recorder, benchmark, group, case, impl, e2e, timing, extra):
+def _record(recorder, benchmark, group, case, impl, e2e, measured, extra):
     batch = e2e["params"]["batch"]
     record = {
         "group": group,
@@ -204,16 +208,11 @@ def _record(recorder, benchmark, group, case, impl, e2e, timing, extra):
         "impl": impl,
         "params": dict(e2e["params"]),
         "attention": e2e["attention"],
-        "attention_kernel": harness.sdpa_kernel() if e2e["attention"] == "sdpa" else e2e["attention"],
-        "time_s": timing.median_s,
-        "mean_s": timing.mean_s,
-        "stddev_s": timing.stddev_s,
-        "rounds": timing.rounds,
-        "iterations": timing.iterations,
-        "images_per_s": batch / timing.median_s,
-        "tokens_per_s": batch * _tokens(e2e) / timing.median_s,
-        **timing.record_fields(),
-        "peak_mem_MiB": harness.peak_memory_mib(),
+        "attention_kernel": environment.sdpa_kernel() if e2e["attention"] == "sdpa" else e2e["attention"],
+        **measured.record_fields(),
+        "images_per_s": batch / measured.median_s,
+        "tokens_per_s": batch * _tokens(e2e) / measured.median_s,
+        **timing.peak_memory_fields(),
         **extra,
     }
     recorder.add(record, benchmark.extra_info)
@@ -225,14 +224,14 @@ def _tokens(e2e) -> int:
     return (e2e["params"]["image_size"] // patch) ** 2 + 1
 
 
-def _finish(recorder, benchmark, group, case, impl, e2e, timing, extra, check) -> None:
+def _finish(recorder, benchmark, group, case, impl, e2e, measured, extra, check) -> None:
     """Record the timing (with the error where the case was compared), then fail on a bad error."""
     if check is not None:
         extra = {**extra, **check.record_fields()}
-    if timing is not None:
-        _record(recorder, benchmark, group, case, impl, e2e, timing, extra)
+    if measured is not None:
+        _record(recorder, benchmark, group, case, impl, e2e, measured, extra)
     if check is not None:
-        harness.assert_error_ok(check, f"{group} {case} {impl}")
+        assert_error_ok(check, f"{group} {case} {impl}")
 
 
 @pytest.mark.parametrize("case,impl", TRAIN_CASES, ids=[f"{c}-{i}" for c, i in TRAIN_CASES])
@@ -240,7 +239,7 @@ def test_train_step(case, impl, e2e, benchmark, recorder, compile_enabled):
     benchmark.group = "train_step"
     if impl == "fused_compile" and not compile_enabled:
         pytest.skip(harness.CPU_NO_COMPILE if not ON_GPU else "torch.compile baselines disabled (--sage-no-compile)")
-    harness.free_memory()
+    timing.free_memory()
     images, target = e2e["images"], e2e["target"]
     extra, check = {}, None
     if impl.startswith("floor"):
@@ -282,23 +281,23 @@ def test_train_step(case, impl, e2e, benchmark, recorder, compile_enabled):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with _autocast():
+        with bf16_autocast():
             loss = loss_fn()
         loss.backward()
         optimizer.step()
         return loss
 
-    harness.reset_peak_memory()
-    timing = harness.run_benchmark(benchmark, step, harness.default_plan(step=True))
-    _finish(recorder, benchmark, "train", case, impl, e2e, timing, extra, check)
+    timing.reset_peak_memory()
+    measured = timing.run_benchmark(benchmark, step, timing.default_plan(step=True))
+    _finish(recorder, benchmark, "train", case, impl, e2e, measured, extra, check)
     del sage, optimizer
-    harness.free_memory()
+    timing.free_memory()
 
 
 @pytest.mark.parametrize("case,impl", INFER_CASES, ids=[f"{c}-{i}" for c, i in INFER_CASES])
 def test_inference(case, impl, e2e, benchmark, recorder):
     benchmark.group = "inference"
-    harness.free_memory()
+    timing.free_memory()
     images = e2e["images"]
     check = None
     if impl == "floor":
@@ -307,7 +306,7 @@ def test_inference(case, impl, e2e, benchmark, recorder):
         extra = {}
 
         def run():
-            with torch.no_grad(), _autocast():
+            with torch.no_grad(), bf16_autocast():
                 return head.logits(images, backbone_grad=False)
     else:
         sage = build_sage(e2e, fit=(case == "fit_on"), impl=impl).eval()
@@ -315,14 +314,14 @@ def test_inference(case, impl, e2e, benchmark, recorder):
         extra = _backends(impl)
 
         def run():
-            with _autocast():
+            with bf16_autocast():
                 return sage.predict(images)
 
-    harness.reset_peak_memory()
-    timing = harness.run_benchmark(benchmark, run, harness.default_plan(step=True))
-    _finish(recorder, benchmark, "infer", case, impl, e2e, timing, extra, check)
+    timing.reset_peak_memory()
+    measured = timing.run_benchmark(benchmark, run, timing.default_plan(step=True))
+    _finish(recorder, benchmark, "infer", case, impl, e2e, measured, extra, check)
     del sage
-    harness.free_memory()
+    timing.free_memory()
 
 
 CHECKPOINT_CASES = [(name, ck) for name in ("ViT-B-16-quickgelu", "ViT-L-14-quickgelu") for ck in (False, True)]
@@ -339,8 +338,9 @@ def test_train_step_grad_checkpoint(model_name, grad_checkpoint, benchmark, reco
         pytest.skip("peak GPU memory needs CUDA")
     benchmark.group = "train_step_grad_checkpoint"
     classes, batch = 1000, 128
-    harness.free_memory()
-    before = torch.cuda.memory_allocated()
+    timing.free_memory()
+    # what was allocated before the model is built (without the L2-flush buffer, allocated or not yet)
+    before_mib = torch.cuda.memory_allocated() / 2**20 - timing.flush_mib()
     clip = load_clip(model_name, pretrained=None, device=DEVICE)
     size = clip.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -350,34 +350,32 @@ def test_train_step_grad_checkpoint(model_name, grad_checkpoint, benchmark, reco
     init = F.normalize(torch.randn(classes, clip.visual.transformer.width, generator=torch.Generator().manual_seed(4)),
                        dim=-1)
     sage = SageModel(clip, [f"class_{k}" for k in range(classes)], harness.long_tailed_counts(classes), init,
-                     fit=True, backend="auto", attention=harness.attention_backend(),
+                     fit=True, backend="auto", attention=environment.attention_backend(),
                      grad_checkpoint=grad_checkpoint).to(DEVICE)
     sage.train()
     optimizer = torch.optim.SGD(sage.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with _autocast():
+        with bf16_autocast():
             loss, _ = sage.loss(sage(images), target)
         loss.backward()
         optimizer.step()
         return loss
 
     step()  # the momentum buffers and the gradients exist from here on, as in training
-    harness.reset_peak_memory()
-    timing = harness.run_benchmark(benchmark, step, harness.default_plan(step=True))
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    timing.reset_peak_memory()
+    measured = timing.run_benchmark(benchmark, step, timing.default_plan(step=True))
+    peak = timing.peak_memory_mib() - before_mib
     predicted = training_memory(model_name, batch, num_classes=classes, bottleneck=sage.bottleneck,
                                 grad_checkpoint=grad_checkpoint).total / 2**20
-    if timing is not None:
+    if measured is not None:
         recorder.add({
             "group": "train_grad_checkpoint", "case": f"{model_name} grad_checkpoint={grad_checkpoint}", "impl": "fused",
             "params": {"model": model_name, "image_size": size, "batch": batch, "classes": classes,
                        "bottleneck": sage.bottleneck, "precision": "bf16 autocast", "grad_checkpoint": grad_checkpoint},
-            "time_s": timing.median_s, "mean_s": timing.mean_s, "stddev_s": timing.stddev_s,
-            "rounds": timing.rounds, "iterations": timing.iterations, "images_per_s": batch / timing.median_s,
-            **timing.record_fields(),
+            **measured.record_fields(), "images_per_s": batch / measured.median_s,
             "step_peak_MiB": peak, "computed_total_MiB": predicted,
         }, benchmark.extra_info)
     del sage, clip, optimizer, images
-    harness.free_memory()
+    timing.free_memory()

@@ -21,7 +21,6 @@ Options (all optional):
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import harness, report
+from . import environment, records, report
+from .ceilings import load_or_measure_ceilings
+from .timing import ON_GPU
 
 
 def pytest_addoption(parser):
@@ -68,13 +69,26 @@ class _SageSession:
         self._recorder = None
         self.ceilings = None
         self.skips: dict[str, str] = {}
+        self._env = None
+
+    def env(self) -> dict:
+        """The run's environment: with --sage-append, the folder's env.json when there is one (run_gpu.sh
+        writes it once, before its first stage), with this session's command line added; else collected now."""
+        if self._env is None:
+            saved = records.read_json(self.recorder.results_dir / "env.json") if self.append else None
+            if saved:
+                saved.setdefault("sessions", []).append(environment.command_line())
+                self._env = saved
+            else:
+                self._env = environment.collect_env()
+        return self._env
 
     @property
-    def recorder(self) -> harness.Recorder:
+    def recorder(self) -> records.Recorder:
         if self._recorder is None:
             if self.results_dir is None:
                 self.results_dir = Path(tempfile.mkdtemp(prefix="sage-fast-bench-"))
-            self._recorder = harness.Recorder(self.results_dir, append=self.append)
+            self._recorder = records.Recorder(self.results_dir, append=self.append)
         return self._recorder
 
     @property
@@ -114,7 +128,7 @@ def sage_session(pytestconfig) -> _SageSession:
 
 
 @pytest.fixture(scope="session")
-def recorder(sage_session) -> harness.Recorder:
+def recorder(sage_session) -> records.Recorder:
     return sage_session.recorder
 
 
@@ -125,7 +139,7 @@ def ceilings(sage_session) -> dict:
     measurement for all of run_gpu.sh's pytest sessions)."""
     if sage_session.ceilings is None:
         path = sage_session.recorder.results_dir / "ceilings.json"
-        sage_session.ceilings = harness.load_or_measure_ceilings(path, reuse=sage_session.append)
+        sage_session.ceilings = load_or_measure_ceilings(path, reuse=sage_session.append)
     return sage_session.ceilings
 
 
@@ -133,7 +147,7 @@ def ceilings(sage_session) -> dict:
 def _cpu_threads(pytestconfig):
     """One CPU thread on CPU-only machines: on a small shared CI box, intra-op threads that wait for
     each other turn a 1 ms call into a 100 ms one at random; one thread gives repeatable numbers."""
-    if harness.ON_GPU:
+    if ON_GPU:
         yield
         return
     before = torch.get_num_threads()
@@ -145,13 +159,13 @@ def _cpu_threads(pytestconfig):
 @pytest.fixture(scope="session")
 def compile_enabled(pytestconfig) -> bool:
     value = pytestconfig.getoption("sage_compile")
-    return harness.ON_GPU if value is None else bool(value)
+    return ON_GPU if value is None else bool(value)
 
 
 @pytest.fixture(scope="session")
 def e2e_settings(pytestconfig) -> dict:
-    classes = pytestconfig.getoption("--sage-e2e-classes") or (1000 if harness.ON_GPU else 10)
-    batch = pytestconfig.getoption("--sage-e2e-batch") or (128 if harness.ON_GPU else 4)
+    classes = pytestconfig.getoption("--sage-e2e-classes") or (1000 if ON_GPU else 10)
+    batch = pytestconfig.getoption("--sage-e2e-batch") or (128 if ON_GPU else 4)
     return {"classes": int(classes), "batch": int(batch)}
 
 
@@ -203,7 +217,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         return
     state.recorder.refresh_ratios()
     output_json["sage_fast"] = {
-        "env": harness.collect_env(),
+        "env": state.env(),
         "ceilings": state.ceilings,
         "note": "each benchmark's extra_info holds its record: time_s (median), throughput, ratios",
     }
@@ -215,18 +229,11 @@ def pytest_sessionfinish(session, exitstatus):
         return
     rec = state.recorder
     rec.refresh_ratios()
-    env = harness.collect_env()
-    env_path = rec.results_dir / "env.json"
-    if state.append and env_path.exists():
-        # run_gpu.sh writes the env of the whole run first; keep it and list this session's command too.
-        previous = json.loads(env_path.read_text())
-        previous.setdefault("sessions", []).append(env["command"])
-        env = previous
-    env_path.write_text(json.dumps(env, indent=2))
+    records.write_json(rec.results_dir / "env.json", state.env())
     skips_path = rec.results_dir / "skipped.json"
-    skips = json.loads(skips_path.read_text()) if (state.append and skips_path.exists()) else {}
+    skips = (records.read_json(skips_path) or {}) if state.append else {}
     skips.update(state.skips)
-    skips_path.write_text(json.dumps(skips, indent=2, sort_keys=True))
+    records.write_json(skips_path, skips)
     report.write_outputs(rec.results_dir)
 
 

@@ -3,26 +3,28 @@
     python -m benchmarks.report RESULTS_DIR            # rewrite RESULTS_DIR/summary.md and chart.png
     python -m benchmarks.report RESULTS_DIR --print    # and print the summary
 
-Reads RESULTS_DIR/records.jsonl (one record per measured case, written by the benchmarks; see
-benchmarks/harness.py), env.json, ceilings.json and skipped.json. pytest-benchmark JSON files
-(``--benchmark-json``) carry the same records in each benchmark's ``extra_info``; pass them with
-``--from-json FILE`` to rebuild records.jsonl from them.
+Reads RESULTS_DIR/records.jsonl (one record per measured case, written by the benchmarks, read through
+`benchmarks.records.load_records`), env.json, ceilings.json, skipped.json and tune.json. pytest-benchmark
+JSON files (``--benchmark-json``) carry the same records in each benchmark's ``extra_info``; pass them
+with ``--from-json FILE`` to rebuild records.jsonl from them.
 
 Ratios are computed here from the records (time of the baseline / time of the case, same run),
 so a summary never mixes numbers from different sessions unless they share a results folder.
 Every record of a compared case carries its error against the eager reference (rel_err_*); a
 case over its limit is listed under "Error against the eager reference" and its speedups do
 not count towards the targets.
-Self-contained (json + matplotlib) so that it runs without torch.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
+
+from sage_fast.utils.files import atomic_path, atomic_write_text
+
+from .records import load_records, read_json, records_from_benchmark_json, slot, write_records
 
 TARGETS = {
     "adapter_vs_eager": 4.0,
@@ -35,42 +37,11 @@ TARGETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# loading
-
-
-def _slot(rec: dict) -> tuple:
-    return rec.get("group"), rec.get("case"), rec.get("impl")
-
-
-def load_records(results_dir: Path) -> list[dict]:
-    path = Path(results_dir) / "records.jsonl"
-    if not path.exists():
-        return []
-    records = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            records[_slot(rec)] = rec
-    return list(records.values())
-
-
-def records_from_benchmark_json(paths: Iterable[Path]) -> list[dict]:
-    records = {}
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        for bench in data.get("benchmarks", []):
-            info = bench.get("extra_info") or {}
-            if info.get("group") and info.get("impl"):
-                records[_slot(info)] = info
-    return list(records.values())
-
-
-def _load_json(path: Path, default):
-    return json.loads(path.read_text()) if path.exists() else default
+# looking up records
 
 
 def _find(records: list[dict], group: str, case: str, impl: str) -> Optional[dict]:
-    return next((r for r in records if _slot(r) == (group, case, impl)), None)
+    return next((r for r in records if slot(r) == (group, case, impl)), None)
 
 
 def _ratio(records, group, case, impl, base_impl, base_case=None) -> Optional[float]:
@@ -146,9 +117,15 @@ def _env_lines(env: dict, ceilings: Optional[dict], records: list[dict]) -> list
             + (f" (torch threads: {', '.join(map(str, threads))})" if threads else ""),
             "",
         ]
-    keys = ["device", "driver", "gpu_capability", "torch", "torch_cuda", "triton", "open_clip", "xformers",
-            "sdpa_kernel", "date_utc", "git_commit", "git_dirty", "command"]
+    keys = ["device", "gpu_capability", "gpu_sms", "gpu_memory_GiB", "driver", "cuda_driver", "torch_cuda", "cudnn",
+            "torch", "triton", "open_clip", "xformers", "xformers_status", "sdpa_kernel", "date_utc", "git_commit",
+            "git_dirty", "command"]
     lines += [f"- **{k}**: `{env.get(k)}`" for k in keys if k in env]
+    for b in env.get("auto_backends", []):
+        lines.append(f"- **auto, {b['op']} {b['dtype']}**: {b['resolved']} ({b['reason']})")
+    for c in env.get("self_check", []):
+        tail = f": {c['reason']}" if c.get("reason") else ""
+        lines.append(f"- **kernel self-check, {c['family']} {c['dtype']}**: {c['status']} in {c['seconds']:.2f} s{tail}")
     methods = sorted({r["timing_method"] for r in records if r.get("timing_method")})
     if methods:
         lines.append("- **timing**: " + "; ".join(f"`{m}`" for m in methods))
@@ -226,10 +203,16 @@ def _e2e_rows(records, group) -> list[list[str]]:
         vs_ref = _ratio(records, group, case, impl, "reference") if impl.startswith("fused") else None
         rows.append([
             impl, {"fit_on": "on", "fit_off": "off"}.get(case, "–"),
-            _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), _f(rec.get("peak_mem_MiB"), "{:.0f}"),
+            _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), *_memory(rec),
             _x(vs_ref), _pct(_floor_ratio(records, group, case, impl)), _err(rec), _attention(rec),
         ])
     return rows
+
+
+def _memory(rec: dict) -> list[str]:
+    """Peak memory of a case (MiB, torch.cuda.max_memory_allocated after a reset, without the L2-flush
+    buffer), and the part of it above what was allocated at the reset (model, inputs): "–" off CUDA."""
+    return [_f(rec.get("peak_mem_MiB"), "{:.0f}"), _f(rec.get("peak_mem_added_MiB"), "{:.0f}")]
 
 
 def _attention(rec: dict) -> str:
@@ -290,9 +273,9 @@ def _headlines(records, gpu: bool = True) -> list[tuple[str, str, str]]:
 def build_markdown(results_dir: Path) -> str:
     results_dir = Path(results_dir)
     records = load_records(results_dir)
-    env = _load_json(results_dir / "env.json", {})
-    ceilings = _load_json(results_dir / "ceilings.json", None)
-    skips = _load_json(results_dir / "skipped.json", {})
+    env = read_json(results_dir / "env.json", {})
+    ceilings = read_json(results_dir / "ceilings.json", None)
+    skips = read_json(results_dir / "skipped.json", {})
     lines = _env_lines(env, ceilings, records)
 
     lines += ["## Targets (reported, not asserted)", ""]
@@ -326,8 +309,10 @@ def build_markdown(results_dir: Path) -> str:
             lines += [f"fused = SG-Adapter backend `{fused['adapter_backend']}`, loss backend "
                       f"`{fused.get('loss_backend')}`.", ""]
         unit = "ms/step" if group == "train" else "ms/batch"
-        lines += _table(["config", "FIT", "images/s", unit, "peak MiB", "fused vs reference", "of floor",
-                         "err / limit", "attention"], _e2e_rows(records, group))
+        lines += _table(["config", "FIT", "images/s", unit, "peak MiB", "added MiB", "fused vs reference",
+                         "of floor", "err / limit", "attention"], _e2e_rows(records, group))
+
+    lines += _encoder_lines(records)
 
     lines += _input_lines(records)
     lines += _decode_lines(records)
@@ -342,6 +327,34 @@ def build_markdown(results_dir: Path) -> str:
         lines += [f"- {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
         lines.append("")
     return "\n".join(lines)
+
+
+ENCODER_ORDER = ("open_clip", "sdpa", "xformers")
+
+
+def _encoder_lines(records: list[dict]) -> list[str]:
+    """bench_encoder.py: the frozen image encoder forward + backward with each attention kernel."""
+    recs = {r.get("impl"): r for r in records if r.get("group") == "encoder"}
+    if not recs:
+        return []
+    p = next(iter(recs.values())).get("params", {})
+    lines = ["## Frozen image encoder, forward + backward, by attention kernel", "",
+             f"{p.get('model')} at {p.get('image_size')} px, batch {p.get('batch')}, {p.get('precision')}: "
+             "visual_features without adapters, then the gradient of the images (backward through every frozen "
+             "block, as Sage's adapters need). err / limit: features and image gradient against open_clip's "
+             "attention in fp32. peak MiB: torch.cuda.max_memory_allocated, reset before each kernel; added: "
+             "above what was allocated before it (weights, inputs).", ""]
+    rows = []
+    for impl in ENCODER_ORDER:
+        rec = recs.get(impl)
+        if rec is None:
+            rows.append([impl, "–", "–", "–", "–", "–", "–", "not run (see Skipped cases)"])
+            continue
+        rows.append([impl, _attention(rec), _f(rec.get("images_per_s"), "{:.1f}"), _ms(rec), *_memory(rec),
+                     "–" if impl == "open_clip" else _x(_ratio(records, "encoder", "fwdbwd", impl, "open_clip")),
+                     _err(rec)])
+    return lines + _table(["attention", "kernel", "images/s", "ms/step", "peak MiB", "added MiB", "vs open_clip",
+                           "err / limit"], rows)
 
 
 def _input_lines(records: list[dict]) -> list[str]:
@@ -389,7 +402,7 @@ def _decode_lines(records: list[dict]) -> list[str]:
 
 def _tune_lines(results_dir: Path) -> list[str]:
     """The tuning stage's decisions (tune.json), one row per problem."""
-    data = _load_json(Path(results_dir) / "tune.json", None)
+    data = read_json(Path(results_dir) / "tune.json", None)
     if not data:
         return []
     lines = ["## Launch-configuration tuning", ""]
@@ -450,7 +463,7 @@ def _error_lines(records: list[dict]) -> list[str]:
 
 def headline_text(results_dir: Path) -> str:
     records = load_records(Path(results_dir))
-    env = _load_json(Path(results_dir) / "env.json", {})
+    env = read_json(Path(results_dir) / "env.json", {})
     rows = _headlines(records, gpu=env.get("mode") == "gpu")
     lines = [f"  {target}: {measured} [{status}]" for target, measured, status in rows]
     checked = [r for r in records if r.get("rel_err_ok") is not None]
@@ -471,7 +484,7 @@ def build_chart(results_dir: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = load_records(Path(results_dir))
-    env = _load_json(Path(results_dir) / "env.json", {})
+    env = read_json(Path(results_dir) / "env.json", {})
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for ax, group in zip(axes[:2], ("adapter", "loss")):
         primary = _primary_fused(records, group)
@@ -514,14 +527,15 @@ def build_chart(results_dir: Path, path: Path) -> None:
     fig.suptitle(f"{smoke}sage-fast on {env.get('device', '?')}  (torch {env.get('torch')}, commit "
                  f"{str(env.get('git_commit', '?'))[:10]})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def write_outputs(results_dir: Path) -> None:
     """summary.md, and chart.png when matplotlib is installed."""
     results_dir = Path(results_dir)
-    (results_dir / "summary.md").write_text(build_markdown(results_dir))
+    atomic_write_text(results_dir / "summary.md", build_markdown(results_dir))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -539,11 +553,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.from_json:
-        records = {(_slot(r)): r for r in load_records(args.results_dir)}
-        records.update({_slot(r): r for r in records_from_benchmark_json(args.from_json)})
-        with open(args.results_dir / "records.jsonl", "w") as fh:
-            for rec in records.values():
-                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        records = {slot(r): r for r in load_records(args.results_dir)}
+        records.update({slot(r): r for r in records_from_benchmark_json(args.from_json)})
+        write_records(args.results_dir, records.values())
     write_outputs(args.results_dir)
     if args.print:
         print((args.results_dir / "summary.md").read_text())

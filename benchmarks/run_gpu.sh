@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU run of sage-fast: parity tests, timings, launch-configuration tuning, end-to-end numbers,
-# sized for a 10-minute command (the default budget, 540 s, leaves a minute of margin).
+# sized for a 10-minute command (the default budget, 540 s, leaves a minute of margin). An offline GPU
+# machine gets the wheels it lacks from benchmarks/gpu_wheels.sh (in .whl/, installed here first).
 #
 #   bash benchmarks/run_gpu.sh                                   # from the repository root, on a CUDA machine
 #   SAGE_GIT_COMMIT=<sha> SAGE_EXPORT_DIR=$OUT bash benchmarks/run_gpu.sh   # a copy without .git; export
@@ -8,20 +9,22 @@
 # Stages, most valuable first (each under its own time limit, see below; a stage cut short by its limit
 # gets SIGINT, so pytest and the tuner still write what they measured, and every measured case is
 # already in records.jsonl):
-#   0. setup: carried wheels (.whl/) into /tmp/site, package and CUDA checks, env.json
+#   0. setup: the wheels in .whl/ into /tmp/site, package and CUDA checks, env.json (GPU, driver, CUDA, versions)
 #   1. parity           pytest tests -m gpu (-n 6 with pytest-xdist)          -> parity.log, parity-junit.xml
 #   2. adapter          bench_adapter.py -k "not compile" (eager, fused_torch, fused, autocast)  -> adapter.json
 #   3. loss             bench_loss.py -k "not compile" (eager, fused)          -> loss.json
-#   4. tune             python -m benchmarks.tune run: launch-configuration grid per kernel, correctness
+#   4. tune             python -m benchmarks.tuning run: launch-configuration grid per kernel, correctness
 #                       gate, noise margin                                      -> tune.json, tuned_launch.json
 #   5. train            bench_train_step.py -k "not compile": training step (floors, reference, fused;
-#                       FIT on and off) and inference                           -> train_step.json
-#   6. input            bench_input_pipeline.py: loader images/s on generated JPEGs (CPU workers, gpu_decode);
+#                       FIT on and off; peak memory of each) and inference      -> train_step.json
+#   6. encoder          bench_encoder.py: the frozen ViT-B/16 forward + backward with attention open_clip,
+#                       sdpa and xformers, parity against each other            -> encoder.json
+#   7. input            bench_input_pipeline.py: loader images/s on generated JPEGs (CPU workers, gpu_decode);
 #                       bench_input_decode.py: per-worker raw vs fast_decode vs prepared shards, 16 workers on shards
-#   7. adapter_compile  bench_adapter.py -k compile (fwd+bwd first)            -> adapter_compile.json
-#   8. train_compile    bench_train_step.py -k compile (the fused model under torch.compile, FIT on first)
-#   9. loss_compile     bench_loss.py -k compile (C = 8142 first)              -> loss_compile.json
-#  10. summary.md and chart.png over everything (python -m benchmarks.report)
+#   8. adapter_compile  bench_adapter.py -k compile (fwd+bwd first)            -> adapter_compile.json
+#   9. train_compile    bench_train_step.py -k compile (the fused model under torch.compile, FIT on first)
+#  10. loss_compile     bench_loss.py -k compile (C = 8142 first)              -> loss_compile.json
+#  11. summary.md and chart.png over everything (python -m benchmarks.report)
 # Every stage measures the committed tuned table (sage_fast/ops/tuned_launch.json); the tune stage writes
 # its new table into the results folder only (commit it, and the next run confirms it).
 #
@@ -61,6 +64,7 @@ STAGE_TABLE=(
     "loss 40 25"
     "tune 170 100"
     "train 100 70"
+    "encoder 60 30"
     "input 40 20"
     "adapter_compile 60 20"
     "train_compile 100 0"
@@ -76,8 +80,12 @@ for s in ${STAGES//,/ }; do
 done
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
+PLAN_ONLY=${SAGE_PLAN_ONLY:-0}
 SIM_OFFSET=0  # SAGE_PLAN_ONLY: simulated seconds spent
-left() { echo $(( BUDGET - (SECONDS - START) - SIM_OFFSET )); }
+# seconds of the budget left; a plan counts simulated time only (a slow shell must not shift its numbers)
+left() {
+    if [[ "$PLAN_ONLY" == "1" ]]; then echo $(( BUDGET - SIM_OFFSET )); else echo $(( BUDGET - (SECONDS - START) - SIM_OFFSET )); fi
+}
 # keep_after <stage>: seconds the enabled stages after it are guaranteed, plus the report
 keep_after() {
     local seen=0 keep=$REPORT_S name max reserve
@@ -110,7 +118,7 @@ stage() { echo; echo "=== [$(date -u +%H:%M:%S), $(( SECONDS - START ))s] $*"; }
 
 # SAGE_PLAN_ONLY=1: print the worst-case schedule (setup taking SAGE_PLAN_SETUP_S, default 25 s; every
 # stage running to its limit, then its grace) and exit without running anything.
-if [[ "${SAGE_PLAN_ONLY:-0}" == "1" ]]; then
+if [[ "$PLAN_ONLY" == "1" ]]; then
     SIM_OFFSET=${SAGE_PLAN_SETUP_S:-25}
     for row in "${STAGE_TABLE[@]}"; do
         read -r name max reserve <<< "$row"
@@ -127,12 +135,12 @@ if [[ "${SAGE_PLAN_ONLY:-0}" == "1" ]]; then
     exit 0
 fi
 
-# Wheels carried from the development machine (benchmarks/gpu_wheels.sh): the GPU image has no
-# open_clip_torch and cannot download it.
+# Wheels downloaded on a machine with internet access (benchmarks/gpu_wheels.sh: open_clip_torch, ftfy,
+# wcwidth, xformers) and copied here with the repository: an offline GPU machine cannot download them.
 if compgen -G ".whl/*.whl" > /dev/null; then
-    stage "installing carried wheels from .whl/"
+    stage "installing the wheels in .whl/ into /tmp/site"
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "cannot install the carried wheels" >&2; exit 3; }
+        || { echo "cannot install the wheels in .whl/" >&2; exit 3; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
@@ -156,7 +164,7 @@ fi
 
 SLUG=$($PY -c "
 import sys, torch
-from benchmarks.harness import device_slug
+from benchmarks.environment import device_slug
 if not torch.cuda.is_available() and '${SAGE_ALLOW_CPU:-0}' != '1':
     sys.exit('run_gpu.sh: no CUDA device (set SAGE_ALLOW_CPU=1 for a CPU smoke run)')
 print(device_slug())") || exit 2
@@ -182,11 +190,12 @@ export_results() {  # the folder as one archive, its summary and the tuned table
 stage "environment -> $RESULTS/env.json (budget ${BUDGET}s, stages $STAGES)"
 SAGE_RUN_COMMAND="$COMMAND" $PY - "$RESULTS/env.json" <<'EOF'
 import json, os, sys
-from benchmarks.harness import collect_env
+from benchmarks.environment import collect_env
+from benchmarks.records import write_json
 from sage_fast.ops import launch
 env = collect_env(command=os.environ["SAGE_RUN_COMMAND"])
 env["tuned_table"] = {"path": str(launch.table_path()), "entries": len(launch.installed_entries())}
-json.dump(env, open(sys.argv[1], "w"), indent=2)
+write_json(sys.argv[1], env)
 print(json.dumps(env, indent=2))
 EOF
 nvidia-smi 2>/dev/null | head -20 || true
@@ -224,9 +233,10 @@ run_stage adapter $PY -m pytest benchmarks/bench_adapter.py -k "not compile" "${
     --benchmark-json="$RESULTS/adapter.json"
 run_stage loss $PY -m pytest benchmarks/bench_loss.py -k "not compile" "${COMMON[@]}" --benchmark-json="$RESULTS/loss.json"
 # the tuner stops measuring 15 s before its limit (start-up and writing), keeping what it measured
-run_stage tune bash -c "exec $PY -m benchmarks.tune run --results '$RESULTS' --budget-s \$(( STAGE_LIMIT - 15 ))"
+run_stage tune bash -c "exec $PY -m benchmarks.tuning run --results '$RESULTS' --budget-s \$(( STAGE_LIMIT - 15 ))"
 run_stage train $PY -m pytest benchmarks/bench_train_step.py -k "not compile" "${COMMON[@]}" \
     --benchmark-json="$RESULTS/train_step.json"
+run_stage encoder $PY -m pytest benchmarks/bench_encoder.py "${COMMON[@]}" --benchmark-json="$RESULTS/encoder.json"
 run_stage input $PY -m pytest benchmarks/bench_input_pipeline.py benchmarks/bench_input_decode.py "${COMMON[@]}" --benchmark-json="$RESULTS/input.json"
 run_stage adapter_compile $PY -m pytest benchmarks/bench_adapter.py -k compile --sage-priority "${COMMON[@]}" \
     --benchmark-json="$RESULTS/adapter_compile.json"

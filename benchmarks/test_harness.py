@@ -1,6 +1,6 @@
 """The error check of the benchmarks: a fast but wrong implementation must fail its benchmark.
 
-The check itself (`harness.check_error`) on hand-made tensors, then each benchmark run end to end
+The check itself (`error_check.check_error`) on hand-made tensors, then each benchmark run end to end
 (its test function, with a stand-in for pytest-benchmark's fixture) on a deliberately wrong
 "fused" implementation: wrong output, right output with a wrong gradient, a wrong loss, a wrong
 adapter inside the Sage model. Each must raise after writing its record with rel_err_ok False.
@@ -17,7 +17,7 @@ import torch
 
 from sage_fast import FITLoss, SGAdapter, SGAdapterFused
 
-from . import bench_adapter, bench_loss, bench_train_step, harness
+from . import bench_adapter, bench_encoder, bench_loss, bench_train_step, environment, error_check, harness, records, timing
 
 
 class FakeBenchmark:
@@ -42,34 +42,34 @@ class FakeBenchmark:
 
 def test_relative_error():
     want = torch.tensor([3.0, 4.0])
-    assert harness.relative_error(want.clone(), want) == 0.0
-    assert harness.relative_error(torch.tensor([3.0, 4.5]), want) == pytest.approx(0.1)
-    assert harness.relative_error(torch.tensor([3.0, float("nan")]), want) == math.inf
-    assert harness.relative_error(torch.ones(3), want) == math.inf  # shape mismatch
-    assert harness.relative_error(torch.tensor([0.0, 2e-3]), torch.zeros(2)) == pytest.approx(2e-3)  # absolute
+    assert error_check.relative_error(want.clone(), want) == 0.0
+    assert error_check.relative_error(torch.tensor([3.0, 4.5]), want) == pytest.approx(0.1)
+    assert error_check.relative_error(torch.tensor([3.0, float("nan")]), want) == math.inf
+    assert error_check.relative_error(torch.ones(3), want) == math.inf  # shape mismatch
+    assert error_check.relative_error(torch.tensor([0.0, 2e-3]), torch.zeros(2)) == pytest.approx(2e-3)  # absolute
 
 
 def test_a_wrong_gradient_fails_and_is_named():
     want = {"out": torch.randn(8, 16), "grad x": torch.randn(8, 16), "grad s": torch.tensor(2.0)}
     right = {k: v * (1 + 1e-7) for k, v in want.items()}
-    assert harness.check_error(right, want, "fp32").ok
+    assert error_check.check_error(right, want, "fp32").ok
     wrong = dict(right, **{"grad s": torch.tensor(2.001)})  # 5e-4 off: over fp32's 1e-5
-    check = harness.check_error(wrong, want, "fp32")
+    check = error_check.check_error(wrong, want, "fp32")
     assert not check.ok and check.worst == "grad s"
     assert check.record_fields()["rel_err_vs_eager"] == pytest.approx(5e-4, rel=1e-3)
     with pytest.raises(AssertionError, match="grad s: 0.0005 > 1e-05"):
-        harness.assert_error_ok(check, "case")
+        error_check.assert_error_ok(check, "case")
     # the same error is within bf16's limit
-    harness.assert_error_ok(harness.check_error(wrong, want, "bf16"), "case")
+    error_check.assert_error_ok(error_check.check_error(wrong, want, "bf16"), "case")
 
 
 def test_low_precision_limit_follows_the_eager_reference():
     want = {"out": torch.ones(100)}
     eager = {"out": torch.ones(100) * 1.05}  # the eager reference itself is 5% off at this precision
-    assert harness.check_error({"out": torch.ones(100) * 1.09}, want, "bf16", eager).ok   # 9% <= 2 x 5%
-    assert not harness.check_error({"out": torch.ones(100) * 1.11}, want, "bf16", eager).ok
-    assert not harness.check_error({"out": torch.ones(100) * 1.03}, want, "bf16").ok       # 3% > 2% without it
-    assert harness.check_error({"out": torch.ones(100) * 1.03}, want, "fp32", eager).limit("out") == 1e-5
+    assert error_check.check_error({"out": torch.ones(100) * 1.09}, want, "bf16", eager).ok   # 9% <= 2 x 5%
+    assert not error_check.check_error({"out": torch.ones(100) * 1.11}, want, "bf16", eager).ok
+    assert not error_check.check_error({"out": torch.ones(100) * 1.03}, want, "bf16").ok       # 3% > 2% without it
+    assert error_check.check_error({"out": torch.ones(100) * 1.03}, want, "fp32", eager).limit("out") == 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_wrong_adapter_output_fails_the_benchmark(mode, dtype, factor, monkeypat
     """0.1% off in fp32, 10% off in bf16 (whose limit is 2%)."""
     monkeypatch.setattr(_WrongOutput, "factor", factor)
     _wrong_fused(monkeypatch, bench_adapter, _wrong_adapter(_WrongOutput))
-    recorder = harness.Recorder(tmp_path, append=False)
+    recorder = records.Recorder(tmp_path, append=False)
     case = bench_adapter.AdapterCase(2, 17, 64, 4, dtype, mode, "fused")
     record = _expect_failure(lambda: bench_adapter.test_sg_adapter_block(case, FakeBenchmark(), recorder, {}, False),
                              recorder)
@@ -143,7 +143,7 @@ def test_wrong_adapter_output_fails_the_benchmark(mode, dtype, factor, monkeypat
 
 def test_wrong_adapter_gradient_fails_the_benchmark(monkeypatch, tmp_path):
     _wrong_fused(monkeypatch, bench_adapter, _wrong_adapter(_WrongGradient))
-    recorder = harness.Recorder(tmp_path, append=False)
+    recorder = records.Recorder(tmp_path, append=False)
     fwd = bench_adapter.AdapterCase(2, 17, 64, 4, "fp32", "fwd", "fused")
     bench_adapter.test_sg_adapter_block(fwd, FakeBenchmark(), recorder, {}, False)  # the output is right
     assert recorder.records[-1]["rel_err_ok"] is True
@@ -167,7 +167,7 @@ def test_wrong_loss_fails_the_benchmark(kind, mode, monkeypatch, tmp_path):
         return module
 
     _wrong_fused(monkeypatch, bench_loss, build)
-    recorder = harness.Recorder(tmp_path, append=False)
+    recorder = records.Recorder(tmp_path, append=False)
     case = bench_loss.LossCase(kind, 16, 100, "fp32", mode, "fused")
     _expect_failure(lambda: bench_loss.test_loss(case, FakeBenchmark(), recorder, {}, False), recorder)
 
@@ -183,13 +183,86 @@ def test_wrong_adapter_in_the_model_fails_the_train_step_and_inference(monkeypat
 
     monkeypatch.setattr(bench_train_step, "build_sage", build)
     e2e = bench_train_step.make_e2e(classes=10, batch=2)
-    recorder = harness.Recorder(tmp_path, append=False)
+    recorder = records.Recorder(tmp_path, append=False)
     bench_train_step.test_train_step("fit_on", "reference", e2e, FakeBenchmark(), recorder, False)
     assert recorder.records[-1]["rel_err_ok"] is True
     _expect_failure(lambda: bench_train_step.test_train_step("fit_on", "fused", e2e, FakeBenchmark(), recorder, False),
                     recorder)
     _expect_failure(lambda: bench_train_step.test_inference("fit_off", "fused", e2e, FakeBenchmark(), recorder),
                     recorder)
+    # every variant's record carries its peak memory (None on a CPU: no CUDA allocator to ask)
+    assert [(r["group"], r["impl"]) for r in recorder.records] == [("train", "reference"), ("train", "fused"),
+                                                                   ("infer", "fused")]
+    assert all({"peak_mem_MiB", "peak_mem_added_MiB"} <= set(r) for r in recorder.records)
+    assert all((r["peak_mem_MiB"] is None) == (not timing.ON_GPU) for r in recorder.records)
+
+
+@pytest.mark.parametrize("wrong", ["output", "gradient"])
+def test_a_wrong_attention_kernel_fails_the_encoder_parity(wrong, monkeypatch, tmp_path):
+    """SDPA's attention 0.1% off in every block, or right but with a 1% wrong gradient: its encoder case
+    fails against open_clip's attention (features, or the gradient of the images); open_clip's passes."""
+    import sage_fast.model.sage as sage_module
+
+    real = sage_module.frozen_self_attention
+
+    def attention(mha, x, backend):
+        out = real(mha, x, backend)
+        if backend != "sdpa":
+            return out
+        return out * 1.001 if wrong == "output" else _ScaleGrad.apply(out)
+
+    monkeypatch.setattr(sage_module, "frozen_self_attention", attention)
+    data = bench_encoder.make_encoder_data(batch=2)
+    recorder = records.Recorder(tmp_path, append=False)
+    bench_encoder.test_encoder_fwdbwd("open_clip", data, FakeBenchmark(), recorder)
+    assert recorder.records[-1]["rel_err_ok"] is True and recorder.records[-1]["rel_err_vs_eager"] < 1e-6
+    record = _expect_failure(lambda: bench_encoder.test_encoder_fwdbwd("sdpa", data, FakeBenchmark(), recorder),
+                             recorder)
+    assert record["impl"] == "sdpa"
+    check = bench_encoder.check_against_open_clip(data, bench_encoder.build_encoder(data, "sdpa"))
+    assert (check.errors["features"] > check.limit("features")) == (wrong == "output")
+    assert check.errors["grad images"] > check.limit("grad images")
+
+
+def test_xformers_is_skipped_with_its_reason_where_it_cannot_run(monkeypatch):
+    from sage_fast.model import attention as model_attention
+
+    if timing.ON_GPU and environment.xformers_status()[0]:
+        pytest.skip("xformers runs on this machine")
+    assert "xformers" in bench_encoder.skip_reason("xformers")
+    assert bench_encoder.skip_reason("sdpa") is None and bench_encoder.skip_reason("open_clip") is None
+    if timing.ON_GPU:
+        return
+    # installed but on a CPU: the model's probe says why (its per-device cache cleared around the change)
+    monkeypatch.setattr(model_attention, "xformers_version", lambda: "0.0.35")
+    model_attention._unusable_reason.cache_clear()
+    try:
+        runs, why = environment.xformers_status()
+    finally:
+        model_attention._unusable_reason.cache_clear()
+    assert not runs and "CUDA" in why and bench_encoder.kernel_name("open_clip") == "open_clip"
+
+
+def test_peak_memory_excludes_the_flush_buffer_and_counts_from_the_reset(monkeypatch):
+    """The CUDA allocator's answers, simulated: 1000 MiB allocated at the reset (weights, inputs); during the
+    timed calls the 256 MiB flush buffer is allocated and the step itself peaks 300 MiB above the start."""
+    mib = 2**20
+    state = {"allocated": 1000 * mib, "peak": 0}
+    monkeypatch.setattr(timing, "ON_GPU", True)
+    monkeypatch.setattr(timing, "_FLUSH", [])
+    monkeypatch.setattr(timing, "_AT_RESET", [])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+    timing.reset_peak_memory()
+    monkeypatch.setattr(timing, "_FLUSH", [SimpleNamespace(nbytes=256 * mib)])
+    state["peak"] = (1000 + 256 + 300) * mib
+    assert timing.peak_memory_fields() == {"peak_mem_MiB": 1300.0, "peak_mem_added_MiB": 300.0}
+    state["allocated"] = (1000 + 256) * mib  # the next variant: the flush buffer now exists before the reset
+    timing.reset_peak_memory()
+    state["peak"] += 100 * mib
+    assert timing.peak_memory_fields() == {"peak_mem_MiB": 1100.0, "peak_mem_added_MiB": 100.0}
 
 
 def test_the_fused_adapter_benchmark_builds_the_kernel_module():
@@ -205,11 +278,11 @@ def test_the_fused_adapter_benchmark_builds_the_kernel_module():
 
 def test_the_replay_timer_makes_pytest_benchmark_record_the_given_samples():
     samples = [3e-3, 1e-3, 2e-3, 5e-3, 4e-3]
-    timer = harness.ReplayTimer(samples)
+    timer = timing.ReplayTimer(samples)
     durations = []
     for _ in samples:  # what pedantic's runner does per round: timer(), call, timer()
         start = timer()
-        harness._noop()
+        timing._noop()
         durations.append(timer() - start)
     assert durations == pytest.approx(samples)
 
@@ -217,21 +290,22 @@ def test_the_replay_timer_makes_pytest_benchmark_record_the_given_samples():
 def test_the_replay_timer_through_pytest_benchmark(benchmark):
     """The real fixture: its median is the median of the replayed samples (CPU or GPU alike)."""
     samples = [0.7, 0.1, 0.4, 0.2, 0.9]
-    benchmark._timer = harness.ReplayTimer(samples)
-    benchmark.pedantic(harness._noop, rounds=len(samples), iterations=1, warmup_rounds=0)
+    benchmark._timer = timing.ReplayTimer(samples)
+    benchmark.pedantic(timing._noop, rounds=len(samples), iterations=1, warmup_rounds=0)
     if not getattr(benchmark, "disabled", False):
         assert benchmark.stats.stats.median == pytest.approx(0.4)
         assert benchmark.stats.stats.min == pytest.approx(0.1)
 
 
 def test_cpu_timing_records_its_method():
-    timing = harness.Timing(1.0, 1.0, 0.0, 1.0, 3, 2)
-    assert timing.record_fields()["timing_method"] == harness.CPU_TIMING_METHOD
-    gpu = harness.Timing(1.0, 1.0, 0.0, 1.0, 20, 1, harness.GPU_TIMING_METHOD, 5, 0.1)
+    cpu = timing.Timing(1.0, 1.0, 0.0, 1.0, 3, 2)
+    assert cpu.record_fields()["timing_method"] == timing.CPU_TIMING_METHOD
+    assert cpu.record_fields()["time_s"] == 1.0 and cpu.record_fields()["iterations"] == 2
+    gpu = timing.Timing(1.0, 1.0, 0.0, 1.0, 20, 1, timing.GPU_TIMING_METHOD, 5, 0.1)
     fields = gpu.record_fields()
     assert fields["timing_method"].startswith("cuda-events") and fields["timing_warmup"] == 5
     assert "l2_flush_MiB" in fields and fields["iqr_s"] == 0.1
-    t, reps = harness.median_time(lambda: sum(range(100)), target_s=1e-3, min_reps=3, max_reps=10, warmup=1)
+    t, reps = timing.median_time(lambda: sum(range(100)), target_s=1e-3, min_reps=3, max_reps=10, warmup=1)
     assert 3 <= reps <= 10 and t > 0
 
 

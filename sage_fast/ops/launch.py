@@ -19,7 +19,7 @@ dx backward; `weight_grad_launch`; `select_loss_launch`, which falls back on `lo
 2. on a GPU, a tuned entry for the device where there is one: `TUNED_FWD`, `TUNED_DX`,
    `TUNED_WEIGHT_GRAD` keyed by `TuneKey` (device name, d, r, operand dtype) and `TUNED_LOSS` keyed
    by `LossTuneKey` (device name, classes, logits dtype, FIT), loaded when this module is imported
-   from `tuned_launch.json` beside it (written by `python -m benchmarks.tune`, the tuning stage of
+   from `tuned_launch.json` beside it (written by `python -m benchmarks.tuning`, the tuning stage of
    benchmarks/run_gpu.sh; `SAGE_FAST_TUNED_LAUNCH` names another file, or "none" for no table);
 3. else the GPU heuristics (`gpu_row_launch`, ...): chosen so that ptxas (sm_90) reports no
    register spills, for bf16, fp16 and fp32 operands. tests/ops/test_kernels_compile.py compiles
