@@ -379,7 +379,7 @@ def final_report(folder, progress: Mapping[str, int], epochs: int) -> Optional[d
     if not (metrics_path.is_file() and export.is_file()):
         return None
     try:
-        report = json.loads(metrics_path.read_text())
+        report = json.loads(metrics_path.read_text(encoding="utf-8"))
         exported = _export_metadata(export).get("global_step")
     except (OSError, ValueError, CheckpointError):
         return None

@@ -31,6 +31,7 @@ import yaml
 
 from ..model.config import ModelConfig, check_model_config
 from ..ops.checks import check_interval, check_non_negative, check_positive
+from .data.text_files import read_text
 
 
 class ConfigError(ValueError):
@@ -371,7 +372,8 @@ def load_yaml(path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        # YAML files are UTF-8 (YAML 1.2), whatever the locale; another encoding is a one-line error
+        loaded = yaml.safe_load(read_text(path, "config file"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if loaded is None:

@@ -58,9 +58,9 @@ def make_demo_dataset(root: str, seed: int = 0, size: int = 32, test_per_class: 
                 Image.fromarray(_draw(colour, pattern, rng, size)).save(os.path.join(root, rel))
                 lines[split].append(f"{rel} {label}")
     for split, rows in lines.items():
-        with open(os.path.join(root, f"{split}.txt"), "w") as fh:
+        with open(os.path.join(root, f"{split}.txt"), "w", encoding="utf-8") as fh:
             fh.write("\n".join(rows) + "\n")
-    with open(os.path.join(root, "classnames.txt"), "w") as fh:
+    with open(os.path.join(root, "classnames.txt"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(names) + "\n")
     return {"root": root, "train": os.path.join(root, "train.txt"), "test": os.path.join(root, "test.txt"),
             "classnames": os.path.join(root, "classnames.txt"), "class_names": names, "class_counts": counts}
@@ -99,7 +99,7 @@ def check_demo_folder(out, overwrite: bool = False) -> None:
     check_claim(run_dir, fresh=True, overwrite=True, what="--out")
     names_file = data_dir / "classnames.txt"
     if folder_entries(data_dir):
-        names = names_file.read_text().split() if names_file.is_file() else None
+        names = names_file.read_text(encoding="utf-8").split() if names_file.is_file() else None
         if names != demo_class_names():
             raise RunFolderError(f"{data_dir} holds files that are not the demo's data set (no classnames.txt with "
                                  "the demo's classes): --overwrite replaces only an earlier demo; choose another --out")

@@ -45,7 +45,7 @@ def stored_config(folder) -> Optional[Dict[str, Any]]:
     if not path.is_file():
         return None
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {}).to_dict()
+        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}).to_dict()
     except (ConfigError, yaml.YAMLError, TypeError, AttributeError):
         return None  # written by another version or damaged: not a run of this config
 
@@ -96,7 +96,7 @@ def data_difference(cfg: SageConfig, stored_from, report: Optional[dict] = None,
 
 def _metrics(folder: Path) -> Optional[dict]:
     try:
-        report = json.loads((folder / METRICS).read_text())
+        report = json.loads((folder / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None

@@ -117,7 +117,7 @@ def read_marker(folder) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        marker = json.loads(path.read_text())
+        marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return marker if isinstance(marker, dict) else {}

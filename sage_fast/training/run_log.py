@@ -93,13 +93,13 @@ class CSVLog:
         return rows
 
     def _rewrite(self, rows) -> None:
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, self.fields)
             w.writeheader()
             w.writerows(rows)
 
     def write(self, **row) -> None:
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
 
 

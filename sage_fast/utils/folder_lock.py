@@ -80,7 +80,7 @@ def _command() -> str:
 
 def _read_holder(path: Path) -> dict:
     try:
-        text = path.read_text(errors="replace").strip()
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return {}
     if not text:
@@ -284,7 +284,7 @@ class FolderLock:
         line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
                            "command": _command()}) + "\n"
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, line.encode(), 0)
+        os.pwrite(self._fd, line.encode("utf-8"), 0)
         with contextlib.suppress(OSError):
             os.fsync(self._fd)
 

@@ -402,6 +402,20 @@ def test_split_file_and_inaturalist_json_with_a_bad_byte_are_named(data, tmp_pat
         build_data(cfg, 32)
 
 
+def test_a_config_file_is_utf8_with_a_bad_byte_named(data, tmp_path, capsys):
+    """A YAML config was read in the locale's encoding (`tests/test_encoding.py` keeps every read UTF-8): a
+    Latin-1 one ended in a UnicodeDecodeError traceback."""
+    good = tmp_path / "good.yaml"
+    good.write_bytes("\ufeff# caf\u00e9\nmodel:\n  alpha: 0.25 # \u00e9t\u00e9\n".encode("utf-8"))
+    assert build_config(good).model.alpha == 0.25
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes("model:\n  alpha: 0.25 # caf\u00e9\n".encode("latin-1"))
+    rc, err = run_cli(["train", "--config", str(bad), *args(data, tmp_path / "run")[1:]], capsys)
+    assert_one_line_error(rc, err, f"{bad}:2: byte 0xe9 (file offset 26, byte 20 of the line) is not valid UTF-8",
+                          "config file must be UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
 def test_utf8_names_with_a_byte_order_mark_and_crlf_are_read(data):
     names = ["caf\u00e9", "na\u00efve cr\u00e8me", "\u00e9t\u00e9"]
     (data / "classnames.txt").write_bytes(("\ufeff" + "\r\n".join(names) + "\r\n").encode("utf-8"))

@@ -196,7 +196,7 @@ def _kept(out: Path, name: str) -> Optional[dict]:
     if not (rec_path.is_file() and shard.is_file()):
         return None
     try:
-        record = json.loads(rec_path.read_text())
+        record = json.loads(rec_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if record.get("bytes") != shard.stat().st_size or record.get("sha256") != _sha256(shard):
@@ -254,7 +254,7 @@ def prepare(data_cfg, out, short_side: int = DEFAULT_SHORT_SIDE, quality: int = 
         remove_stale_temporaries(folder)  # a killed run's half-written files
     plan_path = state / "plan.json"
     if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
         if plan.get("settings") != settings:
             raise UserError(f"{out} holds an unfinished preparation from other data or settings: choose another "
                             f"--out, or delete it first")

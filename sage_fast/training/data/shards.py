@@ -71,7 +71,7 @@ def read_manifest(directory) -> dict:
         raise UserError(f"data.prepared: {directory} holds no {MANIFEST}{unfinished}; make one with "
                         f"'sage-fast prepare --out {directory} ...'")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"data.prepared: {path} cannot be read as JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
