@@ -9,7 +9,8 @@ from .common import OVERRIDE_HELP, CommandError, CommandParser, add_weights_argu
 def main(argv) -> int:
     p = CommandParser(prog="sage-fast eval", allow_abbrev=False,
                       epilog=OVERRIDE_HELP + " Exit status: 0 done; 1 crashed; 2 bad arguments or config, "
-                             "settings or class names that differ from the weights' (without --force-config), "
+                             "settings or class names that differ from the weights' (without --force-config), an --out "
+                             "that holds reports already (without --overwrite), "
                              "weights that are corrupt (checksum mismatch) or unreadable; 130 SIGINT (Ctrl-C), "
                              "75 SIGTERM / SIGUSR1: stopped, nothing written.",
                       description="Evaluate trained Sage weights: overall / many / medium / few top-1, "
@@ -27,6 +28,9 @@ def main(argv) -> int:
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json, per_class.csv and "
                                                 "per_class_accuracy.png (default: OUTPUT_DIR/eval, with "
                                                 "--zero-shot OUTPUT_DIR/zero-shot, which also gets config.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the reports that --out holds already (an earlier evaluation's); without it, a "
+                        "folder that holds any of the files written is refused")
     args, rest = p.parse_known_args(argv)
     if args.zero_shot and args.weights:
         p.error("--zero-shot evaluates CLIP without trained weights: leave out --weights (the config comes "
@@ -47,7 +51,7 @@ def main(argv) -> int:
         else:
             weights = read_trained(args.weights)
             cfg = resolve_run_config(weights, args.config, overrides, args.preset, args.force_config)
-        report = evaluate_weights(cfg, weights, out_dir=args.out, force=args.force_config)
+        report = evaluate_weights(cfg, weights, out_dir=args.out, force=args.force_config, overwrite=args.overwrite)
     except RunFolderError as e:
         raise CommandError(p.prog, e) from None
     if is_main_process():

@@ -275,7 +275,9 @@ def evaluate_or_reuse(p: Planned, identities: Optional[dict] = None) -> Tuple[di
     report = row_report(p, identities)
     if report is not None:
         return report, "reused"
-    return evaluate_weights(p.cfg, None, out_dir=p.folder), "evaluated"
+    # this folder belongs to the ablation (as a trained row's does, `reuse.run_or_reuse`): an evaluation of
+    # another config or data there is replaced
+    return evaluate_weights(p.cfg, None, out_dir=p.folder, overwrite=True), "evaluated"
 
 
 def run_ablation(base: SageConfig, planned: Sequence[Planned], selected: Sequence[int], log=print

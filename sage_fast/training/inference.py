@@ -38,6 +38,9 @@ from .config import ConfigError, build_config, config_differences, flatten, form
 from .distributed import autocast, cleanup_distributed, resolve_device, seed_everything
 from .errors import UserError
 from .run_folder import (
+    CONFIG,
+    REPORT_FILES,
+    RUNTIME,
     RunFolderError,
     hold_run_folder,
     holds_training_run,
@@ -221,7 +224,7 @@ def load_trained(weights, cfg, device=None, zero_shot: bool = False):
 # Evaluation
 
 
-def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
+def evaluate_weights(cfg, weights, out_dir=None, force: bool = False, overwrite: bool = False) -> dict:
     """Load trained parameters (checkpoint or safetensors export, verified; or `TrainedWeights`) into a fresh
     model, evaluate on the test split (every process of a torchrun job its shard), and write the reports into
     `out_dir` (default ``train.output_dir/eval``), never over a training run's. Builds no optimizer, no
@@ -231,7 +234,9 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
     are grouped (many / medium / few) by the training counts stored with the weights, as the training run
     grouped them. The report's ``epoch`` / ``step`` are those of the weights (None where the file does not
     say), and ``weights`` names the file. Nothing is written unless the evaluation finishes: the folder and
-    its files appear together (a stop signal waits for them).
+    its files appear together (a stop signal waits for them). A folder that holds any of them already (an
+    earlier evaluation's reports, or the user's own files of those names) is refused (`RunFolderError`)
+    unless `overwrite`.
 
     weights None: zero-shot CLIP (`sage_fast.model.ZeroShotCLIP`: the frozen encoder and the template
     classifier of `cfg`, nothing trained), on the data set as a training run of `cfg` builds it (the same
@@ -247,13 +252,15 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
     from .metrics import write_report
     from .preemption import signals_deferred
     from .preflight import check_device, check_image_size, check_model_source, check_output_dir
-    from .run_folder import CONFIG
     from .trainer import build_model
 
     out = Path(out_dir) if out_dir else Path(cfg.train.output_dir) / ("eval" if weights else "zero-shot")
     if holds_training_run(out):
         raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere (--out)")
     refuse_if_held(out)  # another process writes there now; the reports are written under the lock below
+    written = REPORT_FILES + (RUNTIME,) + (() if weights else (CONFIG,))
+    if not overwrite:
+        _refuse_to_overwrite(out, written)
     w = read_trained(weights) if weights else None
     # the checks of a training run's `preflight` that evaluation needs: not the training batch, and the
     # folder written is `out`
@@ -304,6 +311,8 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
                 if holds_training_run(out):
                     raise RunFolderError(f"{out} holds a training run: evaluation writes its reports elsewhere "
                                          "(--out)")
+                if not overwrite:  # written meanwhile by another evaluation
+                    _refuse_to_overwrite(out, written)
                 with signals_deferred():  # the files appear together, or none of them
                     remove_stale_temporaries(out)
                     if w is None:  # what was evaluated, before the metrics (`reuse.finished_report` reads both)
@@ -314,6 +323,13 @@ def evaluate_weights(cfg, weights, out_dir=None, force: bool = False) -> dict:
         return report
     finally:
         cleanup_distributed(dist_info, ok)
+
+
+def _refuse_to_overwrite(out: Path, names: Sequence[str]) -> None:
+    there = [n for n in names if (out / n).exists()]
+    if there:
+        raise RunFolderError(f"{out} holds {', '.join(there)} already (an earlier evaluation's, or files of "
+                             "your own): --overwrite replaces them, or write elsewhere (--out)")
 
 
 def _data_source(cfg) -> str:

@@ -520,3 +520,26 @@ def test_sweep_trains_each_value_once(data_root, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:  # no key with several values
         cli_main(["sweep", "--config", str(cfg_file), "model.alpha=0.1"])
     assert e.value.code == 2
+
+
+def test_eval_replaces_reports_only_when_asked(run, tmp_path, capsys):
+    """eval wrote over the metrics.json, per_class.csv and the plot that --out held: an earlier evaluation's
+    (other weights, say) or a user's own file of that name."""
+    out, trained = run
+    weights = str(out / "adapters.safetensors")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text('{"mine": true}\n')
+    assert cli_main(["eval", "--weights", weights, "--out", str(mine)]) == 2
+    line = one_error_line(capsys)
+    assert f"{mine} holds metrics.json already" in line and "--overwrite" in line
+    assert [p.name for p in mine.iterdir()] == ["metrics.json"]
+    assert (mine / "metrics.json").read_text() == '{"mine": true}\n'
+    assert cli_main(["eval", "--weights", weights, "--out", str(mine), "--overwrite"]) == 0
+    assert json.loads((mine / "metrics.json").read_text())["overall"] == trained["overall"]
+    capsys.readouterr()
+    # a second evaluation into the same folder: refused before anything is built, the first's files intact
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert cli_main(["eval", "--weights", weights, "--out", str(mine)]) == 2
+    assert "holds metrics.json, per_class.csv, per_class_accuracy.png, runtime.json already" in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
