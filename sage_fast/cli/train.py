@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from .common import OVERRIDE_HELP, PRINT_CONFIG_HELP, CommandError, CommandParser, add_config_arguments, split_arguments
@@ -46,8 +47,9 @@ def main(argv) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--bench-data", type=int, metavar="N", help="only measure the input pipeline over N batches")
     args, rest = p.parse_known_args(argv)
-    if args.resume and "=" in args.resume and not args.resume.endswith(".pt"):
-        # `--resume optim.lr=0.1`: argparse took the override as the optional value
+    if args.resume and "=" in args.resume and not os.path.isfile(args.resume):
+        # `--resume optim.lr=0.1`: argparse took the override as the optional value (a checkpoint file whose
+        # name holds "=" stays the checkpoint)
         rest, args.resume = [args.resume] + rest, "last"
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")

@@ -19,6 +19,19 @@ def test_split_arguments_with_paths(tmp_path):
     assert paths == ["img.jpg", str(named_like_an_override), "--topk"]
 
 
+def test_resume_before_an_override_and_a_checkpoint_named_like_one(tmp_path, capsys):
+    """`--resume` takes an optional value: `--resume optim.lr=0.5` is an override after a bare --resume, but a
+    checkpoint file whose name holds "=" (not ending in .pt) is a checkpoint, not an override."""
+    import yaml
+
+    assert cli.main(["train", "--resume", "optim.lr=0.5", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.5
+    ckpt = tmp_path / "lr=0.5"
+    ckpt.write_bytes(b"")
+    assert cli.main(["train", "--resume", str(ckpt), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] != 0.5
+
+
 @pytest.fixture
 def command(monkeypatch):
     """A fake command whose main raises what the test puts in `raised`."""
