@@ -81,7 +81,9 @@ def main(argv) -> int:
         if report.get("done_before"):
             print(f"{p.prog}: {cfg.train.output_dir} already finished ({report.get('epoch')} epochs, step "
                   f"{report.get('step')}): nothing to do; its metrics are in "
-                  f"{Path(cfg.train.output_dir) / 'metrics.json'}")
+                  f"{Path(cfg.train.output_dir) / 'metrics.json'}"
+                  + ("; --force-resume changes nothing in a finished run (other settings: a new run, with "
+                     "--overwrite or another train.output_dir)" if args.force_resume else ""))
             return 0
         print(format_report(report))
         print(f"outputs in {cfg.train.output_dir}")

@@ -468,6 +468,7 @@ def test_resume_with_settings_that_change_the_result_is_refused_unless_forced(da
     proc = sage("train", *overrides(data, out, **{"optim.lr": 0.01}), "--resume", "--force-resume")
     assert proc.returncode == 0, why(proc)
     assert f"{out} already finished (2 epochs, step {TOTAL_STEPS}): nothing to do" in proc.stdout, why(proc)
+    assert "--force-resume changes nothing in a finished run" in proc.stdout, why(proc)
     assert tree_digest(out) == before
 
 
