@@ -52,7 +52,7 @@ from .config import ConfigError, SageConfig, build_config, parse_overrides
 from .distributed import is_main_process
 from .metrics import ACCURACIES, metric_value
 from .reuse import finished_report, run_or_reuse
-from .run_folder import hold_run_folder
+from .run_folder import EXPORT, hold_run_folder
 
 #: the switches the rows set, in the table's column order
 SWITCHES = ("adapter", "classifier_init", "loss", "fit")
@@ -160,7 +160,7 @@ def parameter_counts(folder) -> Optional[Dict[str, int]]:
     """{"trainable", "adapters"} from the run's ``adapters.safetensors`` (shapes only, no tensor is read), or
     None when there is none. "adapters": adapters and block scales (the paper's count, Table 12);
     "trainable": everything trained (also the classifier and FIT's s1, s2), `SageModel.num_trainable_parameters`."""
-    path = Path(folder) / "adapters.safetensors"
+    path = Path(folder) / EXPORT
     if not path.is_file():
         return None
     try:

@@ -56,7 +56,7 @@ import torch
 from ..utils.files import atomic_path
 from .config import config_differences, format_differences
 from .errors import load_failure_reason
-from .run_folder import EXPORT, LAST, METRICS, PREVIOUS, RunFolderError
+from .run_folder import EXPORT, LAST, METRICS, PREVIOUS, RunFolderError, read_report
 
 CHECKPOINT_VERSION = 2
 #: versions `read_checkpoint` accepts; 1 has no digest and so cannot be verified
@@ -375,16 +375,16 @@ def final_report(folder, progress: Mapping[str, int], epochs: int) -> Optional[d
     folder = Path(folder)
     if int(progress["epoch"]) < epochs or int(progress["step_in_epoch"]) != 0:
         return None
-    metrics_path, export = folder / METRICS, folder / EXPORT
-    if not (metrics_path.is_file() and export.is_file()):
+    export = folder / EXPORT
+    report = read_report(folder)
+    if report is None or not export.is_file():
         return None
     try:
-        report = json.loads(metrics_path.read_text(encoding="utf-8"))
         exported = _export_metadata(export).get("global_step")
     except (OSError, ValueError, CheckpointError):
         return None
     step = int(progress["global_step"])
-    if not isinstance(report, dict) or report.get("step") != step or _int_or_none(exported) != step:
+    if report.get("step") != step or _int_or_none(exported) != step:
         return None
     return report
 

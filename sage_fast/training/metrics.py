@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..utils.files import atomic_path, atomic_write_text
+from .run_folder import METRICS, PER_CLASS, PLOT
 
 
 #: the accuracies a report leads with, in this order (top-1, %)
@@ -181,7 +182,7 @@ def write_report(out_dir, report: dict, data) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in report.items() if k != "per_class"}
     summary["dataset"] = data.name
-    atomic_write_text(out_dir / "metrics.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / METRICS, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     masks = group_masks(data.group_counts)
     # group_count: the count that decides the group (CIFAR-100-LT ratios 50 / 10: ratio 100's count)
     rows = ["class,name,train_count,group_count,group,accuracy"]
@@ -189,7 +190,7 @@ def write_report(out_dir, report: dict, data) -> None:
                                                        report["per_class"])):
         group = next(g for g, m in masks.items() if bool(m[k]))
         rows.append(f"{k},{json.dumps(name)},{count},{gcount},{group},{'' if math.isnan(acc) else f'{acc:.4f}'}")
-    atomic_write_text(out_dir / "per_class.csv", "\n".join(rows) + "\n")
-    plot_per_class(out_dir / "per_class_accuracy.png", report["per_class"], data.class_counts,
+    atomic_write_text(out_dir / PER_CLASS, "\n".join(rows) + "\n")
+    plot_per_class(out_dir / PLOT, report["per_class"], data.class_counts,
                    f"{data.name}: overall {report['overall']:.1f}%, many {report['many']:.1f}, "
                    f"medium {report['medium']:.1f}, few {report['few']:.1f}", group_counts=data.group_counts)

@@ -30,10 +30,7 @@ from ..utils.folder_lock import lock_holder
 from .checkpoint import class_difference, stored_run_info
 from .config import REUSE_FREE_KEYS, ConfigError, SageConfig, config_differences, config_from_dict
 from .distributed import is_main_process
-from .run_folder import CONFIG, EXPORT, LAST, METRICS
-
-#: the report file a zero-shot evaluation keeps its classes in
-PER_CLASS = "per_class.csv"
+from .run_folder import CONFIG, EXPORT, LAST, METRICS, PER_CLASS, read_report
 
 #: data config (as JSON) -> its `data_identity`: one listing per command and data set (see the docstring)
 DataIdentities = Dict[str, dict]
@@ -94,14 +91,6 @@ def data_difference(cfg: SageConfig, stored_from, report: Optional[dict] = None,
     return differ
 
 
-def _metrics(folder: Path) -> Optional[dict]:
-    try:
-        report = json.loads((folder / METRICS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) else None
-
-
 def _per_class_csv(path) -> Dict[str, Any]:
     """The class names and training counts of a report's ``per_class.csv`` (what a zero-shot evaluation,
     which has no weights, keeps of its data); None values when it cannot be read."""
@@ -132,7 +121,7 @@ def finished_report(cfg: SageConfig, folder, identities: Optional[DataIdentities
     metrics, config = folder / METRICS, folder / CONFIG
     if not (metrics.is_file() and config.is_file()) or metrics.stat().st_mtime < config.stat().st_mtime:
         return None
-    report = _metrics(folder)
+    report = read_report(folder)
     wanted = cfg.optim.epochs if epoch is None else epoch
     if report is None or report.get("epoch") != wanted or not same_run(cfg, folder):
         return None
@@ -166,7 +155,7 @@ def run_or_reuse(cfg: SageConfig, folder, identities: Optional[DataIdentities] =
             why = "a run of another config"
         else:
             # a finished run's report is compared too: its numbers are of the test split it was evaluated on
-            differ = data_difference(cfg, stored, _metrics(folder), identities)
+            differ = data_difference(cfg, stored, read_report(folder), identities)
             if differ is not None:
                 why = f"a run trained on other data ({differ})"
             elif stored.name == LAST:

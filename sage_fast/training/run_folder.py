@@ -46,7 +46,10 @@ EXPORT = "adapters.safetensors"
 CONFIG = "config.yaml"
 RUNTIME = "runtime.json"
 METRICS = "metrics.json"
-REPORT_FILES = (METRICS, "per_class.csv", "per_class_accuracy.png")
+PER_CLASS = "per_class.csv"
+PLOT = "per_class_accuracy.png"
+#: the reports of an evaluation (`metrics.write_report`)
+REPORT_FILES = (METRICS, PER_CLASS, PLOT)
 LOG_FILES = ("train_log.csv", "eval_log.csv")
 #: the marker a run writes first: its folder belongs to a sage-fast run
 MARKER = ".sage-fast-run"
@@ -121,6 +124,15 @@ def read_marker(folder) -> Optional[dict]:
     except (OSError, ValueError):
         return {}
     return marker if isinstance(marker, dict) else {}
+
+
+def read_report(folder) -> Optional[dict]:
+    """The ``metrics.json`` in `folder` as a dict, or None when it is absent or unreadable."""
+    try:
+        report = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def write_marker(folder) -> dict:
@@ -288,7 +300,6 @@ def write_runtime_record(folder, model) -> str:
     import json
 
     from ..model.runtime import run_record, summary_line
-    from ..utils.files import atomic_write_text
 
     record = run_record(model)
     atomic_write_text(Path(folder) / RUNTIME, json.dumps(record, indent=2) + "\n")
