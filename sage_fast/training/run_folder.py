@@ -297,8 +297,6 @@ def remove_stale_temporaries(folder, names: Sequence[str] = RUN_FILES + (MARKER,
 def write_runtime_record(folder, model) -> str:
     """``runtime.json`` in `folder`: what `model` ran (`sage_fast.model.runtime.run_record`); -> its one-line
     summary, for the log."""
-    import json
-
     from ..model.runtime import run_record, summary_line
 
     record = run_record(model)
